@@ -1,0 +1,2 @@
+//! The choice of a target for a client.
+pub mod hash;

@@ -1,0 +1,4 @@
+//! (being written)
+pub fn main() -> i32 {
+    0
+}

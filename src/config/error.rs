@@ -1,0 +1,6 @@
+//! Config errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("todo")]
+    Todo,
+}
