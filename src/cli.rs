@@ -1,4 +1,256 @@
-//! (being written)
+//! The command line: `stickylb [--config PATH]`, `stickylb check`, `stickylb demo`.
+//!
+//! Exit codes: 0 after a clean shutdown (or a valid `check`); 1 for any start-up failure
+//! (config, bind, user switch); 2 for wrong command-line usage (clap's convention).
+//!
+//! Signals while running: SIGTERM or SIGINT closes the listener and lets open connections
+//! finish for `shutdownTimeout`, then exits 0; a second one exits at once (code 1, since
+//! connections were cut). SIGHUP reloads the config.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::Config;
+use crate::proxy::listener;
+use crate::server::Server;
+use crate::sys;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "stickylb",
+    version,
+    about = "A TCP layer-4 sticky load balancer: each client IP keeps reaching the same target"
+)]
+struct Cli {
+    /// Path of the JSON config file (LoadBalancer.js compatible).
+    #[arg(long, short, global = true, default_value = "config.json")]
+    config: PathBuf,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate the config, print the effective config (defaults filled in), exit 0 or 1.
+    Check,
+    /// Run the config together with built-in demo targets on the target addresses, each
+    /// answering with its own name (try `curl localhost:8080` or `nc localhost 8080`).
+    Demo,
+}
+
+/// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
-    0
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return e.exit_code();
+        }
+    };
+    match cli.command {
+        Some(Command::Check) => check(&cli.config),
+        Some(Command::Demo) => run(&cli.config, true),
+        None => run(&cli.config, false),
+    }
+}
+
+fn check(path: &Path) -> i32 {
+    match Config::load(path) {
+        Ok(config) => {
+            for warning in &config.warnings {
+                eprintln!("warning: {warning}");
+            }
+            match serde_json::to_string_pretty(&config.effective_json()) {
+                Ok(text) => {
+                    println!("{text}");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    1
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn run(path: &Path, demo: bool) -> i32 {
+    init_logging();
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!("{e}");
+            return 1;
+        }
+    };
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    match sys::raise_fd_limit() {
+        Ok((soft, hard)) => tracing::debug!(soft, hard, "file descriptor limit"),
+        Err(e) => tracing::warn!("cannot raise the file descriptor limit: {e}"),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.balancer_count)
+        .thread_name("stickylb-worker")
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    let code = runtime.block_on(serve(config, demo));
+    // Connections still open after the drain deadline are cut here.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    code
+}
+
+async fn serve(config: Config, demo: bool) -> i32 {
+    let mut signals = match Signals::new() {
+        Ok(signals) => signals,
+        Err(e) => {
+            tracing::error!("cannot install signal handlers: {e}");
+            return 1;
+        }
+    };
+    let bound = match listener::bind(config.listen) {
+        Ok(bound) => bound,
+        Err(e) => {
+            tracing::error!("cannot listen on {}: {e}", config.listen);
+            return 1;
+        }
+    };
+    if demo {
+        match crate::demo::spawn_targets(&config).await {
+            Ok(addrs) => {
+                tracing::info!(targets = ?addrs, "demo targets answering with their names")
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                return 1;
+            }
+        }
+    }
+    if let Some(spec) = &config.downgrade_to_user {
+        let dropped = sys::lookup_user(spec).and_then(|user| {
+            sys::drop_privileges(&user)?;
+            Ok(user)
+        });
+        match dropped {
+            Ok(user) => {
+                tracing::info!(user = %user.name, uid = user.uid, gid = user.gid, "dropped privileges")
+            }
+            Err(e) => {
+                tracing::error!("cannot switch to user {spec:?} (downgradeToUser): {e}");
+                return 1;
+            }
+        }
+    }
+    let path = config.path.clone();
+    let targets: Vec<String> = config
+        .targets
+        .iter()
+        .map(|t| format!("{}={}", t.id, t.addr))
+        .collect();
+    let listen = config.listen;
+    let mut server = match Server::start(config, bound) {
+        Ok(server) => server,
+        Err(e) => {
+            tracing::error!("cannot serve on {listen}: {e}");
+            return 1;
+        }
+    };
+    tracing::info!(
+        listen = %server.local_addr(),
+        targets = %targets.join(", "),
+        config = %path.display(),
+        "stickylb {} listening", env!("CARGO_PKG_VERSION")
+    );
+
+    loop {
+        match signals.next().await {
+            Signal::Hangup => {
+                tracing::warn!("SIGHUP received: reload is not implemented yet; config unchanged")
+            }
+            Signal::Stop(name) => {
+                tracing::info!(
+                    signal = name,
+                    open = server.proxy().active(),
+                    "closing the listener and draining open connections"
+                );
+                break;
+            }
+        }
+    }
+    server.stop_accepting().await;
+    let timeout = server.proxy().config().shutdown_timeout;
+    tokio::select! {
+        drained = server.drain(timeout) => {
+            if drained {
+                tracing::info!("all connections finished; exiting");
+            } else {
+                tracing::warn!(open = server.proxy().active(), "shutdownTimeout reached; cutting the remaining connections");
+            }
+            0
+        }
+        signal = signals.next_stop() => {
+            tracing::warn!(signal, open = server.proxy().active(), "second signal: exiting at once");
+            1
+        }
+    }
+}
+
+enum Signal {
+    Hangup,
+    Stop(&'static str),
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => Signal::Stop("SIGTERM"),
+            _ = self.int.recv() => Signal::Stop("SIGINT"),
+            _ = self.hup.recv() => Signal::Hangup,
+        }
+    }
+
+    async fn next_stop(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }

@@ -1,2 +1,290 @@
-//! The choice of a target for a client.
+//! The choice of a target for a client: hash, health, sessions and fail-over, combined.
+//!
+//! - [`hash`]: the fixed client hash and the weighted rendezvous table (the pure mapping).
+//! - [`target`]: each target's runtime state (deactivation window, open connections,
+//!   counters), kept by identity across reloads.
+//! - [`session`]: the shared table that pins a client to its target while it is active and for
+//!   `sessionExpiry` after.
+//!
+//! A [`Balancer`] is one config generation: the config, its rendezvous table and the states of
+//! its targets. It is what the `ArcSwap` store holds; a new connection takes one snapshot and
+//! uses it to the end, so it sees all of one config. [`Shared`] is what outlives generations:
+//! the registry of target states, the sessions, the clock and the counters.
+//!
+//! A client connection walks a [`Route`]: the first target (its session's, or the hash's
+//! best usable one), then, after each failed connect, the next one. Each target is tried at
+//! most once per connection.
+
 pub mod hash;
+pub mod session;
+pub mod target;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::config::{Config, TargetSpec};
+use crate::stats::Stats;
+use hash::Table;
+use session::Sessions;
+use target::{Clock, Registry, TargetState};
+
+/// State that outlives config generations.
+#[derive(Debug, Default)]
+pub struct Shared {
+    pub registry: Registry,
+    pub sessions: Sessions,
+    pub clock: Clock,
+    pub stats: Stats,
+}
+
+impl Shared {
+    pub fn new() -> Shared {
+        Shared::default()
+    }
+}
+
+/// One config generation: what a new connection reads from the store.
+#[derive(Debug)]
+pub struct Balancer {
+    pub config: Arc<Config>,
+    table: Table,
+    /// The state of each target, aligned with `config.targets`.
+    states: Vec<Arc<TargetState>>,
+}
+
+impl Balancer {
+    /// Builds the generation for `config`, adopting the runtime state of every target identity
+    /// the registry already knows.
+    pub fn new(config: Config, shared: &Shared) -> Balancer {
+        let states = shared.registry.adopt(&config.targets);
+        let table = Table::new(
+            &states
+                .iter()
+                .zip(&config.targets)
+                .map(|(s, t)| (s.seed, t.weight))
+                .collect::<Vec<_>>(),
+        );
+        Balancer {
+            config: Arc::new(config),
+            table,
+            states,
+        }
+    }
+
+    pub fn targets(&self) -> &[TargetSpec] {
+        &self.config.targets
+    }
+
+    pub fn states(&self) -> &[Arc<TargetState>] {
+        &self.states
+    }
+
+    /// Starts the route of a new connection from `client`: picks its first target and, when
+    /// sticky, pins the client to it (or follows its live session).
+    pub fn route<'a>(&'a self, shared: &'a Shared, client: IpAddr) -> Route<'a> {
+        let ip = hash::canonical_ip(client);
+        let key = hash::client_key(ip);
+        let mut route = Route {
+            balancer: self,
+            shared,
+            ip,
+            key,
+            tried: Tried::default(),
+            pinned: false,
+            current: 0,
+        };
+        route.current = route.first();
+        route
+    }
+
+    fn index_of(&self, state: &Arc<TargetState>) -> Option<usize> {
+        self.states.iter().position(|s| Arc::ptr_eq(s, state))
+    }
+}
+
+/// The targets tried so far by one connection: a bit set, inline up to 64 targets.
+#[derive(Debug, Default)]
+struct Tried {
+    low: u64,
+    high: Vec<u64>,
+}
+
+impl Tried {
+    fn contains(&self, i: usize) -> bool {
+        if i < 64 {
+            self.low & (1 << i) != 0
+        } else {
+            let (word, bit) = ((i - 64) / 64, (i - 64) % 64);
+            self.high.get(word).is_some_and(|w| w & (1 << bit) != 0)
+        }
+    }
+
+    fn insert(&mut self, i: usize) {
+        if i < 64 {
+            self.low |= 1 << i;
+        } else {
+            let (word, bit) = ((i - 64) / 64, (i - 64) % 64);
+            if self.high.len() <= word {
+                self.high.resize(word + 1, 0);
+            }
+            self.high[word] |= 1 << bit;
+        }
+    }
+}
+
+/// The fail-over walk of one client connection. While it lives, the client's session counts
+/// it as open (so the session cannot expire under it); dropping it closes that count.
+#[derive(Debug)]
+pub struct Route<'a> {
+    balancer: &'a Balancer,
+    shared: &'a Shared,
+    ip: IpAddr,
+    key: u64,
+    tried: Tried,
+    /// Whether this connection holds an open count in the client's session.
+    pinned: bool,
+    current: usize,
+}
+
+impl<'a> Route<'a> {
+    /// Index (into the config's targets) of the target to connect to now.
+    pub fn current(&self) -> usize {
+        self.current
+    }
+
+    pub fn target(&self) -> &'a TargetSpec {
+        &self.balancer.config.targets[self.current]
+    }
+
+    pub fn state(&self) -> &'a Arc<TargetState> {
+        &self.balancer.states[self.current]
+    }
+
+    fn config(&self) -> &Config {
+        &self.balancer.config
+    }
+
+    fn first(&mut self) -> usize {
+        let now = self.shared.clock.now_ms();
+        if !self.config().stickiness {
+            return self.choose_untried(now);
+        }
+        let expiry_ms = duration_ms(self.config().session_expiry);
+        let mut shard = self.shared.sessions.lock(self.key);
+        if let Some(session) = shard.get_mut(&self.ip) {
+            if session.is_live(now, expiry_ms) && session.target.is_usable(now) {
+                if let Some(i) = self.balancer.index_of(&session.target) {
+                    session.open += 1;
+                    self.pinned = true;
+                    return i;
+                }
+            }
+        }
+        let i = self.choose_untried(now);
+        self.pinned = shard.insert(
+            self.ip,
+            self.balancer.states[i].clone(),
+            self.config().max_sessions,
+        );
+        i
+    }
+
+    /// The connect to the current target failed: deactivates it for
+    /// `targetDeactivationDuration` and moves to the next target, or returns `None` when every
+    /// target has been tried once.
+    pub fn failed(&mut self) -> Option<usize> {
+        let now = self.shared.clock.now_ms();
+        let failed = &self.balancer.states[self.current];
+        failed.deactivate(now, self.config().target_deactivation);
+        self.tried.insert(self.current);
+        let next = if self.pinned {
+            let mut shard = self.shared.sessions.lock(self.key);
+            // An open connection keeps its session in the table, so it is there.
+            let session = shard.get_mut(&self.ip)?;
+            // Another connection of this client may already have moved the session: follow
+            // it, so that the client's connections converge on one target.
+            let followed = if Arc::ptr_eq(&session.target, failed) {
+                None
+            } else {
+                self.balancer
+                    .index_of(&session.target)
+                    .filter(|&j| !self.tried.contains(j) && session.target.is_usable(now))
+            };
+            let next = match followed {
+                Some(j) => Some(j),
+                None => self.choose_next(now),
+            };
+            if let Some(j) = next {
+                session.target = self.balancer.states[j].clone();
+            }
+            next
+        } else {
+            self.choose_next(now)
+        };
+        if let Some(j) = next {
+            self.current = j;
+            self.shared
+                .stats
+                .retries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        next
+    }
+
+    fn choose_next(&self, now: u64) -> Option<usize> {
+        let n = self.balancer.states.len();
+        (0..n)
+            .any(|i| !self.tried.contains(i))
+            .then(|| self.choose_untried(now))
+    }
+
+    /// The best untried target: by the hash (or two random choices when not sticky) among
+    /// usable ones; if none is usable, the first untried in hash order, so that stale
+    /// deactivation windows never black-hole a fleet that has recovered.
+    fn choose_untried(&self, now: u64) -> usize {
+        let states = &self.balancer.states;
+        let table = &self.balancer.table;
+        let usable = |i: usize| !self.tried.contains(i) && states[i].is_usable(now);
+        let picked = if self.config().stickiness {
+            table.pick(self.key, usable)
+        } else {
+            table.pick_two_choices(hash::random_u64(), usable, |i| {
+                states[i].active.load(std::sync::atomic::Ordering::Relaxed)
+            })
+        };
+        if let Some(i) = picked {
+            return i;
+        }
+        let key = if self.config().stickiness {
+            self.key
+        } else {
+            hash::random_u64()
+        };
+        let mut order = Vec::with_capacity(states.len());
+        table.ranked(key, &mut order);
+        order
+            .into_iter()
+            .find(|&i| !self.tried.contains(i))
+            .unwrap_or(self.current)
+    }
+}
+
+impl Drop for Route<'_> {
+    fn drop(&mut self) {
+        if !self.pinned {
+            return;
+        }
+        let now = self.shared.clock.now_ms();
+        let mut shard = self.shared.sessions.lock(self.key);
+        if let Some(session) = shard.get_mut(&self.ip) {
+            session.open = session.open.saturating_sub(1);
+            if session.open == 0 {
+                session.last_close_ms = now;
+            }
+        }
+    }
+}
+
+pub(crate) fn duration_ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,1 +1,166 @@
-//! (being written)
+//! Proxying: the listener, one handler per client connection, and the data path.
+//!
+//! - [`listener`]: binds the listening socket and runs the accept loop.
+//! - [`connect`]: connect to a target with a timeout; socket options for both sides.
+//! - [`relay`]: both directions of one connection, half-close and reset semantics.
+//! - `splice` (Linux) and [`copy`]: the two ways one direction moves bytes.
+//!
+//! [`Proxy`] holds what every connection needs: the `ArcSwap` store of the current
+//! [`Balancer`] (one load per connection, so a connection sees all of one config) and the
+//! [`Shared`] state that outlives reloads.
+//!
+//! No client byte is read before a target has connected: until then the bytes wait in the
+//! kernel's receive buffer. That is why a connect can be retried on another target without the
+//! client noticing, and why there is no per-connection buffer to size (`maxBufferSize`).
+
+pub mod connect;
+pub mod copy;
+pub mod listener;
+pub mod relay;
+#[cfg(target_os = "linux")]
+pub mod splice;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use crate::balance::{Balancer, Shared};
+use crate::config::Config;
+use crate::stats::Reject;
+
+/// Everything a connection handler reads.
+#[derive(Debug)]
+pub struct Proxy {
+    /// The current config generation. Swapped whole by a reload.
+    pub store: ArcSwap<Balancer>,
+    /// State that outlives config generations.
+    pub shared: Shared,
+    /// Woken when the last open connection closes (graceful shutdown waits on it).
+    drained: Notify,
+}
+
+impl Proxy {
+    pub fn new(config: Config) -> Arc<Proxy> {
+        let shared = Shared::new();
+        let balancer = Balancer::new(config, &shared);
+        Arc::new(Proxy {
+            store: ArcSwap::from_pointee(balancer),
+            shared,
+            drained: Notify::new(),
+        })
+    }
+
+    /// The config new connections use now.
+    pub fn config(&self) -> Arc<Config> {
+        self.store.load().config.clone()
+    }
+
+    /// Switches new connections to `config` in one atomic store. Open connections keep the
+    /// generation they started with.
+    pub fn swap(&self, config: Config) {
+        let balancer = Balancer::new(config, &self.shared);
+        self.store.store(Arc::new(balancer));
+    }
+
+    /// Client connections open now.
+    pub fn active(&self) -> u64 {
+        self.shared.stats.active.load(Ordering::Relaxed)
+    }
+
+    /// Waits until no client connection is open.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.drained.notified();
+            tokio::pin!(notified);
+            // Register before checking, so a close between the check and the await is seen.
+            notified.as_mut().enable();
+            if self.active() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Serves one accepted client connection to the end.
+    pub async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+        let _open = OpenGuard::new(&self);
+        let balancer = self.store.load_full();
+        let config = &balancer.config;
+        let stats = &self.shared.stats;
+        if !config.admits(peer.ip()) {
+            stats.reject(Reject::Denied);
+            relay::reset_on_close(&client);
+            return;
+        }
+        let mut route = balancer.route(&self.shared, peer.ip());
+        let server = loop {
+            let target = route.target();
+            match connect::connect(target.addr, config.connect_timeout).await {
+                Ok(server) => break server,
+                Err(error) => {
+                    tracing::warn!(
+                        target_id = %target.id, address = %target.addr, %error,
+                        deactivated_ms = config.target_deactivation.as_millis() as u64,
+                        "connect to target failed; deactivating it and retrying elsewhere"
+                    );
+                    if route.failed().is_none() {
+                        stats.reject(Reject::NoTarget);
+                        tracing::warn!(client = %peer, "no target could be reached; closing client");
+                        relay::reset_on_close(&client);
+                        return;
+                    }
+                }
+            }
+        };
+        connect::tune(&client);
+        connect::tune(&server);
+        let state = route.state();
+        state.counters.connections.fetch_add(1, Ordering::Relaxed);
+        state.active.fetch_add(1, Ordering::Relaxed);
+        let started = tokio::time::Instant::now();
+        let to_target = relay::Meter::new(&state.counters.bytes_to_target);
+        let to_client = relay::Meter::new(&state.counters.bytes_to_client);
+        let result = relay::relay(&client, &server, config.zero_copy, &to_target, &to_client).await;
+        state.active.fetch_sub(1, Ordering::Relaxed);
+        if let Err(error) = &result {
+            // One side failed: reset both, so neither mistakes the cut for a clean end.
+            relay::reset_on_close(&client);
+            relay::reset_on_close(&server);
+            tracing::debug!(client = %peer, target_id = %state.id, %error, "connection cut");
+        }
+        if config.access_log {
+            tracing::info!(
+                target: "stickylb::access",
+                client = %peer,
+                target_id = %state.id,
+                bytes_to_target = to_target.bytes(),
+                bytes_to_client = to_client.bytes(),
+                duration_ms = started.elapsed().as_millis() as u64,
+                outcome = if result.is_ok() { "closed" } else { "reset" },
+                "connection closed"
+            );
+        }
+    }
+}
+
+/// Counts a client connection as open for as long as it lives.
+struct OpenGuard<'a>(&'a Proxy);
+
+impl<'a> OpenGuard<'a> {
+    fn new(proxy: &'a Proxy) -> Self {
+        proxy.shared.stats.active.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(proxy)
+    }
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.shared.stats.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.drained.notify_waiters();
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! The runtime state of each target: up or deactivated, open connections, counters.
+//!
+//! A target's state is keyed by its identity (`id`, or `"host:port"` as written), not by its
+//! position in the list or its address, so that it survives a reload that reorders the list or
+//! re-resolves the host: a target deactivated a second ago stays deactivated after the reload,
+//! and its counters keep counting. The [`Registry`] owns that mapping.
+//!
+//! Health is applied at pick time: a deactivated target is skipped by the rendezvous choice,
+//! which never rebuilds the mapping of the other targets (see [`super::hash`]).
+//!
+//! Everything on the connection path is an atomic: no lock is taken to read or update a
+//! target's state.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::config::TargetSpec;
+
+/// Milliseconds on a monotonic clock that starts when the process's balancer state is built.
+///
+/// It is tokio's clock, so tests can drive deactivation windows and session expiry with
+/// `tokio::time::pause()` and `advance()` instead of sleeping.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    epoch: tokio::time::Instant,
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        Clock {
+            epoch: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Milliseconds since the epoch; never 0, so that 0 can mean "never" in atomics.
+    pub fn now_ms(&self) -> u64 {
+        let ms = tokio::time::Instant::now()
+            .saturating_duration_since(self.epoch)
+            .as_millis();
+        u64::try_from(ms).unwrap_or(u64::MAX).saturating_add(1)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+/// Counters a target keeps for the metrics exporter. Monotonic; they survive reloads.
+#[derive(Debug, Default)]
+pub struct TargetCounters {
+    /// Connections established to this target.
+    pub connections: AtomicU64,
+    /// Connect attempts that failed (refused, unreachable, reset, timeout).
+    pub connect_failures: AtomicU64,
+    /// Times the target went from up to deactivated.
+    pub deactivations: AtomicU64,
+    /// Bytes copied from clients to this target.
+    pub bytes_to_target: AtomicU64,
+    /// Bytes copied from this target to clients.
+    pub bytes_to_client: AtomicU64,
+}
+
+/// The runtime state of one target identity.
+#[derive(Debug)]
+pub struct TargetState {
+    pub id: Arc<str>,
+    /// `hash::target_seed(id)`, computed once.
+    pub seed: u64,
+    /// Until when (clock ms) the target is skipped; 0 = never deactivated.
+    deactivated_until: AtomicU64,
+    /// Whether the current config lists this target. A session pinned to a target that a
+    /// reload removed moves, exactly as if the target were deactivated.
+    present: AtomicBool,
+    /// Connections open to this target now (power-of-two-choices compares these).
+    pub active: AtomicU64,
+    pub counters: TargetCounters,
+}
+
+impl TargetState {
+    pub fn new(id: Arc<str>) -> TargetState {
+        let seed = super::hash::target_seed(&id);
+        TargetState {
+            id,
+            seed,
+            deactivated_until: AtomicU64::new(0),
+            present: AtomicBool::new(true),
+            active: AtomicU64::new(0),
+            counters: TargetCounters::default(),
+        }
+    }
+
+    /// Listed in the current config and not inside a deactivation window.
+    pub fn is_usable(&self, now_ms: u64) -> bool {
+        self.is_present() && self.is_up(now_ms)
+    }
+
+    /// Not inside a deactivation window. After the window the target is eligible again; the
+    /// next pick that lands on it is the probe.
+    pub fn is_up(&self, now_ms: u64) -> bool {
+        now_ms >= self.deactivated_until.load(Ordering::Relaxed)
+    }
+
+    pub fn is_present(&self) -> bool {
+        self.present.load(Ordering::Relaxed)
+    }
+
+    /// Records a failed connect and skips the target for `window`. Returns true when this call
+    /// took the target down (it was up before), which is what `deactivations` counts.
+    pub fn deactivate(&self, now_ms: u64, window: Duration) -> bool {
+        self.counters
+            .connect_failures
+            .fetch_add(1, Ordering::Relaxed);
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        let until = now_ms.saturating_add(window_ms);
+        let before = self.deactivated_until.swap(until, Ordering::Relaxed);
+        let was_up = now_ms >= before;
+        if was_up {
+            self.counters.deactivations.fetch_add(1, Ordering::Relaxed);
+        }
+        was_up
+    }
+
+    /// When the current deactivation window ends (clock ms), or `None` when up.
+    pub fn deactivated_until(&self, now_ms: u64) -> Option<u64> {
+        let until = self.deactivated_until.load(Ordering::Relaxed);
+        (now_ms < until).then_some(until)
+    }
+}
+
+/// Identity → state, shared by every config generation so state carries over reloads.
+#[derive(Debug, Default)]
+pub struct Registry {
+    states: Mutex<HashMap<Arc<str>, Arc<TargetState>>>,
+}
+
+impl Registry {
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    /// The states for `targets`, in the same order, reusing the state of every identity seen
+    /// before. Identities not in `targets` are marked absent (their sessions move) and are
+    /// forgotten once nothing else holds them. Called at start-up and on each reload, never on
+    /// the connection path.
+    pub fn adopt(&self, targets: &[TargetSpec]) -> Vec<Arc<TargetState>> {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        let adopted: Vec<Arc<TargetState>> = targets
+            .iter()
+            .map(|t| {
+                let state = states
+                    .entry(t.id.clone())
+                    .or_insert_with(|| Arc::new(TargetState::new(t.id.clone())));
+                state.present.store(true, Ordering::Relaxed);
+                state.clone()
+            })
+            .collect();
+        states.retain(|id, state| {
+            let listed = targets.iter().any(|t| t.id == *id);
+            if !listed {
+                state.present.store(false, Ordering::Relaxed);
+            }
+            listed || Arc::strong_count(state) > 1
+        });
+        adopted
+    }
+
+    /// Every state currently known (listed or still draining), for the metrics exporter.
+    pub fn all(&self) -> Vec<Arc<TargetState>> {
+        let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        states.values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: &str) -> TargetSpec {
+        TargetSpec {
+            id: id.into(),
+            host: "127.0.0.1".into(),
+            port: 1,
+            weight: 1,
+            addr: "127.0.0.1:1".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn deactivation_window_ends_and_counts_once() {
+        let t = TargetState::new("a".into());
+        assert!(t.is_up(10));
+        assert!(t.deactivate(10, Duration::from_millis(100)));
+        assert!(!t.is_up(50));
+        // A second failure inside the window extends it but is not a new deactivation.
+        assert!(!t.deactivate(50, Duration::from_millis(100)));
+        assert!(!t.is_up(149));
+        assert!(t.is_up(150));
+        assert_eq!(t.counters.deactivations.load(Ordering::Relaxed), 1);
+        assert_eq!(t.counters.connect_failures.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn registry_keeps_state_by_identity_across_adoptions() {
+        let r = Registry::new();
+        let first = r.adopt(&[spec("a"), spec("b")]);
+        first[1].deactivate(1, Duration::from_secs(60));
+        let second = r.adopt(&[spec("b"), spec("c")]);
+        assert!(Arc::ptr_eq(&first[1], &second[0]), "b keeps its state");
+        assert!(!second[0].is_up(2), "b stays deactivated");
+        assert!(!first[0].is_present(), "a was removed");
+        assert!(second[1].is_present());
+        drop(first);
+        drop(r.adopt(&[spec("b"), spec("c")]));
+        assert_eq!(r.all().len(), 2, "a is forgotten once nothing holds it");
+    }
+}

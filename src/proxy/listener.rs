@@ -1,0 +1,96 @@
+//! The listening socket and the accept loop.
+//!
+//! The accept loop must outlive every error a busy server meets. Out of file descriptors
+//! (`EMFILE`/`ENFILE`), accept(2) fails while the pending connection stays in the backlog, so
+//! the listener stays readable: retrying at once would spin a core doing nothing. The loop
+//! backs off instead (1 ms, doubling to 1 s, reset by the next success), counts it, and logs at
+//! most once a second. Every other accept error (a client that reset before we accepted, ...)
+//! concerns one connection only: it is counted and the loop goes on.
+//!
+//! Unlike tokio's `examples/proxy.rs` (`while let Ok(..) = listener.accept().await`), nothing
+//! here ends the loop but the shutdown signal.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::Proxy;
+
+/// Pending connections the kernel queues before we accept them. The kernel caps it at
+/// `net.core.somaxconn`.
+pub const BACKLOG: i32 = 4096;
+
+/// Binds `addr` for listening: SO_REUSEADDR (restart while old connections sit in TIME_WAIT),
+/// dual-stack when the address is `::`, non-blocking, with [`BACKLOG`].
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Accepts connections on `listener` and spawns a handler for each, until `shutdown` turns
+/// true. Returning drops the listener, so new connects are refused from then on.
+pub async fn accept_loop(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    const MIN_BACKOFF: Duration = Duration::from_millis(1);
+    const MAX_BACKOFF: Duration = Duration::from_secs(1);
+    let stats = &proxy.shared.stats;
+    let mut backoff = MIN_BACKOFF;
+    let mut last_log: Option<tokio::time::Instant> = None;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((client, peer)) => {
+                backoff = MIN_BACKOFF;
+                stats.accepted.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(proxy.clone().handle(client, peer));
+            }
+            Err(error) if is_fd_exhaustion(&error) => {
+                stats.accept_errors_fd_limit.fetch_add(1, Ordering::Relaxed);
+                let now = tokio::time::Instant::now();
+                if last_log.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+                    last_log = Some(now);
+                    tracing::error!(
+                        %error, backoff_ms = backoff.as_millis() as u64,
+                        "out of file descriptors; pausing accept"
+                    );
+                }
+                tokio::select! {
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(error) => {
+                stats.accept_errors_other.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%error, "accept failed");
+            }
+        }
+    }
+}
+
+fn is_fd_exhaustion(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+    )
+}

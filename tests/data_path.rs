@@ -1,0 +1,199 @@
+//! The data path over real loopback TCP: byte-exact forwarding on both the splice and the copy
+//! path, half-close, reset propagation, many concurrent connections.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const MIB: usize = 1024 * 1024;
+
+/// Sends `len` bytes through the balancer to an echo backend while reading the echo, and
+/// checks every byte of both directions.
+async fn echo_transfer(zero_copy: bool, len: usize) {
+    let backend = Backend::start("echo", Mode::Echo).await;
+    let server = start(&[backend.addr], serde_json::json!({"zeroCopy": zero_copy}));
+    let stream = connect_from(client_ip(1), server.local_addr())
+        .await
+        .unwrap();
+    let (mut r, mut w) = stream.into_split();
+    let writer = tokio::spawn(async move { send_pattern(&mut w, 42, len).await });
+    let got = tokio::time::timeout(Duration::from_secs(120), check_pattern(&mut r, 42, len))
+        .await
+        .expect("transfer finished")
+        .expect("echo matches");
+    writer.await.unwrap().unwrap();
+    assert_eq!(got, len, "every byte came back");
+    let balancer = server.proxy().store.load_full();
+    let state = &balancer.states()[0];
+    let counters = &state.counters;
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(counters.bytes_to_target.load(Relaxed), len as u64);
+    assert_eq!(counters.bytes_to_client.load(Relaxed), len as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_64_mib_both_ways_byte_exact_with_splice() {
+    echo_transfer(true, 64 * MIB).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_64_mib_both_ways_byte_exact_with_copy() {
+    echo_transfer(false, 64 * MIB).await;
+}
+
+/// A target that reads the whole request until EOF, then sends a large reply and closes.
+async fn reply_after_eof_backend(reply_len: usize) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let mut request = Vec::new();
+        stream.read_to_end(&mut request).await.unwrap();
+        assert_eq!(request, b"the whole request");
+        send_pattern(&mut stream, 7, reply_len).await.unwrap();
+    });
+    addr
+}
+
+async fn half_close(zero_copy: bool) {
+    let reply_len = 3 * MIB + 17;
+    let target = reply_after_eof_backend(reply_len).await;
+    let server = start(&[target], serde_json::json!({"zeroCopy": zero_copy}));
+    let mut stream = connect_from(client_ip(2), server.local_addr())
+        .await
+        .unwrap();
+    stream.write_all(b"the whole request").await.unwrap();
+    // The client is done sending; the reply comes only after the target saw our EOF.
+    stream.shutdown().await.unwrap();
+    let got = tokio::time::timeout(PATIENCE, check_pattern(&mut stream, 7, reply_len))
+        .await
+        .expect("reply arrives")
+        .expect("reply intact");
+    assert_eq!(got, reply_len, "the reply after EOF arrived whole");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_passes_fin_and_the_reply_after_it_arrives_whole_with_splice() {
+    half_close(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_passes_fin_and_the_reply_after_it_arrives_whole_with_copy() {
+    half_close(false).await;
+}
+
+async fn target_reset(zero_copy: bool) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    let (sent_tx, sent_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        stream.write_all(&[1u8; 1000]).await.unwrap();
+        // Wait until the client has read what we sent, then cut the stream abortively.
+        let _ = sent_rx.await;
+        socket2::SockRef::from(&stream)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(stream);
+    });
+    let server = start(&[target], serde_json::json!({"zeroCopy": zero_copy}));
+    let mut stream = connect_from(client_ip(3), server.local_addr())
+        .await
+        .unwrap();
+    let mut first = [0u8; 1000];
+    stream.read_exact(&mut first).await.unwrap();
+    sent_tx.send(()).unwrap();
+    let mut rest = [0u8; 100];
+    let outcome = tokio::time::timeout(PATIENCE, stream.read(&mut rest))
+        .await
+        .expect("the cut reaches the client");
+    match outcome {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+        Ok(n) => panic!("client saw a clean read of {n} bytes instead of a reset"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_reset_mid_stream_reaches_client_as_reset_with_splice() {
+    target_reset(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_reset_mid_stream_reaches_client_as_reset_with_copy() {
+    target_reset(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reset_reaches_target_as_reset() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    let server = start(&[target], serde_json::json!({}));
+    let client = connect_from(client_ip(4), server.local_addr())
+        .await
+        .unwrap();
+    let (mut upstream, _) = tokio::time::timeout(PATIENCE, listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    socket2::SockRef::from(&client)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(client);
+    let mut buf = [0u8; 16];
+    let outcome = tokio::time::timeout(PATIENCE, upstream.read(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the target must not see a clean EOF"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_1000_concurrent_connections_from_1000_addresses() {
+    const N: u32 = 1000;
+    let backend = Backend::start("echo", Mode::Echo).await;
+    let server = start(&[backend.addr], serde_json::json!({}));
+    let lb = server.local_addr();
+    // Open all connections first, so that all 1,000 are proxied at the same time.
+    let mut streams = Vec::new();
+    for i in 0..N {
+        let mut s = connect_from(client_ip(100 + i), lb).await.unwrap();
+        s.write_all(format!("hello {i}\n").as_bytes())
+            .await
+            .unwrap();
+        streams.push(s);
+    }
+    let mut tasks = Vec::new();
+    for (i, mut s) in streams.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let want = format!("hello {i}\n");
+            let mut got = vec![0u8; want.len()];
+            tokio::time::timeout(PATIENCE, s.read_exact(&mut got))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(got, want.as_bytes());
+            s
+        }));
+    }
+    let mut open = Vec::new();
+    for t in tasks {
+        open.push(t.await.unwrap());
+    }
+    assert_eq!(
+        server.proxy().active(),
+        u64::from(N),
+        "all are open at once"
+    );
+    drop(open);
+    tokio::time::timeout(PATIENCE, server.proxy().drained())
+        .await
+        .expect("all closed");
+}

@@ -1,0 +1,280 @@
+//! The binary as an operator runs it: start-up, the demo, signals and graceful shutdown, exit
+//! codes. Real processes, real signals, real TCP.
+
+mod support;
+
+use std::io::{BufRead, BufReader as StdBufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_stickylb");
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("stickylb-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A free loopback port (bound, then released).
+fn free_port() -> u16 {
+    dead_port().port()
+}
+
+/// A running `stickylb` process; its stderr lines arrive on a channel.
+struct Balancer {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    addr: SocketAddr,
+    _dir: TempDir,
+}
+
+impl Balancer {
+    fn spawn(
+        tag: &str,
+        args: &[&str],
+        targets: &[SocketAddr],
+        extra: serde_json::Value,
+    ) -> Balancer {
+        let dir = TempDir::new(tag);
+        let port = free_port();
+        let mut text: serde_json::Value =
+            serde_json::from_str(&config_text(targets, extra)).unwrap();
+        text["sourcePort"] = port.into();
+        let path = dir.0.join("config.json");
+        std::fs::write(&path, text.to_string()).unwrap();
+        let mut child = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in StdBufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let balancer = Balancer {
+            child,
+            lines,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            _dir: dir,
+        };
+        balancer.wait_for_line("listening");
+        balancer
+    }
+
+    /// Waits for a stderr line containing `needle`; panics with what was seen otherwise.
+    fn wait_for_line(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(line) => seen.push(line),
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "no line with {needle:?} on stderr; saw:\n{}",
+            seen.join("\n")
+        );
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child process.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    /// Waits for the process to exit and returns its code.
+    fn exit_code(&mut self) -> i32 {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(std::time::Instant::now() < deadline, "process did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_refuses_new_connections_and_lets_an_in_flight_transfer_finish() {
+    let backend = Backend::start("echo", Mode::Echo).await;
+    let mut lb = Balancer::spawn("sigterm", &[], &[backend.addr], serde_json::json!({}));
+    let len = 8 * 1024 * 1024;
+    let stream = connect_from(client_ip(1), lb.addr).await.unwrap();
+    let (mut r, mut w) = stream.into_split();
+    // Half the request goes before the signal...
+    let mut pattern = Pattern::new(5);
+    let mut first = vec![0u8; len / 2];
+    pattern.fill(&mut first);
+    w.write_all(&first).await.unwrap();
+    let reader = tokio::spawn(async move { check_pattern(&mut r, 5, len).await });
+
+    lb.signal(libc::SIGTERM);
+    lb.wait_for_line("draining");
+    // The listener closes: a new connect is refused (bounded wait for the close to land).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while tokio::net::TcpStream::connect(lb.addr).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "listener still accepting"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...and the rest after it: the open connection keeps flowing to the end.
+    let mut second = vec![0u8; len - len / 2];
+    pattern.fill(&mut second);
+    w.write_all(&second).await.unwrap();
+    w.shutdown().await.unwrap();
+    let got = tokio::time::timeout(PATIENCE, reader)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, len, "the in-flight transfer finished whole");
+    assert_eq!(lb.exit_code(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once() {
+    let backend = Backend::start("echo", Mode::Echo).await;
+    let mut lb = Balancer::spawn(
+        "second-signal",
+        &[],
+        &[backend.addr],
+        serde_json::json!({"shutdownTimeout": 600000}),
+    );
+    let mut held = connect_from(client_ip(2), lb.addr).await.unwrap();
+    held.write_all(b"x").await.unwrap();
+    let mut echo = [0u8; 1];
+    held.read_exact(&mut echo).await.unwrap();
+    lb.signal(libc::SIGTERM);
+    lb.wait_for_line("draining");
+    lb.signal(libc::SIGINT);
+    assert_eq!(lb.exit_code(), 1, "cut connections: not a clean exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_targets_answer_with_their_names_over_http_and_raw_tcp() {
+    let targets = [dead_port(), dead_port(), dead_port()];
+    let lb = Balancer::spawn("demo", &["demo"], &targets, serde_json::json!({}));
+    let mut http = connect_from(client_ip(3), lb.addr).await.unwrap();
+    http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(PATIENCE, http.read_to_string(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    assert!(
+        response.contains("stickylb demo target 127.0.0.1:"),
+        "{response}"
+    );
+
+    let mut raw = connect_from(client_ip(3), lb.addr).await.unwrap();
+    let mut line = vec![0u8; 256];
+    let n = tokio::time::timeout(PATIENCE, raw.read(&mut line))
+        .await
+        .unwrap()
+        .unwrap();
+    let greeting = String::from_utf8_lossy(&line[..n]).to_string();
+    assert!(greeting.starts_with("stickylb demo target"), "{greeting}");
+    // The same client address reaches the same target both times.
+    let name = |s: &str| s.lines().last().unwrap_or_default().to_string();
+    assert_eq!(name(&response), name(&greeting));
+}
+
+#[test]
+fn version_help_and_usage_errors_have_the_documented_exit_codes() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("check"));
+    let out = Command::new(BIN).arg("--no-such-flag").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn a_taken_port_is_a_startup_error_that_names_the_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = TempDir::new("taken");
+    let path = dir.0.join("config.json");
+    let text = format!(
+        r#"{{"sourceHost": "127.0.0.1", "sourcePort": {port}, "metricsPort": null, "targets": [{{"host": "127.0.0.1", "port": 9}}]}}"#
+    );
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_shutdown_drains_an_open_connection() {
+    let backend = Backend::start("echo", Mode::Echo).await;
+    let mut server = start(&[backend.addr], serde_json::json!({}));
+    let lb = server.local_addr();
+    let mut open = connect_from(client_ip(4), lb).await.unwrap();
+    open.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    open.read_exact(&mut buf).await.unwrap();
+    server.stop_accepting().await;
+    assert!(
+        tokio::net::TcpStream::connect(lb).await.is_err(),
+        "listener closed"
+    );
+    // Still flowing after the listener closed.
+    open.write_all(b"pong").await.unwrap();
+    open.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"pong");
+    assert!(
+        !server.drain(Duration::from_millis(50)).await,
+        "one still open"
+    );
+    drop(open);
+    assert!(server.drain(PATIENCE).await, "drained once it closed");
+}
