@@ -288,3 +288,150 @@ impl Drop for Route<'_> {
 pub(crate) fn duration_ms(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+    use std::path::Path;
+    use std::time::Duration;
+
+    fn config(targets: usize, extra: &str) -> Config {
+        let list: Vec<String> = (0..targets)
+            .map(|i| format!(r#"{{"host": "127.0.0.1", "port": {}}}"#, 10_000 + i))
+            .collect();
+        let text = format!(
+            r#"{{"sourcePort": 8080, "targets": [{}] {extra}}}"#,
+            list.join(",")
+        );
+        Config::parse(Path::new("test.json"), &text).expect("valid")
+    }
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(127, 20, 0, n))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn racing_connections_that_fail_over_converge_on_one_target() {
+        let shared = Shared::new();
+        let balancer = Balancer::new(config(5, ""), &shared);
+        let mut a = balancer.route(&shared, ip(1));
+        let mut b = balancer.route(&shared, ip(1));
+        assert_eq!(a.current(), b.current(), "the second follows the session");
+        let first = a.current();
+        let moved = a.failed().expect("another target");
+        assert_ne!(moved, first);
+        // b's connect to the same target fails too: it follows where a moved the session,
+        // rather than choosing for itself.
+        assert_eq!(b.failed(), Some(moved));
+    }
+
+    #[test]
+    fn threads_racing_for_a_new_client_get_one_target() {
+        let shared = Shared::new();
+        let balancer = Balancer::new(config(16, ""), &shared);
+        for n in 0..50u8 {
+            let barrier = std::sync::Barrier::new(4);
+            let picks: Vec<usize> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..4)
+                    .map(|_| {
+                        s.spawn(|| {
+                            barrier.wait();
+                            let route = balancer.route(&shared, ip(n));
+                            let picked = route.current();
+                            std::mem::forget(route);
+                            picked
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert!(picks.iter().all(|&p| p == picks[0]), "{picks:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_moved_client_stays_while_its_session_lives_then_follows_the_hash() {
+        let shared = Shared::new();
+        let balancer = Balancer::new(
+            config(
+                4,
+                r#", "targetDeactivationDuration": 1000, "sessionExpiry": 5000"#,
+            ),
+            &shared,
+        );
+        let mut route = balancer.route(&shared, ip(2));
+        let home = route.current();
+        let moved = route.failed().unwrap();
+        drop(route);
+        // The window of `home` ends after 1 s, but the session (5 s after the last close)
+        // keeps the client where it moved.
+        tokio::time::advance(Duration::from_millis(4000)).await;
+        assert!(balancer.states()[home].is_up(shared.clock.now_ms()));
+        let again = balancer.route(&shared, ip(2));
+        assert_eq!(again.current(), moved, "a live session outranks the hash");
+        drop(again);
+        // 5 s after the last close, the session has expired: the hash decides again.
+        tokio::time::advance(Duration::from_millis(5000)).await;
+        let back = balancer.route(&shared, ip(2));
+        assert_eq!(back.current(), home);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sweep_removes_only_expired_sessions() {
+        let shared = Shared::new();
+        let balancer = Balancer::new(config(3, r#", "sessionExpiry": 1000"#), &shared);
+        let open = balancer.route(&shared, ip(3));
+        drop(balancer.route(&shared, ip(4)));
+        assert_eq!(shared.sessions.len(), 2);
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert_eq!(shared.sessions.sweep(shared.clock.now_ms(), 1000), 0);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(shared.sessions.sweep(shared.clock.now_ms(), 1000), 1);
+        assert_eq!(shared.sessions.len(), 1, "the open one stays");
+        drop(open);
+    }
+
+    #[test]
+    fn past_max_sessions_clients_are_hashed_but_not_pinned() {
+        let shared = Shared::new();
+        let balancer = Balancer::new(config(3, r#", "maxSessions": 1"#), &shared);
+        let a = balancer.route(&shared, ip(5));
+        let b = balancer.route(&shared, ip(6));
+        assert_eq!(shared.sessions.len(), 1);
+        assert!(a.pinned && !b.pinned);
+    }
+
+    #[test]
+    fn a_session_on_a_removed_target_moves_and_state_carries_over() {
+        let shared = Shared::new();
+        let old = Balancer::new(config(3, ""), &shared);
+        // Find a client on the last target, whose removal is easy to express.
+        let client = (1..=255)
+            .map(ip)
+            .find(|&c| {
+                let r = old.route(&shared, c);
+                r.current() == 2
+            })
+            .expect("some client on target 2");
+        let on_removed = old.route(&shared, client);
+        old.states()[0].deactivate(shared.clock.now_ms(), Duration::from_secs(60));
+        let new = Balancer::new(config(2, ""), &shared);
+        assert!(
+            Arc::ptr_eq(&old.states()[0], &new.states()[0]),
+            "state kept by identity"
+        );
+        assert!(!new.states()[0].is_up(shared.clock.now_ms()));
+        let moved = new.route(&shared, client);
+        assert_eq!(moved.current(), 1, "target 2 is gone, target 0 is down");
+        drop(on_removed);
+    }
+
+    #[test]
+    fn without_stickiness_nothing_is_pinned() {
+        let shared = Shared::new();
+        let balancer = Balancer::new(config(3, r#", "stickiness": false"#), &shared);
+        let _r = balancer.route(&shared, ip(7));
+        assert!(shared.sessions.is_empty());
+    }
+}

@@ -11,8 +11,6 @@
 //! Nothing here has side effects beyond reading the file and DNS look-ups; a config that fails
 //! any stage is never seen by the rest of the program.
 
-// IMPLEMENTATION: filled in by the config work (parse.rs, error.rs, cidr.rs).
-
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,7 +20,7 @@ mod cidr;
 mod error;
 mod parse;
 
-pub use cidr::Cidr;
+pub use cidr::{Cidr, ParseCidrError};
 pub use error::ConfigError;
 
 /// A target as configured and resolved.
