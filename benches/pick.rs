@@ -1,1 +1,101 @@
-fn main() {}
+//! The cost of choosing a target: `Table::pick` over 2, 8, 64 and 1,024 equal-weight targets and
+//! 64 weighted ones (the design's bound: ≤ 100 ns at 64 targets), plus the client hash, the
+//! fail-over order and the non-sticky two-choices pick for context.
+//!
+//! Each iteration hashes for a different client (a ring of 4,096 precomputed keys read through
+//! `black_box`), so nothing is constant-folded, and `usable` reads a per-target flag as the real
+//! caller does. Run with `cargo bench --bench pick`.
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use stickylb::balance::hash::{client_key, random_u64, target_seed, Table};
+
+const KEYS: usize = 4096;
+
+/// Client keys of `KEYS` pseudo-random IPv4 addresses (fixed seed, reproducible).
+fn keys() -> Vec<u64> {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    (0..KEYS)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            client_key(IpAddr::V4(Ipv4Addr::from(x as u32)))
+        })
+        .collect()
+}
+
+fn table(n: usize, weight: impl Fn(usize) -> u32) -> Table {
+    let targets: Vec<(u64, u32)> = (0..n)
+        .map(|i| {
+            (
+                target_seed(&format!("10.0.{}.{}:8080", i / 256, i % 256)),
+                weight(i),
+            )
+        })
+        .collect();
+    Table::new(&targets)
+}
+
+fn bench_pick(c: &mut Criterion) {
+    let keys = keys();
+    let mut group = c.benchmark_group("pick");
+    let cases: Vec<(String, Table)> = vec![
+        ("equal/2".into(), table(2, |_| 1)),
+        ("equal/8".into(), table(8, |_| 1)),
+        ("equal/64".into(), table(64, |_| 1)),
+        ("equal/1024".into(), table(1024, |_| 1)),
+        (
+            "weighted_1_to_8/64".into(),
+            table(64, |i| 1 + (i % 8) as u32),
+        ),
+    ];
+    for (name, table) in &cases {
+        let up = vec![true; table.len()];
+        group.bench_with_input(BenchmarkId::from_parameter(name), table, |b, table| {
+            let up = black_box(&up);
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) % KEYS;
+                table.pick(black_box(keys[i]), |t| up[t])
+            })
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("other");
+    group.bench_function("client_key/ipv4", |b| {
+        let mut x = 0u32;
+        b.iter(|| {
+            x = x.wrapping_add(0x9e37_79b9);
+            client_key(black_box(IpAddr::V4(Ipv4Addr::from(x))))
+        })
+    });
+    let t64 = table(64, |_| 1);
+    group.bench_function("ranked/equal/64", |b| {
+        let mut out = Vec::with_capacity(64);
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            t64.ranked(black_box(keys[i]), &mut out);
+            out[0]
+        })
+    });
+    let loads: Vec<u64> = (0..64).map(|i| (i * 7919) % 101).collect();
+    group.bench_function("two_choices/64", |b| {
+        let loads = black_box(&loads);
+        b.iter(|| t64.pick_two_choices(random_u64(), |_| true, |t| loads[t]))
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    // Shorter than criterion's defaults: the machine is shared, and these are stable.
+    config = Criterion::default()
+        .warm_up_time(std::time::Duration::from_secs(1))
+        .measurement_time(std::time::Duration::from_secs(3));
+    targets = bench_pick
+}
+criterion_main!(benches);

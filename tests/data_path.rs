@@ -197,3 +197,58 @@ async fn serves_1000_concurrent_connections_from_1000_addresses() {
         .await
         .expect("all closed");
 }
+
+/// A target that accepts and never reads: the client's writes must stall once the kernel
+/// buffers and one pipe (or buffer) are full, rather than the balancer buffering without end.
+async fn backpressure(zero_copy: bool) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    let (accepted_tx, accepted_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        // Hold the connection without reading until the test ends.
+        let _ = accepted_tx.send(stream);
+        std::future::pending::<()>().await;
+    });
+    let server = start(&[target], serde_json::json!({"zeroCopy": zero_copy}));
+    let mut client = connect_from(client_ip(5), server.local_addr())
+        .await
+        .unwrap();
+    let _held = accepted_rx.await.unwrap();
+    let chunk = vec![7u8; 64 * 1024];
+    let mut written = 0usize;
+    // Write until a write makes no progress for a second (bounded by 256 MiB).
+    while written < 256 * MIB {
+        match tokio::time::timeout(Duration::from_secs(1), client.write_all(&chunk)).await {
+            Ok(result) => {
+                result.unwrap();
+                written += chunk.len();
+            }
+            Err(_) => break,
+        }
+    }
+    assert!(
+        written < 64 * MIB,
+        "{written} bytes accepted from a client whose target reads nothing"
+    );
+    let balancer = server.proxy().store.load_full();
+    let forwarded = balancer.states()[0]
+        .counters
+        .bytes_to_target
+        .load(std::sync::atomic::Ordering::Relaxed);
+    // What the balancer itself holds is what it read but has not delivered: at most one pipe
+    // (or buffer) of 64 KiB. The rest sits in the kernel's socket buffers.
+    eprintln!(
+        "client wrote {written} bytes before stalling; {forwarded} reached the target's socket"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_does_not_read_stalls_the_client_with_splice() {
+    backpressure(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_does_not_read_stalls_the_client_with_copy() {
+    backpressure(false).await;
+}

@@ -278,3 +278,64 @@ async fn in_process_shutdown_drains_an_open_connection() {
     drop(open);
     assert!(server.drain(PATIENCE).await, "drained once it closed");
 }
+
+/// Started as root with `downgradeToUser`, the process binds first, then runs as that user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downgrade_to_user_drops_root_after_binding() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: cannot test dropping privileges here (CI runs as root)");
+        return;
+    }
+    let backend = Backend::start("echo", Mode::Echo).await;
+    let lb = Balancer::spawn(
+        "downgrade",
+        &[],
+        &[backend.addr],
+        serde_json::json!({"downgradeToUser": "nobody"}),
+    );
+    // `spawn` waited for the "listening" line, which comes after the switch.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", lb.child.id())).unwrap();
+    let uid_line = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .to_string();
+    let nobody =
+        stickylb::sys::lookup_user(&stickylb::config::UserSpec::Name("nobody".into())).unwrap();
+    let uids: Vec<u32> = uid_line
+        .split_whitespace()
+        .skip(1)
+        .map(|u| u.parse().unwrap())
+        .collect();
+    assert_eq!(
+        uids,
+        vec![nobody.uid; 4],
+        "real, effective, saved, fs uid: {uid_line}"
+    );
+    // Still serving after the switch.
+    let mut s = connect_from(client_ip(6), lb.addr).await.unwrap();
+    s.write_all(b"hi").await.unwrap();
+    let mut buf = [0u8; 2];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"hi");
+}
+
+#[test]
+fn an_unknown_user_is_a_startup_error() {
+    let dir = TempDir::new("nouser");
+    let path = dir.0.join("config.json");
+    let port = free_port();
+    let text = format!(
+        r#"{{"sourceHost": "127.0.0.1", "sourcePort": {port}, "metricsPort": null, "downgradeToUser": "no-such-user-xyz", "targets": [{{"host": "127.0.0.1", "port": 9}}]}}"#
+    );
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no-such-user-xyz"), "{stderr}");
+}

@@ -236,3 +236,24 @@ async fn without_stickiness_one_client_is_spread_by_open_connections() {
         assert!((5..=15).contains(n), "uneven spread {count:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_clients_are_closed_at_once_and_counted() {
+    let backends = three_backends().await;
+    let server = start(
+        &addrs(&backends),
+        serde_json::json!({"deny": ["127.10.0.0/24"], "allow": ["127.0.0.0/8"]}),
+    );
+    let lb = server.local_addr();
+    // client_ip(0..250) is 127.10.0.x: denied; 127.10.1.x is allowed.
+    let outcome = first_read(client_ip(3), lb).await;
+    assert!(
+        outcome.is_err() || outcome.as_ref().ok() == Some(&0),
+        "{outcome:?}"
+    );
+    assert!(which(client_ip(300), lb).await.is_ok());
+    let stats = &server.proxy().shared.stats;
+    assert_eq!(stats.rejected(Reject::Denied), 1);
+    let served: usize = backends.iter().map(|b| b.accepted()).sum();
+    assert_eq!(served, 1, "the denied client never reached a target");
+}

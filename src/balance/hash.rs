@@ -1,4 +1,76 @@
-//! The fixed client hash and the weighted rendezvous choice.
+//! The fixed client hash and the weighted rendezvous (highest-random-weight) choice of a target.
+//!
+//! Every client IP gets a 64-bit key, every target (by its `id`) a 64-bit seed, and every
+//! (client, target) pair a score. A client goes to the usable target with the best rank, where
+//! the rank is the score itself when all weights are equal and `ln(u)/w` otherwise. Health is
+//! applied at pick time (the `usable` argument), over a [`Table`] built once from the configured
+//! targets, so a target going down or coming back never rebuilds anything.
+//!
+//! # Why rendezvous hashing
+//!
+//! Each client ranks every target independently, so:
+//! - removal (a target deactivated or deleted) moves only that target's clients: every other
+//!   client's best target is still there and still best (0 collateral), and the removed target's
+//!   clients go to their second-best, which is spread evenly over the rest;
+//! - adding a target moves only the clients for which the new target ranks first, and all of
+//!   them move to it (about 1/(N+1) of clients, weighted: w_new / Σw);
+//! - the result depends on the set of (id, weight), never on list order, and there is no ring
+//!   of virtual nodes to rebuild when health changes or to unbalance the shares: a pick is one
+//!   pass over the targets, N scores of about 1.3 ns each and no allocation (`benches/pick.rs`:
+//!   ≈ 85 ns at 64 targets), which is cheap at the sizes a TCP balancer sees.
+//!
+//! # Why a fixed hash
+//!
+//! The mapping must be the same in every worker thread, in every balancer instance running side
+//! by side, after a restart and after an upgrade; otherwise a client's session lands on another
+//! target. So nothing here is seeded per process: `ahash`'s `RandomState` (or std's) is right
+//! for hash maps, which must resist flooding and never leave the process, and wrong here. The
+//! functions below are a contract: **they must never change between versions**. The golden
+//! vectors in the tests pin them; a change that breaks one breaks stickiness across versions and
+//! across instances running different versions.
+//!
+//! # The contract, exactly
+//!
+//! - `fnv1a64(bytes)`: FNV-1a 64: `h = 0xcbf29ce484222325`; for each byte `b`:
+//!   `h = (h ^ b) * 0x100000001b3` (wrapping).
+//! - `fmix64(k)`: MurmurHash3's 64-bit finalizer: `k ^= k >> 33; k *= 0xff51afd7ed558ccd;
+//!   k ^= k >> 33; k *= 0xc4ceb9fe1a85ec53; k ^= k >> 33` (wrapping). It is a bijection.
+//! - [`client_key`]`(ip) = fmix64(fnv1a64(octets))` where `octets` are the 4 or 16 bytes of
+//!   [`canonical_ip`]`(ip)` in network order, so `::ffff:a.b.c.d` hashes as `a.b.c.d`.
+//! - [`target_seed`]`(id) = fmix64(fnv1a64(id as UTF-8))`.
+//! - [`score`]`(key, seed) = fmix64(key ^ seed)`. FNV-1a alone mixes poorly; each of key and seed
+//!   has already been through `fmix64`, and a second `fmix64` of their XOR decorrelates the
+//!   scores of one client across targets. The statistical tests (balance, χ² against uniform,
+//!   consecutive addresses, removal, addition) pass with margin with this combination, so
+//!   nothing stronger is used.
+//! - Rank, all weights equal: the raw score (higher wins).
+//! - Rank, weights differ: `ln(u) / w` as an `f64` (higher, i.e. closer to 0, wins), with
+//!   `u = ((score >> 11) as f64 + 0.5) / 2^53` evaluated in `f64` (so `u` is in `[2^-54, 1]`;
+//!   above `2^52` the `+ 0.5` rounds to even) and `w` the weight as `f64`. This is the standard
+//!   logarithmic weighted rendezvous: target `i` wins with probability `w_i / Σw`. A weight of 0
+//!   ranks `-∞`: such a target is chosen only when no weighted target is usable.
+//! - `ln` is ours, not `f64::ln`, because libm differs between platforms and the mapping must
+//!   be identical everywhere. For `x` in `(0, 1]`: take `x = 2^k · m` with `m` in `[1, 2)` from
+//!   the bits; if `m > SQRT_2` (the `f64` constant) then `m = m / 2, k = k + 1`;
+//!   `f = m - 1` (exact); `s = f / (2 + f)`; `z = s · s`;
+//!   `R = z·(c1 + z·(c2 + z·(… + z·c10)))` with `c_j = 2/(2j+1)` rounded to `f64`
+//!   (the atanh series `ln m = 2·atanh(s) = 2s + s·R`); `hfsq = 0.5 · f · f`;
+//!   `ln x = k·LN2_HI − ((hfsq − (s·(hfsq + R) + k·LN2_LO)) − f)` with fdlibm's split of ln 2
+//!   (`LN2_HI = 0x3FE62E42FEE00000`, `LN2_LO = 0x3DEA39EF35793C76` as bits). Each step is one
+//!   IEEE-754 binary64 `+ − × ÷` in round-to-nearest-even, in the order written (Rust never
+//!   contracts to FMA), so the result is bit-identical on every platform. It is accurate to a
+//!   few units in the last place (≤ 1e-15 relative, tested against `f64::ln`) and monotone on
+//!   the grid of `u` (tested near every boundary), so equal weights rank exactly as raw scores.
+//! - Ties: by rank, then raw score, then seed, so the result never depends on list order. As
+//!   `fmix64` is a bijection, two targets tie on raw score only if their seeds are equal, which
+//!   the config prevents (ids are unique); if it happens anyway, the earlier index wins.
+//!
+//! # Not sticky: power of two choices
+//!
+//! With `stickiness: false` a connection goes to the less loaded (load / weight) of two distinct
+//! usable targets drawn at random ([`Table::pick_two_choices`]), using [`random_u64`], a cheap
+//! per-thread generator that is deliberately *not* part of the contract above.
+use std::cell::Cell;
 use std::net::IpAddr;
 
 /// `::ffff:a.b.c.d` → `a.b.c.d`; every other address unchanged.
@@ -9,5 +81,1054 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
             None => ip,
         },
         v4 => v4,
+    }
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// FNV-1a 64 of `bytes` (part of the contract: see the module doc).
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h = FNV_OFFSET;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(FNV_PRIME);
+    }
+    h
+}
+
+/// MurmurHash3's 64-bit finalizer (part of the contract: see the module doc).
+#[inline(always)]
+fn fmix64(mut k: u64) -> u64 {
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^= k >> 33;
+    k
+}
+
+/// The fixed 64-bit key of a client: `fmix64(fnv1a64(octets of canonical_ip(ip)))`.
+///
+/// Fixed for ever (see the module doc): never seed it per process.
+pub fn client_key(ip: IpAddr) -> u64 {
+    let h = match canonical_ip(ip) {
+        IpAddr::V4(v4) => fnv1a64(&v4.octets()),
+        IpAddr::V6(v6) => fnv1a64(&v6.octets()),
+    };
+    fmix64(h)
+}
+
+/// The fixed 64-bit seed of a target: `fmix64(fnv1a64(id))`.
+pub fn target_seed(id: &str) -> u64 {
+    fmix64(fnv1a64(id.as_bytes()))
+}
+
+/// The score of a (client, target) pair: `fmix64(key ^ seed)`; higher ranks first.
+#[inline(always)]
+pub fn score(key: u64, seed: u64) -> u64 {
+    fmix64(key ^ seed)
+}
+
+/// `x ^ (x >> 33)`: the first step of `fmix64`, an involution. That step distributes over XOR,
+/// so `score(key, seed) == score_premixed(premix(key), premix(seed))`: a [`Table`] stores
+/// premixed seeds and a pick premixes the key once, two operations fewer per target.
+#[inline(always)]
+fn premix(x: u64) -> u64 {
+    x ^ (x >> 33)
+}
+
+/// [`score`] from premixed operands: the rest of `fmix64`.
+#[inline(always)]
+fn score_premixed(key_premixed: u64, seed_premixed: u64) -> u64 {
+    let mut k = key_premixed ^ seed_premixed;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^ (k >> 33)
+}
+
+/// `2^-53`: `x * 2^-53` is exactly `x / 2^53` (a power of two only moves the exponent).
+const TWO_POW_MINUS_53: f64 = 1.0 / 9_007_199_254_740_992.0;
+
+/// `u = ((score >> 11) as f64 + 0.5) / 2^53`, in `[2^-54, 1]`.
+#[inline(always)]
+fn unit(score: u64) -> f64 {
+    ((score >> 11) as f64 + 0.5) * TWO_POW_MINUS_53
+}
+
+/// fdlibm's split of ln 2: `LN2_HI` has 32 significant bits, so `k * LN2_HI` is exact for any
+/// exponent `k`, and `LN2_LO` carries the rest.
+const LN2_HI: f64 = 6.931_471_803_691_238e-1;
+const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
+/// `c_j = 2 / (2j + 1)` for `j = 1..=10`: the atanh series. Constant division is correctly
+/// rounded, so each is the `f64` nearest to `2 / (2j + 1)`.
+const C: [f64; 10] = [
+    2.0 / 3.0,
+    2.0 / 5.0,
+    2.0 / 7.0,
+    2.0 / 9.0,
+    2.0 / 11.0,
+    2.0 / 13.0,
+    2.0 / 15.0,
+    2.0 / 17.0,
+    2.0 / 19.0,
+    2.0 / 21.0,
+];
+
+/// The natural logarithm of `x` in `(0, 1]` (positive and normal), exactly as the module doc
+/// specifies. Not `f64::ln`: libm differs between platforms, and this must not.
+///
+/// With `m` in `[√½, √2]`, `|s| ≤ 0.1716` and `z ≤ 0.0295`; the first omitted term is
+/// `< z^11 / 23 ≈ 6e-19` relative, so the error is rounding only (a few ulps).
+#[inline]
+fn ln_unit(x: f64) -> f64 {
+    let bits = x.to_bits();
+    let mut k = ((bits >> 52) & 0x7ff) as i32 - 1023;
+    let mut m = f64::from_bits((bits & 0x000f_ffff_ffff_ffff) | 0x3ff0_0000_0000_0000);
+    if m > std::f64::consts::SQRT_2 {
+        m *= 0.5;
+        k += 1;
+    }
+    let f = m - 1.0;
+    let s = f / (2.0 + f);
+    let z = s * s;
+    // Horner, innermost first: R = z·(c1 + z·(c2 + … + z·c10)).
+    let mut r = C[9];
+    for c in C[..9].iter().rev() {
+        r = c + z * r;
+    }
+    let r = z * r;
+    let hfsq = 0.5 * f * f;
+    let k = f64::from(k);
+    k * LN2_HI - ((hfsq - (s * (hfsq + r) + k * LN2_LO)) - f)
+}
+
+/// `1 - 1e-9`: the margin of the cheap bound `ln(u) ≤ u - 1` used to skip most `ln`s.
+const PRUNE_MARGIN: f64 = 1.0 - 1e-9;
+
+/// The weighted rank `ln(u) / w`; `-∞` for weight 0.
+#[inline]
+fn weighted_rank(score: u64, weight: u32) -> f64 {
+    if weight == 0 {
+        f64::NEG_INFINITY
+    } else {
+        ln_unit(unit(score)) / f64::from(weight)
+    }
+}
+
+/// `x` as a `u64` with the same order as `f64::total_cmp`, so a rank is a plain integer tuple.
+#[inline]
+fn ordered_bits(x: f64) -> u64 {
+    let b = x.to_bits();
+    if b >> 63 == 1 {
+        !b
+    } else {
+        b | (1 << 63)
+    }
+}
+
+/// One target in a [`Table`]: 16 bytes, stored contiguously.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    /// `premix(seed)`; `premix` is its own inverse, so the seed is `premix(mixed)`.
+    mixed: u64,
+    weight: u32,
+}
+
+impl Slot {
+    fn seed(&self) -> u64 {
+        premix(self.mixed)
+    }
+}
+
+/// The full order of one target for one client: higher is better. Rank (as ordered bits; 0 for
+/// equal weights), then raw score, then seed, then the lower index (`Reverse`), which only
+/// matters for duplicate seeds.
+type RankKey = (u64, u64, u64, std::cmp::Reverse<usize>);
+
+/// The configured targets, ready for picking: `(seed, weight)` per target, indexed by position
+/// in the slice given to [`Table::new`]. Built once per config; health is applied per pick.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    slots: Vec<Slot>,
+    /// All weights are equal: rank by raw score and skip the float math (same order, since
+    /// `ln` is monotone and dividing by one common weight keeps the order).
+    equal_weights: bool,
+}
+
+impl Table {
+    /// A table over `targets`, each `(target_seed(id), weight)`; indices are positions in
+    /// `targets`. O(n). A valid config has weights ≥ 1; a weight of 0 ranks last in `pick`.
+    pub fn new(targets: &[(u64, u32)]) -> Table {
+        let slots: Vec<Slot> = targets
+            .iter()
+            .map(|&(seed, weight)| Slot {
+                mixed: premix(seed),
+                weight,
+            })
+            .collect();
+        let equal_weights = slots.windows(2).all(|w| w[0].weight == w[1].weight);
+        Table {
+            slots,
+            equal_weights,
+        }
+    }
+
+    /// The number of targets.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// True when the table has no target.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The best-ranked target for `key` among those for which `usable(i)` is true; `None` if
+    /// there is none. No allocation. With equal weights: one branch-free pass, then `usable` of
+    /// the winner; only if it is down, a second pass. Weighted: one pass. Either way `usable`
+    /// is only asked about targets that would beat the best usable one so far (a handful).
+    #[inline]
+    pub fn pick(&self, key: u64, usable: impl Fn(usize) -> bool) -> Option<usize> {
+        if self.equal_weights {
+            self.pick_equal(key, usable)
+        } else {
+            self.pick_weighted(key, usable)
+        }
+    }
+
+    #[inline]
+    fn pick_equal(&self, key: u64, usable: impl Fn(usize) -> bool) -> Option<usize> {
+        let first = self.best_equal(key)?;
+        if usable(first) {
+            return Some(first);
+        }
+        // The hash's first choice is down: the best of the others, asking `usable` only about
+        // targets that beat the best usable one so far.
+        let kp = premix(key);
+        let mut best: Option<usize> = None;
+        let mut best_score = 0u64;
+        for (i, slot) in self.slots.iter().enumerate() {
+            let s = score_premixed(kp, slot.mixed);
+            // Strictly greater: equal scores mean equal seeds (fmix64 is a bijection), so the
+            // seed tie-break is implied and the earlier index wins, as in `rank_key`.
+            if (s > best_score || best.is_none()) && i != first && usable(i) {
+                best = Some(i);
+                best_score = s;
+            }
+        }
+        best
+    }
+
+    /// The target with the highest score for `key`, health ignored (the earlier index on a
+    /// tie); `None` for an empty table. The hot loop of a sticky pick.
+    #[inline]
+    fn best_equal(&self, key: u64) -> Option<usize> {
+        let slots = &self.slots;
+        if slots.len() < 2 {
+            return slots.first().map(|_| 0);
+        }
+        let kp = premix(key);
+        // Two running maxima (even and odd positions), updated without branches: a new record
+        // is unpredictable (≈ ln n per pick, each a mispredicted branch), and two independent
+        // compare-and-select chains halve the loop-carried latency. Each lane starts on its
+        // first target with score 0: any positive score replaces it, and a score of 0 there
+        // is that target's own, so the start is exact.
+        let (mut best_a, mut idx_a, mut best_b, mut idx_b) = (0u64, 0usize, 0u64, 1usize);
+        let pairs = slots.chunks_exact(2);
+        let odd_last = pairs.remainder().first();
+        for (j, pair) in pairs.enumerate() {
+            let a = score_premixed(kp, pair[0].mixed);
+            let b = score_premixed(kp, pair[1].mixed);
+            let (a_wins, b_wins) = (a > best_a, b > best_b);
+            best_a = if a_wins { a } else { best_a };
+            idx_a = if a_wins { 2 * j } else { idx_a };
+            best_b = if b_wins { b } else { best_b };
+            idx_b = if b_wins { 2 * j + 1 } else { idx_b };
+        }
+        if let Some(slot) = odd_last {
+            let a = score_premixed(kp, slot.mixed);
+            if a > best_a {
+                best_a = a;
+                idx_a = slots.len() - 1;
+            }
+        }
+        let b_wins = best_b > best_a || (best_b == best_a && idx_b < idx_a);
+        Some(if b_wins { idx_b } else { idx_a })
+    }
+
+    fn pick_weighted(&self, key: u64, usable: impl Fn(usize) -> bool) -> Option<usize> {
+        // (index, rank, score, seed) of the best usable target so far.
+        let mut best: Option<(usize, f64, u64, u64)> = None;
+        let kp = premix(key);
+        for (i, slot) in self.slots.iter().enumerate() {
+            let s = score_premixed(kp, slot.mixed);
+            let rank = if slot.weight == 0 {
+                f64::NEG_INFINITY
+            } else {
+                let u = unit(s);
+                if let Some((_, best_rank, _, _)) = best {
+                    // Skip the ln when even its upper bound loses. ln(u) ≤ u - 1 < 0, and our
+                    // ln is within 1e-15 relative of the true one, so ln(u) < (u - 1)·(1 - 1e-9);
+                    // the 1e-9 margin also absorbs the rounding of this test. So when the test
+                    // holds, ln(u)/w < best_rank strictly: skipping never changes the result.
+                    if (u - 1.0) * PRUNE_MARGIN < best_rank * f64::from(slot.weight) {
+                        continue;
+                    }
+                }
+                ln_unit(u) / f64::from(slot.weight)
+            };
+            let better = match best {
+                None => true,
+                Some((_, best_rank, best_score, best_seed)) => match rank.total_cmp(&best_rank) {
+                    std::cmp::Ordering::Greater => true,
+                    std::cmp::Ordering::Less => false,
+                    std::cmp::Ordering::Equal => (s, slot.seed()) > (best_score, best_seed),
+                },
+            };
+            if better && usable(i) {
+                best = Some((i, rank, s, slot.seed()));
+            }
+        }
+        best.map(|(i, _, _, _)| i)
+    }
+
+    /// The full order of target `i` for `key` (see [`RankKey`]).
+    fn rank_key(&self, key: u64, i: usize) -> RankKey {
+        let slot = self.slots[i];
+        let s = score(key, slot.seed());
+        let rank = if self.equal_weights {
+            0
+        } else {
+            ordered_bits(weighted_rank(s, slot.weight))
+        };
+        (rank, s, slot.seed(), std::cmp::Reverse(i))
+    }
+
+    /// Every index, best first for `key`, into `out` (cleared first): the order in which to try
+    /// targets when the first choice fails. `out[0]` is what [`Table::pick`] returns when every
+    /// target is usable. Allocates one temporary (each target's rank is computed once): this is
+    /// the fail-over path, not the per-connection one.
+    pub fn ranked(&self, key: u64, out: &mut Vec<usize>) {
+        out.clear();
+        out.extend(0..self.slots.len());
+        out.sort_by_cached_key(|&i| std::cmp::Reverse(self.rank_key(key, i)));
+    }
+
+    /// Power of two choices, for `stickiness: false`: two distinct usable targets drawn at
+    /// random from `rng` (a fresh random `u64` from the caller, such as [`random_u64`]); the one
+    /// with the lower `load / weight` wins (a tie goes to the first drawn, itself random). A
+    /// single usable target is returned directly; `None` if none is usable.
+    ///
+    /// When both first draws are usable (the common case) this asks `usable` twice and `load`
+    /// twice; otherwise it counts the usable targets and draws among them, so the pair is
+    /// uniform over usable pairs in both cases.
+    pub fn pick_two_choices(
+        &self,
+        rng: u64,
+        usable: impl Fn(usize) -> bool,
+        load: impl Fn(usize) -> u64,
+    ) -> Option<usize> {
+        let n = self.slots.len();
+        if n <= 1 {
+            return (n == 1 && usable(0)).then_some(0);
+        }
+        let (a, b) = distinct_pair(rng, n);
+        if usable(a) && usable(b) {
+            return Some(self.lighter(a, b, &load));
+        }
+        // Some target is down: draw among the usable ones. `usable` may change under us (other
+        // threads mark targets down); only an index for which it just said true is returned.
+        let m = (0..n).filter(|&i| usable(i)).count();
+        if m <= 1 {
+            return (0..n).find(|&i| usable(i));
+        }
+        let (ra, rb) = distinct_pair(fmix64(rng ^ 0x9e37_79b9_7f4a_7c15), m);
+        let (mut a, mut b) = (None, None);
+        for (nth, i) in (0..n).filter(|&i| usable(i)).enumerate() {
+            if nth == ra {
+                a = Some(i);
+            } else if nth == rb {
+                b = Some(i);
+            }
+        }
+        match (a, b) {
+            (Some(a), Some(b)) => Some(self.lighter(a, b, &load)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// `a` unless `b` has a strictly lower load per unit of weight:
+    /// `load_b / w_b < load_a / w_a` ⇔ `load_b · w_a < load_a · w_b` (u128: no overflow).
+    fn lighter(&self, a: usize, b: usize, load: impl Fn(usize) -> u64) -> usize {
+        let wa = u128::from(self.slots[a].weight);
+        let wb = u128::from(self.slots[b].weight);
+        if u128::from(load(b)) * wa < u128::from(load(a)) * wb {
+            b
+        } else {
+            a
+        }
+    }
+}
+
+/// Two distinct indices below `n` (≥ 2), uniform, from one random `u64`: the high half of
+/// `rng · n` gives the first (Lemire's method), a remixed `rng` the second.
+#[inline]
+fn distinct_pair(rng: u64, n: usize) -> (usize, usize) {
+    let below = |r: u64, n: usize| ((u128::from(r) * n as u128) >> 64) as usize;
+    let a = below(rng, n);
+    let mut b = below(fmix64(rng.wrapping_add(0x6a09_e667_f3bc_c909)), n - 1);
+    if b >= a {
+        b += 1;
+    }
+    (a, b)
+}
+
+thread_local! {
+    /// The state of [`random_u64`] for this thread.
+    static RNG_STATE: Cell<u64> = Cell::new(rng_seed());
+}
+
+/// A seed that differs between threads, processes and runs: the thread id and the time, hashed
+/// with std's per-process random keys. Only for [`random_u64`], never for the sticky mapping.
+fn rng_seed() -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    std::thread::current().id().hash(&mut h);
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+        .hash(&mut h);
+    h.finish()
+}
+
+/// A fast per-thread pseudo-random `u64` (wyrand, seeded once per thread) for
+/// [`Table::pick_two_choices`]. Not cryptographic, no lock, no allocation.
+#[inline]
+pub fn random_u64() -> u64 {
+    RNG_STATE.with(|state| {
+        let x = state.get().wrapping_add(0xa076_1d64_78bd_642f);
+        state.set(x);
+        let t = u128::from(x) * u128::from(x ^ 0xe703_7ed1_a0b4_28db);
+        ((t >> 64) as u64) ^ (t as u64)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    /// splitmix64: a fixed-seed generator, so every statistical figure is reproducible.
+    struct TestRng(u64);
+
+    impl TestRng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        fn ipv4(&mut self) -> IpAddr {
+            IpAddr::V4(Ipv4Addr::from(self.next() as u32))
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            ((u128::from(self.next()) * n as u128) >> 64) as usize
+        }
+
+        fn shuffle<T>(&mut self, v: &mut [T]) {
+            for i in (1..v.len()).rev() {
+                let j = self.below(i + 1);
+                v.swap(i, j);
+            }
+        }
+    }
+
+    /// `n` client keys of random IPv4 addresses, from a fixed seed.
+    fn client_keys(n: usize, seed: u64) -> Vec<u64> {
+        let mut rng = TestRng(seed);
+        (0..n).map(|_| client_key(rng.ipv4())).collect()
+    }
+
+    fn ids(n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| format!("10.0.{}.{}:8080", i / 256, i % 256))
+            .collect()
+    }
+
+    fn equal_table(ids: &[String]) -> Table {
+        let targets: Vec<(u64, u32)> = ids.iter().map(|id| (target_seed(id), 1)).collect();
+        Table::new(&targets)
+    }
+
+    /// Clients per target when every target is usable.
+    fn counts(table: &Table, keys: &[u64]) -> Vec<usize> {
+        let mut c = vec![0; table.len()];
+        for &k in keys {
+            c[table.pick(k, |_| true).unwrap()] += 1;
+        }
+        c
+    }
+
+    /// Pearson's χ² against a uniform share: ≈ n - 1 ± sqrt(2(n - 1)) for a good hash.
+    fn chi_square(counts: &[usize]) -> f64 {
+        let total: usize = counts.iter().sum();
+        let mean = total as f64 / counts.len() as f64;
+        counts
+            .iter()
+            .map(|&c| (c as f64 - mean).powi(2) / mean)
+            .sum()
+    }
+
+    fn busiest_over_mean(counts: &[usize]) -> f64 {
+        let total: usize = counts.iter().sum();
+        let max = *counts.iter().max().unwrap();
+        max as f64 / (total as f64 / counts.len() as f64)
+    }
+
+    // GOLDEN VECTORS. These literals were computed once by this implementation and pin the
+    // contract of the module doc. If one of them fails, the mapping of clients to targets has
+    // changed: that breaks stickiness across versions and between instances running different
+    // versions. Do not update them to make a change pass; restore the old behaviour instead.
+
+    #[test]
+    fn golden_client_keys_never_change() {
+        let cases: [(&str, u64); 6] = [
+            ("0.0.0.0", 0x4d33_a937_2719_2487),
+            ("10.1.2.3", 0xb8b3_87fa_0a1c_d4e9),
+            ("192.168.0.1", 0x2c89_2be8_396c_86fa),
+            ("255.255.255.255", 0x5dbe_b358_e39c_496d),
+            ("::1", 0xb55b_7400_0d56_0088),
+            ("2001:db8::42", 0xe051_6264_eb8a_f19c),
+        ];
+        for (ip, want) in cases {
+            let got = client_key(ip.parse().unwrap());
+            assert_eq!(got, want, "client_key({ip}) = {got:#018x}");
+        }
+    }
+
+    #[test]
+    fn golden_target_seeds_never_change() {
+        let cases: [(&str, u64); 4] = [
+            ("", 0xefd0_1f60_ba99_2926),
+            ("a", 0x82a2_a958_a9be_ce5b),
+            ("10.0.0.1:8080", 0xe8c7_2115_6ed5_2b14),
+            ("backend-é", 0x067c_7e4c_403d_f878),
+        ];
+        for (id, want) in cases {
+            let got = target_seed(id);
+            assert_eq!(got, want, "target_seed({id:?}) = {got:#018x}");
+        }
+    }
+
+    #[test]
+    fn golden_picks_never_change() {
+        let equal: Vec<String> = ids(5);
+        let equal = equal_table(&equal);
+        let weighted = Table::new(&[
+            (target_seed("a:1"), 1),
+            (target_seed("b:1"), 2),
+            (target_seed("c:1"), 3),
+            (target_seed("d:1"), 4),
+        ]);
+        let cases: [(&str, usize, usize); 6] = [
+            ("10.1.2.3", 3, 3),
+            ("192.168.0.1", 3, 2),
+            ("172.16.5.9", 1, 2),
+            ("8.8.8.8", 4, 3),
+            ("2001:db8::42", 4, 2),
+            ("::ffff:10.1.2.3", 3, 3),
+        ];
+        for (ip, want_equal, want_weighted) in cases {
+            let key = client_key(ip.parse().unwrap());
+            let got = (equal.pick(key, |_| true), weighted.pick(key, |_| true));
+            assert_eq!(got, (Some(want_equal), Some(want_weighted)), "{ip}");
+        }
+        // The weighted rank itself, bit for bit (covers our ln).
+        let key = client_key("10.1.2.3".parse().unwrap());
+        let rank = weighted_rank(score(key, target_seed("c:1")), 3);
+        assert_eq!(rank.to_bits(), 0xbfc4_5f5d_69c5_c544, "{rank:e}");
+    }
+
+    #[test]
+    fn fnv1a64_and_fmix64_are_the_standard_functions() {
+        // Published FNV-1a 64 test vectors, and fmix64's fixed point at 0.
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+        assert_eq!(fmix64(0), 0);
+    }
+
+    #[test]
+    fn premixed_score_is_the_score() {
+        let mut rng = TestRng(3);
+        for _ in 0..100_000 {
+            let (key, seed) = (rng.next(), rng.next());
+            assert_eq!(score_premixed(premix(key), premix(seed)), score(key, seed));
+            assert_eq!(premix(premix(seed)), seed);
+        }
+    }
+
+    #[test]
+    fn branch_free_best_is_the_best_rank() {
+        // Every size around the two-lane split, duplicate seeds (earlier index wins), and a
+        // target whose score is 0 (key == seed).
+        let mut rng = TestRng(5);
+        for n in (1..=9).chain([63, 64, 65]) {
+            let mut targets: Vec<(u64, u32)> = (0..n).map(|_| (rng.next(), 1)).collect();
+            if n >= 3 {
+                targets[n - 1] = targets[1];
+            }
+            let table = Table::new(&targets);
+            let mut keys = client_keys(2_000, 7 + n as u64);
+            keys.extend(targets.iter().map(|t| t.0));
+            for key in keys {
+                let brute = (0..n).max_by_key(|&i| table.rank_key(key, i));
+                assert_eq!(table.best_equal(key), brute, "n = {n}");
+                let down = brute.unwrap_or(0);
+                let brute = (0..n)
+                    .filter(|&i| i != down)
+                    .max_by_key(|&i| table.rank_key(key, i));
+                assert_eq!(table.pick(key, |i| i != down), brute, "n = {n}");
+            }
+        }
+        assert_eq!(Table::new(&[]).best_equal(1), None);
+    }
+
+    #[test]
+    fn ln_constants_are_fdlibms_split_of_ln2() {
+        assert_eq!(LN2_HI.to_bits(), 0x3fe6_2e42_fee0_0000);
+        assert_eq!(LN2_LO.to_bits(), 0x3dea_39ef_3579_3c76);
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_hashes_as_ipv4() {
+        let v4: IpAddr = "10.1.2.3".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(client_key(mapped), client_key(v4));
+        let mut rng = TestRng(7);
+        for _ in 0..1000 {
+            let v4 = Ipv4Addr::from(rng.next() as u32);
+            let mapped = IpAddr::V6(v4.to_ipv6_mapped());
+            assert_eq!(client_key(mapped), client_key(IpAddr::V4(v4)));
+        }
+        // IPv4-compatible (::a.b.c.d, deprecated) is a different address, and hashes differently.
+        let compat = IpAddr::V6(Ipv6Addr::from(0x0a01_0203u128));
+        assert_ne!(client_key(compat), client_key(v4));
+    }
+
+    #[test]
+    fn ln_is_accurate() {
+        let mut worst = 0f64;
+        let mut check = |x: f64| {
+            let (ours, std) = (ln_unit(x), x.ln());
+            let rel = if std == 0.0 {
+                ours.abs()
+            } else {
+                ((ours - std) / std).abs()
+            };
+            worst = worst.max(rel);
+        };
+        let mut rng = TestRng(11);
+        for _ in 0..200_000 {
+            check(unit(rng.next()));
+        }
+        for e in 0..=54 {
+            let p = 0.5f64.powi(e);
+            for x in [p, p * std::f64::consts::SQRT_2, p * 0.75] {
+                let mut y = x;
+                for _ in 0..64 {
+                    if y > 0.0 && y <= 1.0 {
+                        check(y);
+                    }
+                    y = f64::from_bits(y.to_bits() - 1);
+                }
+            }
+        }
+        assert_eq!(ln_unit(1.0).to_bits(), 0.0f64.to_bits());
+        eprintln!("ln_unit: worst relative error vs f64::ln = {worst:e}");
+        assert!(worst < 1e-15, "worst relative error {worst:e}");
+    }
+
+    #[test]
+    fn ln_is_monotone_on_the_unit_grid() {
+        // Every u the ranking can see is unit(s) for some score s; check consecutive ones near
+        // every exponent boundary, near the √2 switch, and at random places.
+        let mut inversions = 0;
+        let mut check_from = |m0: u64| {
+            let mut prev = ln_unit(unit(m0 << 11));
+            for m in m0 + 1..(m0 + 2048).min(1 << 53) {
+                let cur = ln_unit(unit(m << 11));
+                if cur < prev {
+                    inversions += 1;
+                }
+                prev = cur;
+            }
+        };
+        for e in 0..53 {
+            let boundary = 1u64 << e;
+            check_from(boundary.saturating_sub(1024));
+            let sqrt2 = (std::f64::consts::SQRT_2 * boundary as f64) as u64;
+            check_from(sqrt2.saturating_sub(1024));
+        }
+        let mut rng = TestRng(13);
+        for _ in 0..200 {
+            check_from(rng.next() >> 11);
+        }
+        check_from((1 << 53) - 2048);
+        assert_eq!(inversions, 0);
+    }
+
+    #[test]
+    fn equal_weights_shortcut_ranks_as_the_weighted_formula() {
+        let ids = ids(16);
+        let table = equal_table(&ids);
+        assert!(table.equal_weights);
+        for key in client_keys(100_000, 17) {
+            let fast = table.pick_equal(key, |_| true);
+            let slow = table.pick_weighted(key, |_| true);
+            assert_eq!(fast, slow, "key {key:#x}");
+        }
+    }
+
+    #[test]
+    fn weighted_pick_skips_ln_without_changing_the_result() {
+        let mut rng = TestRng(19);
+        let targets: Vec<(u64, u32)> = (0..40)
+            .map(|i| (target_seed(&format!("t{i}")), 1 + rng.below(10) as u32))
+            .collect();
+        let table = Table::new(&targets);
+        let mut out = Vec::new();
+        for key in client_keys(20_000, 23) {
+            // Brute force: the best full rank key among usable targets (here: even indices
+            // for half the keys, to exercise `usable` too).
+            let only_even = key & 1 == 1;
+            let usable = |i: usize| !only_even || i % 2 == 0;
+            let brute = (0..table.len())
+                .filter(|&i| usable(i))
+                .max_by_key(|&i| table.rank_key(key, i));
+            assert_eq!(table.pick(key, usable), brute);
+            table.ranked(key, &mut out);
+            assert_eq!(out.iter().copied().find(|&i| usable(i)), brute);
+        }
+    }
+
+    #[test]
+    fn pick_is_independent_of_list_order() {
+        let mut rng = TestRng(29);
+        for weighted in [false, true] {
+            let targets: Vec<(u64, u32)> = (0..16)
+                .map(|i| {
+                    let w = if weighted { 1 + i % 4 } else { 1 };
+                    (target_seed(&format!("backend-{i}")), w)
+                })
+                .collect();
+            let mut shuffled = targets.clone();
+            rng.shuffle(&mut shuffled);
+            assert_ne!(shuffled, targets);
+            let (a, b) = (Table::new(&targets), Table::new(&shuffled));
+            for key in client_keys(10_000, 31) {
+                let pa = a.pick(key, |_| true).unwrap();
+                let pb = b.pick(key, |_| true).unwrap();
+                assert_eq!(targets[pa], shuffled[pb]);
+                // Also with a target down, named by identity.
+                let down = targets[3].0;
+                let pa = a.pick(key, |i| targets[i].0 != down).unwrap();
+                let pb = b.pick(key, |i| shuffled[i].0 != down).unwrap();
+                assert_eq!(targets[pa], shuffled[pb]);
+            }
+        }
+    }
+
+    #[test]
+    fn equal_targets_share_clients_evenly_at_100k_clients() {
+        let keys = client_keys(100_000, 37);
+        for n in [2, 8, 16, 32, 64] {
+            let ratio = busiest_over_mean(&counts(&equal_table(&ids(n)), &keys));
+            eprintln!("balance: 100k clients over {n:2} targets: busiest/mean = {ratio:.4}");
+            // Multinomial noise alone: σ per bin = sqrt((1-1/n)·n/100k) of the mean, 2.5% at
+            // n = 64, so the expected busiest/mean is ≈ 1.07 there for any hash; 1.05 holds with
+            // margin only up to n = 16. Larger n is checked at 1M clients below.
+            let bound = if n <= 16 { 1.05 } else { 1.10 };
+            assert!(ratio <= bound, "n = {n}: busiest/mean = {ratio:.4}");
+        }
+    }
+
+    #[test]
+    fn equal_targets_share_clients_evenly_at_1m_clients() {
+        let keys = client_keys(1_000_000, 41);
+        for n in [2, 8, 32, 64] {
+            let c = counts(&equal_table(&ids(n)), &keys);
+            let (ratio, chi2) = (busiest_over_mean(&c), chi_square(&c));
+            eprintln!(
+                "balance: 1M clients over {n:2} targets: busiest/mean = {ratio:.4}, \
+                 chi2 = {chi2:.1} (uniform: {} ± {:.1})",
+                n - 1,
+                (2.0 * (n - 1) as f64).sqrt()
+            );
+            assert!(ratio <= 1.05, "n = {n}: busiest/mean = {ratio:.4}");
+            // Indistinguishable from uniform: within 5 σ of χ²'s mean.
+            let df = (n - 1) as f64;
+            assert!(
+                chi2 < df + 5.0 * (2.0 * df).sqrt(),
+                "n = {n}: chi2 = {chi2:.1}"
+            );
+        }
+    }
+
+    #[test]
+    fn consecutive_client_addresses_balance_too() {
+        // Real clients are not uniform over the address space: a whole /16 of IPv4, or the low
+        // 16 bits of one IPv6 prefix, must spread as well as random addresses do.
+        let v4: Vec<u64> = (0..=u16::MAX)
+            .map(|i| client_key(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | u32::from(i)))))
+            .collect();
+        let v6: Vec<u64> = (0..=u16::MAX)
+            .map(|i| {
+                let ip = Ipv6Addr::from(0x2001_0db8_0000_0000_0000_0000_0000_0000 | u128::from(i));
+                client_key(IpAddr::V6(ip))
+            })
+            .collect();
+        for (name, keys) in [("10.0.0.0/16", &v4), ("2001:db8::/112", &v6)] {
+            for n in [8, 64] {
+                let c = counts(&equal_table(&ids(n)), keys);
+                let (ratio, chi2) = (busiest_over_mean(&c), chi_square(&c));
+                eprintln!(
+                    "balance: {name} over {n:2} targets: busiest/mean = {ratio:.4}, \
+                     chi2 = {chi2:.1} (uniform: {} ± {:.1})",
+                    n - 1,
+                    (2.0 * (n - 1) as f64).sqrt()
+                );
+                // 65,536 clients: σ per target is 1.0% at n = 8 and 3.1% at n = 64.
+                let bound = if n <= 8 { 1.05 } else { 1.15 };
+                assert!(ratio <= bound, "{name}, n = {n}: busiest/mean = {ratio:.4}");
+                let df = (n - 1) as f64;
+                assert!(
+                    chi2 < df + 5.0 * (2.0 * df).sqrt(),
+                    "{name}, n = {n}: chi2 = {chi2:.1}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn weighted_targets_share_clients_in_proportion() {
+        let keys = client_keys(100_000, 43);
+        let weights = [1u32, 2, 3, 4];
+        let targets: Vec<(u64, u32)> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| (target_seed(&format!("w{i}")), w))
+            .collect();
+        let c = counts(&Table::new(&targets), &keys);
+        let total_w: u32 = weights.iter().sum();
+        for (i, &w) in weights.iter().enumerate() {
+            let expected = keys.len() as f64 * f64::from(w) / f64::from(total_w);
+            let ratio = c[i] as f64 / expected;
+            eprintln!(
+                "weights: weight {w}: {} clients, share/expected = {ratio:.4}",
+                c[i]
+            );
+            assert!(
+                (1.0 / 1.05..=1.05).contains(&ratio),
+                "weight {w}: {ratio:.4}"
+            );
+        }
+    }
+
+    #[test]
+    fn removal_moves_only_the_removed_targets_clients() {
+        let keys = client_keys(100_000, 47);
+        for n in [8, 64] {
+            let ids = ids(n);
+            let table = equal_table(&ids);
+            let before: Vec<usize> = keys
+                .iter()
+                .map(|&k| table.pick(k, |_| true).unwrap())
+                .collect();
+            let removed = n / 3;
+            // Deactivated: still in the table, unusable.
+            let after: Vec<usize> = keys
+                .iter()
+                .map(|&k| table.pick(k, |i| i != removed).unwrap())
+                .collect();
+            // Deleted: a new table without it (indices above `removed` shift down by one).
+            let mut rest = ids.clone();
+            rest.remove(removed);
+            let smaller = equal_table(&rest);
+            let collateral = (0..keys.len())
+                .filter(|&c| before[c] != removed && after[c] != before[c])
+                .count();
+            let mut load = vec![0usize; n];
+            for (c, &k) in keys.iter().enumerate() {
+                assert_ne!(after[c], removed);
+                let deleted = smaller.pick(k, |_| true).unwrap();
+                let deleted = if deleted >= removed {
+                    deleted + 1
+                } else {
+                    deleted
+                };
+                assert_eq!(deleted, after[c], "deactivated and deleted agree");
+                load[after[c]] += 1;
+            }
+            load.remove(removed);
+            let moved = before.iter().filter(|&&t| t == removed).count();
+            let ratio = busiest_over_mean(&load);
+            eprintln!(
+                "removal: 1 of {n} targets: {moved} clients moved, collateral {collateral}, \
+                 busiest/mean after = {ratio:.4}"
+            );
+            assert_eq!(collateral, 0);
+            assert!(ratio <= 1.10, "n = {n}: busiest/mean = {ratio:.4}");
+        }
+    }
+
+    #[test]
+    fn addition_moves_clients_only_to_the_new_target() {
+        let keys = client_keys(100_000, 53);
+        for n in [8, 64] {
+            let ids = ids(n);
+            let table = equal_table(&ids);
+            for new_id in ["new-a:80", "new-b:80", "new-c:80"] {
+                let mut more = ids.clone();
+                more.push(new_id.to_owned());
+                let bigger = equal_table(&more);
+                let mut moved = 0;
+                for &k in &keys {
+                    let (old, new) = (table.pick(k, |_| true), bigger.pick(k, |_| true));
+                    if old != new {
+                        moved += 1;
+                        assert_eq!(new, Some(n), "a moved client went to the new target");
+                    }
+                }
+                let fraction = moved as f64 / keys.len() as f64;
+                let ideal = 1.0 / (n + 1) as f64;
+                eprintln!(
+                    "addition: {new_id} to {n} targets: moved {fraction:.5} vs 1/(N+1) = \
+                     {ideal:.5} (ratio {:.4})",
+                    fraction / ideal
+                );
+                assert!(fraction <= 1.1 * ideal, "n = {n}: moved {fraction:.5}");
+            }
+        }
+    }
+
+    #[test]
+    fn ranked_starts_with_pick_and_is_a_permutation() {
+        let mut rng = TestRng(59);
+        let equal = equal_table(&ids(12));
+        let weighted = Table::new(
+            &(0..12)
+                .map(|i| (target_seed(&format!("w{i}")), 1 + i % 3))
+                .collect::<Vec<_>>(),
+        );
+        let mut out = vec![99; 3];
+        for table in [&equal, &weighted] {
+            for key in client_keys(2_000, 61) {
+                table.ranked(key, &mut out);
+                assert_eq!(Some(out[0]), table.pick(key, |_| true));
+                let mut sorted = out.clone();
+                sorted.sort_unstable();
+                assert_eq!(sorted, (0..table.len()).collect::<Vec<_>>());
+                // Each next one is what pick gives with the ones before it down.
+                let k = rng.below(table.len());
+                assert_eq!(Some(out[k]), table.pick(key, |i| !out[..k].contains(&i)));
+            }
+        }
+    }
+
+    #[test]
+    fn pick_is_none_when_nothing_is_usable() {
+        let equal = equal_table(&ids(4));
+        let weighted = Table::new(&[(1, 1), (2, 2)]);
+        for table in [&equal, &weighted, &Table::new(&[])] {
+            assert_eq!(table.pick(123, |_| false), None);
+            assert_eq!(table.pick_two_choices(123, |_| false, |_| 0), None);
+        }
+        assert!(Table::new(&[]).is_empty());
+        let mut out = vec![1];
+        Table::new(&[]).ranked(5, &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn two_choices_never_picks_an_unusable_target() {
+        let table = equal_table(&ids(10));
+        let mut rng = TestRng(67);
+        for _ in 0..20_000 {
+            let mask = rng.next() as u16 & 0x3ff;
+            let usable = |i: usize| mask & (1 << i) != 0;
+            match table.pick_two_choices(rng.next(), usable, |i| i as u64) {
+                Some(i) => assert!(usable(i)),
+                None => assert_eq!(mask, 0),
+            }
+        }
+        // A single usable target is returned directly.
+        for only in 0..10 {
+            assert_eq!(
+                table.pick_two_choices(rng.next(), |i| i == only, |_| 0),
+                Some(only)
+            );
+        }
+    }
+
+    #[test]
+    fn two_choices_prefers_the_lower_load_per_weight() {
+        let mut rng = TestRng(71);
+        // Two targets: always the less loaded one.
+        let two = equal_table(&ids(2));
+        for _ in 0..1000 {
+            assert_eq!(
+                two.pick_two_choices(rng.next(), |_| true, |i| [5, 3][i]),
+                Some(1)
+            );
+        }
+        // Weighted: load 10 on weight 4 (2.5 each) beats load 3 on weight 1.
+        let weighted = Table::new(&[(1, 1), (2, 4)]);
+        for _ in 0..1000 {
+            assert_eq!(
+                weighted.pick_two_choices(rng.next(), |_| true, |i| [3, 10][i]),
+                Some(1)
+            );
+        }
+        // Many targets, one idle: it is chosen whenever it is drawn, the busiest never is, and
+        // every usable target gets drawn.
+        let table = equal_table(&ids(8));
+        let mut chosen = [0usize; 8];
+        for _ in 0..40_000 {
+            let i = table
+                .pick_two_choices(
+                    rng.next(),
+                    |i| i != 5,
+                    |i| if i == 2 { 0 } else { 10 + i as u64 },
+                )
+                .unwrap();
+            chosen[i] += 1;
+        }
+        eprintln!("two choices over 8 (5 down, 2 idle, 7 busiest): {chosen:?}");
+        assert_eq!(chosen[5], 0);
+        assert_eq!(chosen[7], 0);
+        // The idle one is in 1 - C(6,2)/C(7,2) = 2/7 of pairs.
+        let idle = chosen[2] as f64 / 40_000.0;
+        assert!((idle - 2.0 / 7.0).abs() < 0.02, "idle share {idle:.3}");
+        assert!(chosen
+            .iter()
+            .enumerate()
+            .all(|(i, &c)| i == 5 || i == 7 || c > 0));
+    }
+
+    #[test]
+    fn random_u64_varies() {
+        let a: Vec<u64> = (0..8).map(|_| random_u64()).collect();
+        let b = std::thread::spawn(|| (0..8).map(|_| random_u64()).collect::<Vec<u64>>())
+            .join()
+            .unwrap();
+        assert_ne!(a, b);
+        assert!(a.windows(2).all(|w| w[0] != w[1]));
     }
 }
