@@ -5,15 +5,18 @@
 //!
 //! Signals while running: SIGTERM or SIGINT closes the listener and lets open connections
 //! finish for `shutdownTimeout`, then exits 0; a second one exits at once (code 1, since
-//! connections were cut). SIGHUP reloads the config.
+//! connections were cut). SIGHUP reloads the config; so does a change to the config file (unless
+//! `--no-watch`).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
 use crate::proxy::listener;
+use crate::reload::{Reloader, Trigger};
 use crate::server::Server;
 use crate::sys;
 
@@ -27,6 +30,10 @@ struct Cli {
     /// Path of the JSON config file (LoadBalancer.js compatible).
     #[arg(long, short, global = true, default_value = "config.json")]
     config: PathBuf,
+
+    /// Do not watch the config file's directory; reload only on SIGHUP.
+    #[arg(long, global = true)]
+    no_watch: bool,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -52,8 +59,8 @@ pub fn main() -> i32 {
     };
     match cli.command {
         Some(Command::Check) => check(&cli.config),
-        Some(Command::Demo) => run(&cli.config, true),
-        None => run(&cli.config, false),
+        Some(Command::Demo) => run(&cli.config, true, !cli.no_watch),
+        None => run(&cli.config, false, !cli.no_watch),
     }
 }
 
@@ -90,7 +97,7 @@ fn init_logging() {
         .try_init();
 }
 
-fn run(path: &Path, demo: bool) -> i32 {
+fn run(path: &Path, demo: bool, watch: bool) -> i32 {
     init_logging();
     let config = match Config::load(path) {
         Ok(config) => config,
@@ -118,13 +125,13 @@ fn run(path: &Path, demo: bool) -> i32 {
             return 1;
         }
     };
-    let code = runtime.block_on(serve(config, demo));
+    let code = runtime.block_on(serve(config, demo, watch));
     // Connections still open after the drain deadline are cut here.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     code
 }
 
-async fn serve(config: Config, demo: bool) -> i32 {
+async fn serve(config: Config, demo: bool, watch: bool) -> i32 {
     let mut signals = match Signals::new() {
         Ok(signals) => signals,
         Err(e) => {
@@ -172,8 +179,8 @@ async fn serve(config: Config, demo: bool) -> i32 {
         .map(|t| format!("{}={}", t.id, t.addr))
         .collect();
     let listen = config.listen;
-    let mut server = match Server::start(config, bound) {
-        Ok(server) => server,
+    let server = match Server::start(config, bound) {
+        Ok(server) => Arc::new(server),
         Err(e) => {
             tracing::error!("cannot serve on {listen}: {e}");
             return 1;
@@ -186,10 +193,25 @@ async fn serve(config: Config, demo: bool) -> i32 {
         "stickylb {} listening", env!("CARGO_PKG_VERSION")
     );
 
+    let reloader = Reloader::new(server.clone());
+    // Dropping the watcher stops it; it lives until shutdown.
+    let _watcher = if watch {
+        match reloader.watch() {
+            Ok(watcher) => Some(watcher),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot watch the config file's directory ({e}); reload with SIGHUP"
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
     loop {
         match signals.next().await {
             Signal::Hangup => {
-                tracing::warn!("SIGHUP received: reload is not implemented yet; config unchanged")
+                let _ = reloader.reload(Trigger::Signal).await;
             }
             Signal::Stop(name) => {
                 tracing::info!(

@@ -22,6 +22,8 @@
 //! - [`proxy`]: the listener and its accept loop ([`proxy::listener`]), connect with fail-over
 //!   ([`proxy::connect`]), and the data path: zero-copy ([`proxy::splice`]) or userspace copy
 //!   ([`proxy::copy`]), driven by [`proxy::relay`].
+//! - [`reload`]: SIGHUP and config-file watching; validates completely, then swaps the store
+//!   in one atomic step.
 //! - [`server`]: assembles a running balancer from a config: runtime, listener, sweeper,
 //!   graceful shutdown. Tests start one on `127.0.0.1:0` through [`server::Server`].
 //! - [`stats`]: the counters the data path keeps with atomics, read by the metrics exporter.
@@ -34,6 +36,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod stats;
 pub mod sys;

@@ -4,13 +4,17 @@
 //! `127.0.0.1:0` inside their own runtime (as mini-redis's `run` does), and the binary binds
 //! first, then drops privileges, then starts serving.
 //!
+//! The listener can be replaced while running ([`Server::replace_listener`], used when a reload
+//! changes `sourceHost`/`sourcePort`): the new one is bound and accepting before the old one
+//! closes, and connections accepted by the old one go on.
+//!
 //! Shutdown has two steps, as an operator expects of SIGTERM: [`Server::stop_accepting`]
 //! closes the listener (new connects are refused by the kernel from then on), then
 //! [`Server::drain`] waits for open connections to finish, up to a deadline.
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -21,36 +25,53 @@ use crate::balance::duration_ms;
 use crate::config::Config;
 use crate::proxy::{listener, Proxy};
 
-/// A balancer serving on one listener.
+/// A balancer serving on one listener at a time.
 #[derive(Debug)]
 pub struct Server {
     proxy: Arc<Proxy>,
-    local_addr: SocketAddr,
-    /// Turns true to stop the accept loop and the sweeper.
+    /// The accept loop of the current listener; `None` once stopped.
+    accept: Mutex<Option<AcceptLoop>>,
+    /// Turns true at shutdown: stops the session sweeper.
+    stopped: watch::Sender<bool>,
+}
+
+/// One listener's accept loop and the means to stop it.
+#[derive(Debug)]
+struct AcceptLoop {
+    addr: SocketAddr,
     stop: watch::Sender<bool>,
-    accept: JoinHandle<()>,
+    task: JoinHandle<()>,
+}
+
+impl AcceptLoop {
+    fn start(listener: std::net::TcpListener, proxy: Arc<Proxy>) -> io::Result<AcceptLoop> {
+        listener.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(listener)?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(listener::accept_loop(listener, proxy, stopped));
+        Ok(AcceptLoop { addr, stop, task })
+    }
+
+    /// Stops accepting and waits until the listener is closed.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
 }
 
 impl Server {
     /// Starts serving `config` on `listener` (bound and listening, e.g. by
     /// [`listener::bind`]). Must be called inside a tokio runtime.
     pub fn start(config: Config, listener: std::net::TcpListener) -> io::Result<Server> {
-        listener.set_nonblocking(true)?;
-        let listener = TcpListener::from_std(listener)?;
-        let local_addr = listener.local_addr()?;
         let proxy = Proxy::new(config);
-        let (stop, stopped) = watch::channel(false);
-        let accept = tokio::spawn(listener::accept_loop(
-            listener,
-            proxy.clone(),
-            stopped.clone(),
-        ));
-        tokio::spawn(sweep_sessions(proxy.clone(), stopped));
+        let accept = AcceptLoop::start(listener, proxy.clone())?;
+        let (stopped, stopped_rx) = watch::channel(false);
+        tokio::spawn(sweep_sessions(proxy.clone(), stopped_rx));
         Ok(Server {
             proxy,
-            local_addr,
-            stop,
-            accept,
+            accept: Mutex::new(Some(accept)),
+            stopped,
         })
     }
 
@@ -60,20 +81,45 @@ impl Server {
         Server::start(config, listener)
     }
 
-    /// The address the listener is bound to.
+    /// The address the current listener is bound to (the last one, once stopped).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.lock_accept()
+            .as_ref()
+            .map(|a| a.addr)
+            .unwrap_or_else(|| self.proxy.config().listen)
     }
 
     pub fn proxy(&self) -> &Arc<Proxy> {
         &self.proxy
     }
 
+    fn lock_accept(&self) -> std::sync::MutexGuard<'_, Option<AcceptLoop>> {
+        self.accept.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts accepting on `listener`, then closes the previous listener. Connections the old
+    /// one accepted go on. Returns the new address.
+    pub async fn replace_listener(
+        &self,
+        listener: std::net::TcpListener,
+    ) -> io::Result<SocketAddr> {
+        let new = AcceptLoop::start(listener, self.proxy.clone())?;
+        let addr = new.addr;
+        let old = self.lock_accept().replace(new);
+        if let Some(old) = old {
+            old.stop().await;
+        }
+        Ok(addr)
+    }
+
     /// Closes the listener: from now on new connects are refused; open connections go on.
     /// Returns once the listener is closed.
-    pub async fn stop_accepting(&mut self) {
-        let _ = self.stop.send(true);
-        let _ = (&mut self.accept).await;
+    pub async fn stop_accepting(&self) {
+        let _ = self.stopped.send(true);
+        let current = self.lock_accept().take();
+        if let Some(current) = current {
+            current.stop().await;
+        }
     }
 
     /// Waits up to `timeout` for open connections to finish. Returns true if all did.
@@ -84,7 +130,7 @@ impl Server {
     }
 
     /// Stops accepting, then drains for the config's `shutdownTimeout`.
-    pub async fn shutdown(mut self) -> bool {
+    pub async fn shutdown(&self) -> bool {
         self.stop_accepting().await;
         let timeout = self.proxy.config().shutdown_timeout;
         self.drain(timeout).await

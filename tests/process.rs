@@ -5,7 +5,6 @@ mod support;
 
 use std::io::{BufRead, BufReader as StdBufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -14,24 +13,6 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stickylb");
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("stickylb-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A free loopback port (bound, then released).
 fn free_port() -> u16 {
@@ -43,7 +24,7 @@ struct Balancer {
     child: Child,
     lines: mpsc::Receiver<String>,
     addr: SocketAddr,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl Balancer {
@@ -83,7 +64,7 @@ impl Balancer {
             child,
             lines,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            _dir: dir,
+            dir,
         };
         balancer.wait_for_line("listening");
         balancer
@@ -256,7 +237,7 @@ fn a_taken_port_is_a_startup_error_that_names_the_address() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_process_shutdown_drains_an_open_connection() {
     let backend = Backend::start("echo", Mode::Echo).await;
-    let mut server = start(&[backend.addr], serde_json::json!({}));
+    let server = start(&[backend.addr], serde_json::json!({}));
     let lb = server.local_addr();
     let mut open = connect_from(client_ip(4), lb).await.unwrap();
     open.write_all(b"ping").await.unwrap();
@@ -338,4 +319,37 @@ fn an_unknown_user_is_a_startup_error() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no-such-user-xyz"), "{stderr}");
+}
+
+/// SIGHUP reloads (here with `--no-watch`, so the signal is the only trigger): a bad file is
+/// rejected with its reason while the process keeps serving, a good one is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_and_a_bad_file_changes_nothing() {
+    let a = Backend::start("a", Mode::Named).await;
+    let b = Backend::start("b", Mode::Named).await;
+    let lb = Balancer::spawn("sighup", &["--no-watch"], &[a.addr], serde_json::json!({}));
+    assert_eq!(which(client_ip(1), lb.addr).await.unwrap().0, "a");
+    let path = lb.dir.0.join("config.json");
+
+    std::fs::write(&path, "{ \"sourcePort\": ").unwrap();
+    lb.signal(libc::SIGHUP);
+    let line = lb.wait_for_line("reload rejected");
+    assert!(
+        line.contains("SIGHUP") && line.contains("config.json"),
+        "{line}"
+    );
+    assert_eq!(
+        which(client_ip(2), lb.addr).await.unwrap().0,
+        "a",
+        "still serving"
+    );
+
+    let mut good: serde_json::Value =
+        serde_json::from_str(&config_text(&[b.addr], serde_json::json!({}))).unwrap();
+    good["sourcePort"] = lb.addr.port().into();
+    std::fs::write(&path, good.to_string()).unwrap();
+    lb.signal(libc::SIGHUP);
+    let line = lb.wait_for_line("config reloaded");
+    assert!(line.contains("SIGHUP"), "{line}");
+    assert_eq!(which(client_ip(3), lb.addr).await.unwrap().0, "b");
 }

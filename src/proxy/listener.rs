@@ -41,7 +41,11 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 }
 
 /// Accepts connections on `listener` and spawns a handler for each, until `shutdown` turns
-/// true. Returning drops the listener, so new connects are refused from then on.
+/// true. Returning closes the listener, so new connects are refused from then on.
+///
+/// Before closing, the connections already waiting in the backlog (their handshake done, not
+/// yet accepted) are accepted and served: closing a listener resets them otherwise, which is
+/// the reload and shutdown edge case that resets clients of other balancers.
 pub async fn accept_loop(
     listener: TcpListener,
     proxy: Arc<Proxy>,
@@ -55,7 +59,7 @@ pub async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = shutdown.wait_for(|stop| *stop) => return drain_backlog(listener, &proxy),
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -75,7 +79,7 @@ pub async fn accept_loop(
                     );
                 }
                 tokio::select! {
-                    _ = shutdown.wait_for(|stop| *stop) => return,
+                    _ = shutdown.wait_for(|stop| *stop) => return drain_backlog(listener, &proxy),
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -84,6 +88,24 @@ pub async fn accept_loop(
                 stats.accept_errors_other.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%error, "accept failed");
             }
+        }
+    }
+}
+
+/// Accepts what is waiting in the backlog without waiting for more, then closes the listener.
+fn drain_backlog(listener: TcpListener, proxy: &Arc<Proxy>) {
+    let Ok(listener) = listener.into_std() else {
+        return;
+    };
+    // Bounded: at most one backlog's worth, even if clients keep arriving meanwhile.
+    for _ in 0..BACKLOG {
+        let Ok((client, peer)) = listener.accept() else {
+            break;
+        };
+        proxy.shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let _ = client.set_nonblocking(true);
+        if let Ok(client) = tokio::net::TcpStream::from_std(client) {
+            tokio::spawn(proxy.clone().handle(client, peer));
         }
     }
 }

@@ -268,3 +268,40 @@ pub fn dead_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
 }
+
+/// A temporary directory, removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("stickylb-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Starts a balancer in this runtime from the config file at `path` (on a fresh loopback port
+/// unless the file's `sourcePort` is to be used, see `bind_config_port`).
+pub fn start_from_file(path: &Path, bind_config_port: bool) -> Arc<Server> {
+    let config = Config::load(path).expect("valid config file");
+    let addr = if bind_config_port {
+        config.listen
+    } else {
+        "127.0.0.1:0".parse().unwrap()
+    };
+    let listener = listener::bind(addr).expect("bind balancer");
+    Arc::new(Server::start(config, listener).expect("start balancer"))
+}
