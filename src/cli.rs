@@ -186,6 +186,14 @@ async fn serve(config: Config, demo: bool, watch: bool) -> i32 {
             return 1;
         }
     };
+    // Serves `/metrics` until shutdown (dropping it stops the endpoint); `None` when off.
+    let _metrics = match crate::metrics::install(server.proxy()) {
+        Ok(exporter) => exporter,
+        Err(e) => {
+            tracing::error!("{e}");
+            return 1;
+        }
+    };
     tracing::info!(
         listen = %server.local_addr(),
         targets = %targets.join(", "),

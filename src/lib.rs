@@ -27,6 +27,8 @@
 //! - [`server`]: assembles a running balancer from a config: runtime, listener, sweeper,
 //!   graceful shutdown. Tests start one on `127.0.0.1:0` through [`server::Server`].
 //! - [`stats`]: the counters the data path keeps with atomics, read by the metrics exporter.
+//! - [`metrics`]: the Prometheus names of design §6 and `GET /metrics`; publishes the atomics
+//!   at scrape time, so the data path pays for counters nothing beyond them.
 //! - [`sys`]: what needs the OS directly: the fd limit, dropping privileges.
 //! - [`demo`]: the built-in demo targets of `stickylb demo`.
 //! - [`cli`]: the command line: `stickylb`, `stickylb check`, `stickylb demo`.
@@ -35,6 +37,7 @@ pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod server;

@@ -7,6 +7,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use crate::metrics::LazyHistogram;
+
 /// Why a client connection was accepted and then closed without being proxied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reject {
@@ -57,6 +59,8 @@ pub struct Stats {
     /// Whether the last reload attempt failed (false before any), so the gauge
     /// `config_last_reload_success` is its negation.
     pub last_reload_failed: AtomicBool,
+    /// `connection_duration_seconds`: set when the metrics exporter starts, a no-op until then.
+    pub connection_duration: LazyHistogram,
 }
 
 impl Stats {

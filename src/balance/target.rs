@@ -13,10 +13,11 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::config::TargetSpec;
+use crate::metrics::LazyHistogram;
 
 /// Milliseconds on a monotonic clock that starts when the process's balancer state is built.
 ///
@@ -78,6 +79,9 @@ pub struct TargetState {
     /// Connections open to this target now (power-of-two-choices compares these).
     pub active: AtomicU64,
     pub counters: TargetCounters,
+    /// `target_connect_duration_seconds{target}`: its handle is set by the metrics exporter when
+    /// this identity appears, so a connection records into it without formatting a label.
+    pub connect_duration: LazyHistogram,
 }
 
 impl TargetState {
@@ -90,6 +94,7 @@ impl TargetState {
             present: AtomicBool::new(true),
             active: AtomicU64::new(0),
             counters: TargetCounters::default(),
+            connect_duration: LazyHistogram::default(),
         }
     }
 
@@ -131,10 +136,20 @@ impl TargetState {
     }
 }
 
+/// Told when a target identity gets a state and when that state is forgotten: how the metrics
+/// exporter ([`crate::metrics`]) creates a target's series once, when it appears, rather than
+/// per connection, and keeps them monotonic when an identity comes back. Called with the
+/// registry locked, so it must not call back into the registry.
+pub trait Observer: Send + Sync + std::fmt::Debug {
+    fn added(&self, state: &TargetState);
+    fn forgotten(&self, state: &TargetState);
+}
+
 /// Identity → state, shared by every config generation so state carries over reloads.
 #[derive(Debug, Default)]
 pub struct Registry {
     states: Mutex<HashMap<Arc<str>, Arc<TargetState>>>,
+    observer: OnceLock<Arc<dyn Observer>>,
 }
 
 impl Registry {
@@ -151,9 +166,13 @@ impl Registry {
         let adopted: Vec<Arc<TargetState>> = targets
             .iter()
             .map(|t| {
-                let state = states
-                    .entry(t.id.clone())
-                    .or_insert_with(|| Arc::new(TargetState::new(t.id.clone())));
+                let state = states.entry(t.id.clone()).or_insert_with(|| {
+                    let state = Arc::new(TargetState::new(t.id.clone()));
+                    if let Some(observer) = self.observer.get() {
+                        observer.added(&state);
+                    }
+                    state
+                });
                 state.present.store(true, Ordering::Relaxed);
                 state.clone()
             })
@@ -163,9 +182,26 @@ impl Registry {
             if !listed {
                 state.present.store(false, Ordering::Relaxed);
             }
-            listed || Arc::strong_count(state) > 1
+            let keep = listed || Arc::strong_count(state) > 1;
+            if let (false, Some(observer)) = (keep, self.observer.get()) {
+                observer.forgotten(state);
+            }
+            keep
         });
         adopted
+    }
+
+    /// Sets the observer (once: returns false if one is set already) and tells it about every
+    /// state known now.
+    pub fn observe(&self, observer: Arc<dyn Observer>) -> bool {
+        let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        if self.observer.set(observer).is_err() {
+            return false;
+        }
+        if let Some(observer) = self.observer.get() {
+            states.values().for_each(|state| observer.added(state));
+        }
+        true
     }
 
     /// Every state currently known (listed or still draining), for the metrics exporter.
@@ -216,5 +252,30 @@ mod tests {
         drop(first);
         drop(r.adopt(&[spec("b"), spec("c")]));
         assert_eq!(r.all().len(), 2, "a is forgotten once nothing holds it");
+    }
+
+    #[derive(Debug, Default)]
+    struct Log(Mutex<Vec<String>>);
+
+    impl Observer for Log {
+        fn added(&self, state: &TargetState) {
+            self.0.lock().unwrap().push(format!("+{}", state.id));
+        }
+        fn forgotten(&self, state: &TargetState) {
+            self.0.lock().unwrap().push(format!("-{}", state.id));
+        }
+    }
+
+    #[test]
+    fn the_observer_hears_of_each_identity_once_when_it_appears_and_when_it_is_forgotten() {
+        let r = Registry::new();
+        drop(r.adopt(&[spec("a")]));
+        let log = Arc::new(Log::default());
+        assert!(r.observe(log.clone()), "told about what exists");
+        assert!(!r.observe(log.clone()), "only one observer");
+        drop(r.adopt(&[spec("a"), spec("b")]));
+        drop(r.adopt(&[spec("b")]));
+        drop(r.adopt(&[spec("a"), spec("b")]));
+        assert_eq!(*log.0.lock().unwrap(), ["+a", "+b", "-a", "+a"]);
     }
 }

@@ -13,6 +13,7 @@
 //! kernel's receive buffer. That is why a connect can be retried on another target without the
 //! client noticing, and why there is no per-connection buffer to size (`maxBufferSize`).
 
+pub mod admission;
 pub mod connect;
 pub mod copy;
 pub mod listener;
@@ -31,6 +32,7 @@ use tokio::sync::Notify;
 use crate::balance::{Balancer, Shared};
 use crate::config::Config;
 use crate::stats::Reject;
+use admission::{derived_max_connections, ClientCounts, ClientSlot, RefusalLog};
 
 /// Everything a connection handler reads.
 #[derive(Debug)]
@@ -41,6 +43,12 @@ pub struct Proxy {
     pub shared: Shared,
     /// Woken when the last open connection closes (graceful shutdown waits on it).
     drained: Notify,
+    /// Open connections per client address, for `maxConnectionsPerClient`.
+    pub clients: ClientCounts,
+    /// Rate limit for the log lines of refused connections.
+    refusals: RefusalLog,
+    /// `maxConnections` when the config leaves it at 0: derived from the fd limit at start.
+    derived_max_connections: u64,
 }
 
 impl Proxy {
@@ -51,6 +59,9 @@ impl Proxy {
             store: ArcSwap::from_pointee(balancer),
             shared,
             drained: Notify::new(),
+            clients: ClientCounts::default(),
+            refusals: RefusalLog::default(),
+            derived_max_connections: derived_max_connections(crate::sys::fd_limit()),
         })
     }
 
@@ -85,22 +96,62 @@ impl Proxy {
         }
     }
 
+    /// `maxConnections` in force for `config`.
+    pub fn max_connections(&self, config: &Config) -> u64 {
+        match config.max_connections {
+            0 => self.derived_max_connections,
+            max => max,
+        }
+    }
+
+    /// Checks `allow`/`deny`, `maxConnections` and `maxConnectionsPerClient` (see
+    /// [`admission`]). The open-connection count already includes this connection.
+    fn admit(&self, config: &Config, ip: std::net::IpAddr) -> Result<ClientSlot<'_>, Reject> {
+        if !config.admits(ip) {
+            return Err(Reject::Denied);
+        }
+        if self.active() > self.max_connections(config) {
+            return Err(Reject::Limit);
+        }
+        match config.max_connections_per_client {
+            0 => Ok(ClientSlot::none(ip)),
+            max if self.clients.try_open(ip, max) => Ok(ClientSlot::held(&self.clients, ip)),
+            _ => Err(Reject::ClientLimit),
+        }
+    }
+
+    /// Closes a refused client at once with a reset, counts it, and logs it (rate-limited).
+    fn refuse(&self, client: &TcpStream, reason: Reject, ip: std::net::IpAddr) {
+        self.shared.stats.reject(reason);
+        self.refusals
+            .refused(reason, ip, self.shared.clock.now_ms());
+        relay::reset_on_close(client);
+    }
+
     /// Serves one accepted client connection to the end.
     pub async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
         let _open = OpenGuard::new(&self);
+        let accepted = tokio::time::Instant::now();
         let balancer = self.store.load_full();
         let config = &balancer.config;
         let stats = &self.shared.stats;
-        if !config.admits(peer.ip()) {
-            stats.reject(Reject::Denied);
-            relay::reset_on_close(&client);
-            return;
-        }
+        let client_ip = crate::balance::hash::canonical_ip(peer.ip());
+        let _slot = match self.admit(config, client_ip) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                self.refuse(&client, reason, client_ip);
+                return;
+            }
+        };
         let mut route = balancer.route(&self.shared, peer.ip());
         let server = loop {
             let target = route.target();
+            let attempt = tokio::time::Instant::now();
             match connect::connect(target.addr, config.connect_timeout).await {
-                Ok(server) => break server,
+                Ok(server) => {
+                    route.state().connect_duration.record(attempt.elapsed());
+                    break server;
+                }
                 Err(error) => {
                     tracing::warn!(
                         target_id = %target.id, address = %target.addr, %error,
@@ -108,9 +159,7 @@ impl Proxy {
                         "connect to target failed; deactivating it and retrying elsewhere"
                     );
                     if route.failed().is_none() {
-                        stats.reject(Reject::NoTarget);
-                        tracing::warn!(client = %peer, "no target could be reached; closing client");
-                        relay::reset_on_close(&client);
+                        self.refuse(&client, Reject::NoTarget, client_ip);
                         return;
                     }
                 }
@@ -124,8 +173,17 @@ impl Proxy {
         let started = tokio::time::Instant::now();
         let to_target = relay::Meter::new(&state.counters.bytes_to_target);
         let to_client = relay::Meter::new(&state.counters.bytes_to_client);
-        let result = relay::relay(&client, &server, config.zero_copy, &to_target, &to_client).await;
+        let result = relay::relay(
+            &client,
+            &server,
+            config.zero_copy,
+            config.idle_timeout,
+            &to_target,
+            &to_client,
+        )
+        .await;
         state.active.fetch_sub(1, Ordering::Relaxed);
+        stats.connection_duration.record(accepted.elapsed());
         if let Err(error) = &result {
             // One side failed: reset both, so neither mistakes the cut for a clean end.
             relay::reset_on_close(&client);
@@ -140,7 +198,11 @@ impl Proxy {
                 bytes_to_target = to_target.bytes(),
                 bytes_to_client = to_client.bytes(),
                 duration_ms = started.elapsed().as_millis() as u64,
-                outcome = if result.is_ok() { "closed" } else { "reset" },
+                outcome = match result {
+                    Ok(relay::Ended::Complete) => "closed",
+                    Ok(relay::Ended::Idle) => "idle_timeout",
+                    Err(_) => "reset",
+                },
                 "connection closed"
             );
         }

@@ -13,6 +13,7 @@
 use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 
@@ -45,17 +46,54 @@ impl<'a> Meter<'a> {
     }
 }
 
-/// Relays `client` ⇄ `server` until both directions have ended cleanly, or the first error.
+/// How a relay that did not fail ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Both directions reached EOF and passed it on.
+    Complete,
+    /// No byte moved either way for `idleTimeout`.
+    Idle,
+}
+
+/// Relays `client` ⇄ `server` until both directions have ended cleanly, the first error, or
+/// (with `idle` set) no byte moved either way for that long.
 pub async fn relay(
     client: &TcpStream,
     server: &TcpStream,
     zero_copy: bool,
+    idle: Option<Duration>,
     to_server: &Meter<'_>,
     to_client: &Meter<'_>,
-) -> io::Result<()> {
+) -> io::Result<Ended> {
     let up = forward(client, server, zero_copy, to_server);
     let down = forward(server, client, zero_copy, to_client);
-    tokio::try_join!(up, down).map(|_| ())
+    let both = async { tokio::try_join!(up, down).map(|_| Ended::Complete) };
+    match idle {
+        None => both.await,
+        Some(idle) => tokio::select! {
+            ended = both => ended,
+            _ = idle_watch(idle, to_server, to_client) => Ok(Ended::Idle),
+        },
+    }
+}
+
+/// Returns once no byte has moved either way for `idle`. Checks the meters every eighth of
+/// `idle` (at least every 10 ms) rather than reading a clock per chunk on the data path, so the
+/// timeout fires between `idle` and `idle × 9/8` after the last byte.
+async fn idle_watch(idle: Duration, up: &Meter<'_>, down: &Meter<'_>) {
+    let step = (idle / 8).max(Duration::from_millis(10));
+    let mut seen = up.bytes() + down.bytes();
+    let mut quiet_since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(step).await;
+        let now = up.bytes() + down.bytes();
+        if now != seen {
+            seen = now;
+            quiet_since = tokio::time::Instant::now();
+        } else if quiet_since.elapsed() >= idle {
+            return;
+        }
+    }
 }
 
 /// One direction: `src` → `dst` until EOF, then half-close `dst`.
@@ -65,6 +103,9 @@ async fn forward(
     zero_copy: bool,
     meter: &Meter<'_>,
 ) -> io::Result<()> {
+    // A direction that cannot splice (the kernel refuses it for these sockets, or no file
+    // descriptor is left for a pipe) goes on with a userspace copy: nothing is in flight in a
+    // pipe when that happens, so the byte stream continues exactly where it was.
     #[cfg(target_os = "linux")]
     let spliced = zero_copy
         && matches!(
@@ -93,5 +134,5 @@ fn half_close(stream: &TcpStream) -> io::Result<()> {
 /// Makes the coming close of `stream` abortive: SO_LINGER with a zero timeout turns close(2)
 /// into a RST, which is how a peer learns that the stream was cut rather than complete.
 pub fn reset_on_close(stream: &TcpStream) {
-    let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }

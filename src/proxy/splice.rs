@@ -28,8 +28,9 @@ use tokio::net::TcpStream;
 
 use super::relay::Meter;
 
-/// Pipes kept per worker thread. Beyond it, returned pipes are closed.
-const POOL_PER_THREAD: usize = 64;
+/// Pipes kept per worker thread. Beyond it, returned pipes are closed. Small, because each
+/// pooled pipe holds two file descriptors out of the connection budget.
+const POOL_PER_THREAD: usize = 16;
 
 /// Requested pipe capacity. 64 KiB is Linux's default pipe size (16 pages); asking for it
 /// explicitly keeps the per-connection bound the same whatever the system's default.
@@ -111,7 +112,8 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 pub enum Outcome {
     /// The source sent FIN and everything before it was delivered.
     Eof,
-    /// The kernel refused splice for these sockets before any byte moved: copy instead.
+    /// Splice cannot go on, with no byte in flight in a pipe: the kernel refused splice for
+    /// these sockets, or no file descriptor is left for a pipe. The caller copies instead.
     Unsupported,
 }
 
@@ -125,7 +127,14 @@ pub async fn forward(src: &TcpStream, dst: &TcpStream, meter: &Meter<'_>) -> io:
         src.readable().await?;
         let p = match pipe.take() {
             Some(p) => p,
-            None => take_pipe()?,
+            None => match take_pipe() {
+                Ok(p) => p,
+                // Out of file descriptors: this direction copies in userspace instead.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
+                    return Ok(Outcome::Unsupported)
+                }
+                Err(e) => return Err(e),
+            },
         };
         let n = match src.try_io(Interest::READABLE, || {
             splice(src_fd, p.write.as_raw_fd(), p.capacity)

@@ -1,0 +1,258 @@
+//! Scale-out: stickylb instances side by side (behind DNS round-robin, ECMP or a Kubernetes
+//! Service) send every client IP to the same target without talking to each other. The
+//! mapping is a fixed hash of the client IP and the targets' (id, weight), so the same targets
+//! in any order give the same mapping in any process; fail-over follows the same ranking, so
+//! instances that each saw a target fail agree on where its clients went.
+//!
+//! Two real `stickylb` processes and one in-process balancer, each with the targets listed in
+//! a different order, are asked for 2,000 client addresses. Sessions are off
+//! (`"sessionExpiry": 0`) so that only the hash decides.
+
+mod support;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_stickylb");
+
+/// Client addresses asked of every instance.
+const CLIENTS: u32 = 2000;
+
+/// Connections in flight at once while mapping the clients.
+const PARALLEL: u32 = 50;
+
+/// A `stickylb` child process serving a config written to its own temporary directory. It is
+/// stopped with SIGTERM by [`Instance::stop`], or killed by PID on drop if a test fails first.
+struct Instance {
+    child: Child,
+    addr: SocketAddr,
+    lines: mpsc::Receiver<String>,
+    dir: PathBuf,
+}
+
+impl Instance {
+    /// Starts `stickylb --config DIR/config.json` on a free loopback port and waits for its
+    /// "listening" line.
+    fn spawn(tag: &str, targets: serde_json::Value) -> Instance {
+        let dir = std::env::temp_dir().join(format!("stickylb-scale-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let port = dead_port().port();
+        let config = serde_json::json!({
+            "sourceHost": "127.0.0.1",
+            "sourcePort": port,
+            "metricsPort": null,
+            "sessionExpiry": 0,
+            "targets": targets,
+        });
+        let path = dir.join("config.json");
+        std::fs::write(&path, config.to_string()).expect("write config");
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn stickylb");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        // Keeps draining stderr for the life of the child, so a full pipe never blocks it.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let instance = Instance {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            lines,
+            dir,
+        };
+        instance.wait_for_line("listening");
+        instance
+    }
+
+    fn wait_for_line(&self, needle: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return,
+                Ok(line) => seen.push(line),
+                Err(_) => break,
+            }
+        }
+        panic!("no {needle:?} line on stderr; saw:\n{}", seen.join("\n"));
+    }
+
+    /// SIGTERM, then the exit code once it has drained (nothing is open by then).
+    fn stop(mut self) -> i32 {
+        // SAFETY: signalling our own child process, which has not been waited for yet.
+        assert_eq!(
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) },
+            0
+        );
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stickylb did not exit on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The backend that answers each of the `CLIENTS` addresses through the balancer at `lb`.
+async fn mapping(lb: SocketAddr) -> Vec<String> {
+    let mut names = vec![String::new(); CLIENTS as usize];
+    let mut next = 0;
+    while next < CLIENTS {
+        let batch: Vec<_> = (next..(next + PARALLEL).min(CLIENTS))
+            .map(|i| tokio::spawn(async move { (i, which(client_ip(i), lb).await) }))
+            .collect();
+        for task in batch {
+            let (i, answer) = task.await.expect("client task");
+            let (name, _stream) =
+                answer.unwrap_or_else(|e| panic!("client {} via {lb}: {e}", client_ip(i)));
+            names[i as usize] = name;
+        }
+        next += PARALLEL;
+    }
+    names
+}
+
+/// How many clients each backend got.
+fn shares(names: &[String]) -> HashMap<&str, usize> {
+    let mut shares = HashMap::new();
+    for name in names {
+        *shares.entry(name.as_str()).or_default() += 1;
+    }
+    shares
+}
+
+/// Asserts that `b` maps every client as `a` does, naming the first few that differ.
+fn assert_same(a: &[String], b: &[String], what: &str) {
+    let differ: Vec<String> = (0..CLIENTS as usize)
+        .filter(|&i| a[i] != b[i])
+        .map(|i| format!("{} ({} vs {})", client_ip(i as u32), a[i], b[i]))
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "{what}: {} of {CLIENTS} clients differ, e.g. {:?}",
+        differ.len(),
+        &differ[..differ.len().min(5)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_with_the_same_targets_in_any_order_send_2000_clients_to_the_same_targets() {
+    let mut backends = vec![
+        Backend::start("a", Mode::Named).await,
+        Backend::start("b", Mode::Named).await,
+        Backend::start("c", Mode::Named).await,
+        Backend::start("d", Mode::Named).await,
+    ];
+    // Explicit ids, a weight, and one default id ("host:port" as written): what the hash
+    // keys on must be the same everywhere, and the list order must not matter.
+    let target = |i: usize| {
+        let addr = backends[i].addr;
+        let mut t = serde_json::json!({"host": addr.ip().to_string(), "port": addr.port()});
+        match i {
+            0 => t["id"] = "worker-a".into(),
+            1 => {
+                t["id"] = "worker-b".into();
+                t["weight"] = 2.into();
+            }
+            3 => t["id"] = "worker-d".into(),
+            _ => {}
+        }
+        t
+    };
+    let one = Instance::spawn(
+        "one",
+        serde_json::json!([target(0), target(1), target(2), target(3)]),
+    );
+    let two = Instance::spawn(
+        "two",
+        serde_json::json!([target(3), target(2), target(0), target(1)]),
+    );
+    let three = start(
+        &[],
+        serde_json::json!({
+            "sessionExpiry": 0,
+            "targets": [target(1), target(3), target(0), target(2)],
+        }),
+    );
+
+    let first = mapping(one.addr).await;
+    let by_share = shares(&first);
+    for backend in &backends {
+        // Weights 1, 2, 1, 1: shares near 20 %, 40 %, 20 %, 20 %. A mapping that sent
+        // everyone to one target would agree everywhere for the wrong reason.
+        let got = by_share.get(backend.name.as_str()).copied().unwrap_or(0);
+        assert!(
+            got > CLIENTS as usize / 10,
+            "backend {} got {got} of {CLIENTS} clients: {by_share:?}",
+            backend.name
+        );
+    }
+    assert!(
+        by_share["b"] > by_share["a"],
+        "weight 2 draws more: {by_share:?}"
+    );
+    assert_same(&first, &mapping(two.addr).await, "second process");
+    assert_same(
+        &first,
+        &mapping(three.local_addr()).await,
+        "in-process balancer",
+    );
+
+    // Each instance finds out for itself that b is gone (its first connect there fails) and
+    // moves b's clients to their next-ranked target: the same one on every instance.
+    backends[1].stop().await;
+    let after = mapping(one.addr).await;
+    for i in 0..CLIENTS as usize {
+        if first[i] == "b" {
+            assert_ne!(after[i], "b", "client {} still on b", client_ip(i as u32));
+        } else {
+            assert_eq!(
+                after[i],
+                first[i],
+                "client {} moved though its target is up",
+                client_ip(i as u32)
+            );
+        }
+    }
+    assert_same(&after, &mapping(two.addr).await, "second process, b down");
+    assert_same(
+        &after,
+        &mapping(three.local_addr()).await,
+        "in-process balancer, b down",
+    );
+
+    assert_eq!(one.stop(), 0, "clean exit after SIGTERM");
+    assert_eq!(two.stop(), 0, "clean exit after SIGTERM");
+}
