@@ -157,21 +157,7 @@ async fn serve(config: Config, demo: bool, watch: bool) -> i32 {
             }
         }
     }
-    if let Some(spec) = &config.downgrade_to_user {
-        let dropped = sys::lookup_user(spec).and_then(|user| {
-            sys::drop_privileges(&user)?;
-            Ok(user)
-        });
-        match dropped {
-            Ok(user) => {
-                tracing::info!(user = %user.name, uid = user.uid, gid = user.gid, "dropped privileges")
-            }
-            Err(e) => {
-                tracing::error!("cannot switch to user {spec:?} (downgradeToUser): {e}");
-                return 1;
-            }
-        }
-    }
+    let downgrade = config.downgrade_to_user.clone();
     let path = config.path.clone();
     let targets: Vec<String> = config
         .targets
@@ -194,10 +180,29 @@ async fn serve(config: Config, demo: bool, watch: bool) -> i32 {
             return 1;
         }
     };
+    // Every socket is bound (listener, metrics endpoint): only now drop privileges, so a port
+    // below 1024 works for both.
+    if let Some(spec) = &downgrade {
+        let dropped = sys::lookup_user(spec).and_then(|user| {
+            sys::drop_privileges(&user)?;
+            Ok(user)
+        });
+        match dropped {
+            Ok(user) => {
+                tracing::info!(user = %user.name, uid = user.uid, gid = user.gid, "dropped privileges")
+            }
+            Err(e) => {
+                tracing::error!("cannot switch to user {spec:?} (downgradeToUser): {e}");
+                return 1;
+            }
+        }
+    }
     tracing::info!(
         listen = %server.local_addr(),
         targets = %targets.join(", "),
         config = %path.display(),
+        fd_limit = sys::fd_limit(),
+        max_connections = server.proxy().max_connections(&server.proxy().config()),
         "stickylb {} listening", env!("CARGO_PKG_VERSION")
     );
 
