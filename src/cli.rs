@@ -70,6 +70,10 @@ fn check(path: &Path) -> i32 {
             for warning in &config.warnings {
                 eprintln!("warning: {warning}");
             }
+            // The resolved addresses go to stderr, so that stdout is itself a valid config.
+            for (i, target) in config.targets.iter().enumerate() {
+                eprintln!("targets[{i}] ({}) resolves to {}", target.id, target.addr);
+            }
             match serde_json::to_string_pretty(&config.effective_json()) {
                 Ok(text) => {
                     println!("{text}");
@@ -94,6 +98,8 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: journald and log files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 

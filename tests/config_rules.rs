@@ -89,9 +89,25 @@ fn valid_config_prints_effective_json_and_exits_0() {
     assert_eq!(v["zeroCopy"], true);
     assert_eq!(v["targets"][0]["id"], "127.0.0.1:9001");
     assert_eq!(v["targets"][0]["weight"], 2);
-    assert_eq!(v["targets"][0]["address"], "127.0.0.1:9001");
     assert_eq!(v["targets"][1]["id"], "b");
-    assert_eq!(v["targets"][1]["address"], "[::1]:9002");
+    // Resolved addresses go to stderr, so stdout is itself a valid config.
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("targets[0] (127.0.0.1:9001) resolves to 127.0.0.1:9001"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("targets[1] (b) resolves to [::1]:9002"),
+        "{stderr}"
+    );
+    let again = dir.file("again.json", &stdout);
+    let out = check(&again);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "check's output is a valid config: {}",
+        text(&out.stderr)
+    );
 }
 
 #[test]

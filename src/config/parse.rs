@@ -36,6 +36,8 @@ const MAX_BALANCERS: u64 = 1024;
 
 /// `maxBufferSize` as LoadBalancer.js defaults it; shown by `check`, used for nothing.
 const DEFAULT_MAX_BUFFER_SIZE: u64 = 8192;
+/// `metricsHost` when the file does not set it.
+const DEFAULT_METRICS_HOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 /// What reading one top-level key does to the config being built.
 type Apply = fn(&mut Builder, &Field<'_>) -> Result<(), ConfigError>;
@@ -283,7 +285,7 @@ impl Builder {
             balancer_count: std::thread::available_parallelism().map_or(1, |n| n.get()),
             max_buffer_size: None, // accepted for compatibility, no effect
             downgrade_to_user: None,
-            metrics_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            metrics_host: DEFAULT_METRICS_HOST,
             metrics_port: Some(9898),
             connect_timeout: Duration::from_millis(5_000),
             idle_timeout: None, // 0 in the file: off
@@ -719,7 +721,6 @@ pub fn effective_json(c: &Config) -> Value {
                 "host": t.host,
                 "port": t.port,
                 "weight": t.weight,
-                "address": t.addr.to_string(),
             })
         })
         .collect();
@@ -739,7 +740,9 @@ pub fn effective_json(c: &Config) -> Value {
             Some(UserSpec::Name(name)) => Value::from(name.as_str()),
             Some(UserSpec::Uid(uid)) => Value::from(*uid),
         },
-        "metricsHost": c.metrics.map(|m| m.ip().to_string()),
+        // With metrics off the host is shown at its default, so that this output is itself a
+        // valid config (`metricsPort: null` is what turns metrics off).
+        "metricsHost": c.metrics.map_or(DEFAULT_METRICS_HOST.to_string(), |m| m.ip().to_string()),
         "metricsPort": c.metrics.map(|m| m.port()),
         "connectTimeout": ms(c.connect_timeout),
         "idleTimeout": c.idle_timeout.map_or(0, ms),
@@ -1507,8 +1510,7 @@ mod tests {
         assert_eq!(v["allow"], json!(["10.0.0.0/8"]));
         assert_eq!(
             v["targets"],
-            json!([{"id": "127.0.0.1:9000", "host": "127.0.0.1", "port": 9000, "weight": 1,
-                    "address": "127.0.0.1:9000"}])
+            json!([{"id": "127.0.0.1:9000", "host": "127.0.0.1", "port": 9000, "weight": 1}])
         );
         let v = effective_json(&ok(r#""downgradeToUser": "www""#));
         assert_eq!(v["metricsHost"], "127.0.0.1");

@@ -13,8 +13,10 @@ use tokio::net::TcpStream;
 
 use super::relay::Meter;
 
-/// Bytes per buffer: large enough that bulk transfers make few syscalls.
-const BUF_SIZE: usize = 64 * 1024;
+/// Bytes per buffer: HAProxy's default `tune.bufsize`. It bounds what a connection whose peer
+/// stopped reading holds in user space (one buffer per direction), at the price of more
+/// syscalls on bulk transfers than a larger buffer; bulk goes through splice by default.
+const BUF_SIZE: usize = 16 * 1024;
 
 /// Buffers kept per worker thread.
 const POOL_PER_THREAD: usize = 64;

@@ -110,6 +110,12 @@ fn drain_backlog(listener: TcpListener, proxy: &Arc<Proxy>) {
     }
 }
 
+/// The balancer's own shortage, not a peer's fault: out of file descriptors or buffers, or out
+/// of local ports for an outgoing connect.
+pub(crate) fn is_local_shortage(error: &io::Error) -> bool {
+    is_fd_exhaustion(error) || error.raw_os_error() == Some(libc::EADDRNOTAVAIL)
+}
+
 fn is_fd_exhaustion(error: &io::Error) -> bool {
     matches!(
         error.raw_os_error(),

@@ -152,6 +152,12 @@ impl Proxy {
                     route.state().connect_duration.record(attempt.elapsed());
                     break server;
                 }
+                // Our own shortage (no fd for the socket, no local port): the target is not to
+                // blame, so it is not deactivated; the client is refused like any over-limit one.
+                Err(error) if listener::is_local_shortage(&error) => {
+                    self.refuse(&client, Reject::Limit, client_ip);
+                    return;
+                }
                 Err(error) => {
                     tracing::warn!(
                         target_id = %target.id, address = %target.addr, %error,

@@ -1,0 +1,357 @@
+#!/usr/bin/env bash
+# stickylb against HAProxy and nginx on the same machine, in the same run (issue 5).
+#
+# One command:   benches/compare.sh            (3 repetitions, 10 s windows: about 16 minutes)
+#                benches/compare.sh --quick    (1 repetition, 3 s windows: about 5 minutes)
+# Options:       --reps N  --duration S  --scenarios "bulk1 shortconn ..."  --labels "..."
+#                --out DIR (default target/bench-compare/<UTC time>)
+#
+# What it does:
+# 1. installs haproxy and nginx (with the stream module) from Debian packages when missing;
+# 2. builds stickylb (release) and the load tool (benches/load, bench profile);
+# 3. starts the backends once (`load backend`: sink, echo and fixed-reply ports), the same
+#    for everything measured;
+# 4. for each repetition, for each scenario, runs it against each of
+#      direct (no balancer: the ceiling), stickylb, haproxy (splice-auto),
+#      haproxy-splice (splice-request + splice-response forced), nginx (stream)
+#    in that order (A B C D E, A B C D E, ...). Every balancer is started fresh for each run
+#    and stopped after it, so its CPU and memory figures are its own;
+# 5. writes results.jsonl (one JSON line per run), report.md (medians, min–max, ratios
+#    against stickylb, the goals of issue 5) and machine.txt into the output directory.
+#
+# Only loopback addresses are used. Every process started here is recorded by PID and ended
+# by PID (never by name); every wait is bounded.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+REPS=3
+DURATION=10
+SCENARIOS="bulk1 bulk4 shortconn keepalive idle5000 idle9000 overflow failover"
+LABELS="direct stickylb haproxy haproxy-splice nginx"
+OUT=""
+QUICK=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) QUICK=1; REPS=1; DURATION=3 ;;
+        --reps) REPS=$2; shift ;;
+        --duration) DURATION=$2; shift ;;
+        --scenarios) SCENARIOS=$2; shift ;;
+        --labels) LABELS=$2; shift ;;
+        --out) OUT=$2; shift ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+OUT=${OUT:-$ROOT/target/bench-compare/$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$OUT/conf"
+RESULTS=$OUT/results.jsonl
+
+# Ports (all on 127.0.0.1, below the ephemeral range): the balancer listens on LB_PORT.
+LB_PORT=27000
+SINK_PORTS="27011 27012 27013 27014"
+ECHO_PORTS="27021 27022 27023 27024"
+FIXED_PORTS="27031 27032 27033 27034"
+FAILOVER_PORTS="27041 27042 27043"
+VICTIM_PORT=27043
+
+log() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+
+# ---------------------------------------------------------------------------------------------
+# Processes we start, ended by PID.
+STARTED=()
+# Ends one of our processes: SIGTERM, up to 15 s to exit, then SIGKILL; reaps it and forgets
+# its PID (so a PID reused later by someone else is never signalled).
+stop_pid() {
+    local pid=$1 i keep=() p
+    if kill -TERM "$pid" 2>/dev/null; then
+        for i in $(seq 1 150); do
+            kill -0 "$pid" 2>/dev/null || break
+            # A child that exited but is not reaped yet (a zombie) counts as gone.
+            [ "$(cut -d' ' -f3 "/proc/$pid/stat" 2>/dev/null)" = Z ] && break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+    for p in "${STARTED[@]}"; do
+        [ "$p" = "$pid" ] || keep+=("$p")
+    done
+    STARTED=("${keep[@]}")
+}
+cleanup() {
+    local pid
+    for pid in "${STARTED[@]}"; do
+        stop_pid "$pid"
+    done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------------------------------------
+# 1. HAProxy and nginx
+NGINX_STREAM_SO=/usr/lib/nginx/modules/ngx_stream_module.so
+nginx_has_stream() {
+    command -v nginx >/dev/null 2>&1 || return 1
+    [ -f "$NGINX_STREAM_SO" ] && return 0
+    nginx -V 2>&1 | grep -q -- '--with-stream\( \|$\)'
+}
+if ! command -v haproxy >/dev/null 2>&1 || ! nginx_has_stream; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "compare.sh: haproxy and nginx (stream) are needed: run as root, or" \
+            "apt-get install haproxy nginx-light libnginx-mod-stream" >&2
+        exit 1
+    fi
+    log "installing haproxy and nginx from Debian packages"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q haproxy nginx-light libnginx-mod-stream >"$OUT/apt.log" 2>&1
+fi
+NGINX_LOAD_MODULE=""
+[ -f "$NGINX_STREAM_SO" ] && NGINX_LOAD_MODULE="load_module $NGINX_STREAM_SO;"
+
+# ---------------------------------------------------------------------------------------------
+# 2. Build
+cd "$ROOT"
+log "building stickylb (release) and the load tool"
+cargo build --release --bin stickylb 2>&1 | tail -1 >&2
+LOAD=$(cargo bench --bench load --no-run --message-format=json 2>/dev/null \
+    | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
+[ -x "$LOAD" ] && [ -x "$ROOT/target/release/stickylb" ] || { echo "compare.sh: build failed" >&2; exit 1; }
+# Run copies: target/ is shared, and a rebuild during the run must not change what is measured.
+mkdir -p "$OUT/bin"
+cp "$ROOT/target/release/stickylb" "$OUT/bin/stickylb"
+cp "$LOAD" "$OUT/bin/load"
+STICKYLB=$OUT/bin/stickylb
+LOAD=$OUT/bin/load
+
+{
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "nproc: $(nproc)"
+    echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
+    echo "memory: $(free -g | awk '/Mem:/{print $2}') GiB"
+    echo "kernel: $(uname -r)"
+    echo "rustc: $(rustc -V)"
+    echo "stickylb: $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)" \
+        "(uncommitted changes to src/: $(git -C "$ROOT" status --short -- src 2>/dev/null | wc -l) files," \
+        "diff sha256 $(git -C "$ROOT" diff HEAD -- src 2>/dev/null | sha256sum | cut -c1-12))"
+    echo "haproxy: $(haproxy -v 2>&1 | head -1)"
+    echo "nginx: $(nginx -v 2>&1)"
+    echo "fd limit: soft $(ulimit -Sn), hard $(ulimit -Hn)"
+    echo "reps: $REPS, duration: ${DURATION}s, scenarios: $SCENARIOS"
+    echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+} >"$OUT/machine.txt"
+cat "$OUT/machine.txt" >&2
+
+# ---------------------------------------------------------------------------------------------
+# 3. Configs: one per balancer and target group.
+group_of() {
+    case "$1" in
+        bulk*) echo sink ;;
+        shortconn|keepalive) echo fixed ;;
+        idle*|overflow) echo echo ;;
+        failover) echo failover ;;
+    esac
+}
+ports_of() {
+    case "$1" in
+        sink) echo "$SINK_PORTS" ;;
+        echo) echo "$ECHO_PORTS" ;;
+        fixed) echo "$FIXED_PORTS" ;;
+        failover) echo "$FAILOVER_PORTS" ;;
+    esac
+}
+for group in sink echo fixed failover; do
+    ports=$(ports_of $group)
+    # stickylb: every key at its default (metrics on at 127.0.0.1:9898, sessions, splice).
+    {
+        echo '{'
+        echo "  \"sourceHost\": \"127.0.0.1\","
+        echo "  \"sourcePort\": $LB_PORT,"
+        echo '  "targets": ['
+        sep=""
+        for p in $ports; do
+            printf '%s    {"host": "127.0.0.1", "port": %s}' "$sep" "$p"
+            sep=$',\n'
+        done
+        printf '\n  ]\n}\n'
+    } >"$OUT/conf/stickylb-$group.json"
+    # HAProxy: as its users configure a sticky TCP balancer. maxconn: HAProxy derives about
+    # 8,000 from a 20,000 fd limit by itself (it reserves fds for maxconn/4 pipes) and refuses
+    # to start with maxconn 9,990 (it wants 25,000 fds), so, as a user holding 9,000
+    # connections would, set maxconn 9,500 and maxpipes 250 (2 × 9,500 + 2 × 250 < 20,000;
+    # 250 pipes are more than these scenarios splice at once).
+    for variant in haproxy haproxy-splice; do
+        if [ $variant = haproxy ]; then
+            splice="    option splice-auto"
+        else
+            splice=$'    option splice-request\n    option splice-response'
+        fi
+        {
+            cat <<EOF
+global
+    nbthread 2
+    maxconn 9500
+    maxpipes 250
+    log stderr format short local0 notice
+
+defaults
+    mode tcp
+    log global
+    timeout connect 5s
+    timeout client 5m
+    timeout server 5m
+    retries 3
+    option redispatch 1
+
+frontend fe
+    bind 127.0.0.1:$LB_PORT
+    default_backend be
+
+backend be
+    balance source
+    hash-type consistent
+$splice
+EOF
+            for p in $ports; do
+                echo "    server t$p 127.0.0.1:$p check"
+            done
+        } >"$OUT/conf/$variant-$group.cfg"
+    done
+    # nginx: stream proxy with a consistent hash of the client address, 2 workers, each
+    # allowed the whole fd limit (a worker counts both sides of a connection).
+    mkdir -p "$OUT/nginx-$group"
+    {
+        cat <<EOF
+$NGINX_LOAD_MODULE
+daemon off;
+master_process on;
+worker_processes 2;
+worker_rlimit_nofile 20000;
+pid $OUT/nginx-$group/nginx.pid;
+error_log $OUT/nginx-$group/error.log warn;
+events {
+    worker_connections 19000;
+}
+stream {
+    upstream be {
+        hash \$remote_addr consistent;
+EOF
+        for p in $ports; do
+            echo "        server 127.0.0.1:$p;"
+        done
+        cat <<EOF
+    }
+    server {
+        listen 127.0.0.1:$LB_PORT backlog=4096;
+        proxy_pass be;
+        proxy_connect_timeout 5s;
+        proxy_timeout 5m;
+        # Off by default: a client's FIN would close both directions, cutting the reply the
+        # bulk scenario reads after it (stickylb and HAProxy pass half-closes on).
+        proxy_half_close on;
+    }
+}
+EOF
+    } >"$OUT/conf/nginx-$group.conf"
+done
+
+# Starts balancer $1 for target group $2; sets LB_PID. Returns 1 if it does not listen.
+LB_PID=""
+start_lb() {
+    local label=$1 group=$2 logf="$OUT/logs/$1-$2.log"
+    mkdir -p "$OUT/logs"
+    case "$label" in
+        stickylb) "$STICKYLB" --config "$OUT/conf/stickylb-$group.json" >>"$logf" 2>&1 & ;;
+        haproxy|haproxy-splice) haproxy -db -f "$OUT/conf/$label-$group.cfg" >>"$logf" 2>&1 & ;;
+        nginx) nginx -c "$OUT/conf/nginx-$group.conf" -p "$OUT/nginx-$group" \
+            -e "$OUT/nginx-$group/error.log" >>"$logf" 2>&1 & ;;
+    esac
+    LB_PID=$!
+    STARTED+=("$LB_PID")
+    if ! "$LOAD" wait-port "127.0.0.1:$LB_PORT" --timeout 10 2>>"$logf"; then
+        log "$label did not start; see $logf"
+        tail -5 "$logf" >&2
+        stop_lb
+        return 1
+    fi
+}
+stop_lb() {
+    [ -n "$LB_PID" ] && stop_pid "$LB_PID"
+    LB_PID=""
+}
+
+# ---------------------------------------------------------------------------------------------
+# 4. Backends, then the runs.
+log "starting backends"
+"$LOAD" backend --sink "${SINK_PORTS// /,}" --echo "${ECHO_PORTS// /,}" \
+    --fixed "${FIXED_PORTS// /,},27041,27042" --max-seconds 7200 >"$OUT/backend.log" 2>&1 &
+BACKEND_PID=$!
+STARTED+=("$BACKEND_PID")
+for p in $SINK_PORTS $ECHO_PORTS $FIXED_PORTS 27041 27042; do
+    "$LOAD" wait-port "127.0.0.1:$p" --timeout 10 || { echo "backend did not start" >&2; exit 1; }
+done
+
+args_of() {
+    case "$1" in
+        bulk1|bulk4) echo "--scenario $1 --duration $DURATION" ;;
+        shortconn|keepalive) echo "--scenario $1 --duration $DURATION --warmup 1 --concurrency 50" ;;
+        idle*) echo "--scenario idle --conns ${1#idle}" ;;
+        overflow) echo "--scenario overflow --conns 11000" ;;
+        failover) echo "--scenario failover --duration 6 --kill-after 2 --concurrency 50 --victim-port $VICTIM_PORT" ;;
+    esac
+}
+
+START=$(date +%s)
+for rep in $(seq 1 "$REPS"); do
+    log "repetition $rep of $REPS (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
+    for scenario in $SCENARIOS; do
+        # Behaviour, not speed: the overflow flood runs in the first repetition only.
+        if [ "$scenario" = overflow ] && [ "$rep" -gt 1 ]; then continue; fi
+        group=$(group_of "$scenario")
+        for label in $LABELS; do
+            if [ "$label" = direct ]; then
+                case "$scenario" in overflow|failover) continue ;; esac
+                target=""
+                for p in $(ports_of "$group"); do target="$target${target:+,}127.0.0.1:$p"; done
+                pids=""
+            else
+                target="127.0.0.1:$LB_PORT"
+            fi
+            victim=""
+            if [ "$scenario" = failover ]; then
+                "$LOAD" backend --fixed $VICTIM_PORT --max-seconds 300 >>"$OUT/backend.log" 2>&1 &
+                VICTIM_PID=$!
+                STARTED+=("$VICTIM_PID")
+                "$LOAD" wait-port "127.0.0.1:$VICTIM_PORT" --timeout 10
+                victim="--victim-pid $VICTIM_PID"
+            fi
+            if [ "$label" != direct ]; then
+                start_lb "$label" "$group" || continue
+                pids=$LB_PID
+            fi
+            log "rep $rep: $scenario via $label"
+            # shellcheck disable=SC2046
+            timeout 180 "$LOAD" run $(args_of "$scenario") $victim --label "$label" --rep "$rep" \
+                --target "$target" --pids "$pids" --out "$RESULTS" >/dev/null \
+                || log "run failed: $scenario via $label"
+            tail -1 "$RESULTS" 2>/dev/null | cut -c1-400 >&2 || true
+            [ "$label" != direct ] && stop_lb
+            if [ -n "$victim" ]; then stop_pid "$VICTIM_PID"; fi
+            sleep 0.5
+        done
+    done
+done
+log "runs done in $(( $(date +%s) - START )) s (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
+echo "load after: $(cut -d' ' -f1-3 /proc/loadavg); runs took $(( $(date +%s) - START )) s" >>"$OUT/machine.txt"
+
+# ---------------------------------------------------------------------------------------------
+# 5. Report
+{
+    echo '```'
+    cat "$OUT/machine.txt"
+    echo '```'
+    echo
+    "$LOAD" report "$RESULTS"
+} >"$OUT/report.md"
+cat "$OUT/report.md"
+log "results: $RESULTS; report: $OUT/report.md"

@@ -1,0 +1,170 @@
+//! What `/proc` says about a balancer's process tree and about the machine.
+//!
+//! A balancer is given as its root PIDs (stickylb's process, HAProxy's process, nginx's
+//! master); its tree is those processes and all their descendants (nginx's workers), found
+//! afresh at every sample. CPU is utime + stime of every process in the tree (all threads
+//! included), in seconds.
+
+use std::collections::HashMap;
+use std::fs;
+
+/// Clock ticks per second of `/proc/PID/stat` times.
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// Raises the soft fd limit to the hard one (20,000 on these machines): an idle scenario holds
+/// thousands of sockets.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit for getrlimit/setrlimit to read and write.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// `(ppid, utime + stime in ticks)` from one `/proc/PID/stat`.
+fn stat(pid: u32) -> Option<(u32, u64)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: fields start after the last ')'.
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state(3) ppid(4) ... utime(14) stime(15), 1-based in proc(5).
+    let ppid = fields.get(1)?.parse().ok()?;
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((ppid, utime + stime))
+}
+
+/// The PIDs of `roots` and all their descendants.
+pub fn tree(roots: &[u32]) -> Vec<u32> {
+    if roots.is_empty() {
+        return Vec::new();
+    }
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    if let Ok(dir) = fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if let Some((ppid, _)) = stat(pid) {
+                children.entry(ppid).or_default().push(pid);
+            }
+        }
+    }
+    let mut out: Vec<u32> = Vec::new();
+    let mut todo: Vec<u32> = roots.to_vec();
+    // Bounded: a PID is visited once, and there are finitely many.
+    while let Some(pid) = todo.pop() {
+        if out.contains(&pid) {
+            continue;
+        }
+        out.push(pid);
+        if let Some(c) = children.get(&pid) {
+            todo.extend(c);
+        }
+    }
+    out
+}
+
+/// One sample of a process tree.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TreeSample {
+    pub cpu_s: f64,
+    pub rss_kib: u64,
+    pub fds: u64,
+    pub pipe_fds: u64,
+    pub processes: u64,
+}
+
+pub fn sample(roots: &[u32], with_fds: bool) -> TreeSample {
+    let tps = ticks_per_second();
+    let mut s = TreeSample::default();
+    for pid in tree(roots) {
+        let Some((_, ticks)) = stat(pid) else {
+            continue;
+        };
+        s.processes += 1;
+        s.cpu_s += ticks as f64 / tps;
+        if let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) {
+            if let Some(line) = status.lines().find(|l| l.starts_with("VmRSS:")) {
+                s.rss_kib += line
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+        if with_fds {
+            if let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) {
+                for entry in dir.flatten() {
+                    s.fds += 1;
+                    if fs::read_link(entry.path())
+                        .map(|t| t.to_string_lossy().starts_with("pipe:"))
+                        .unwrap_or(false)
+                    {
+                        s.pipe_fds += 1;
+                    }
+                }
+            }
+        }
+    }
+    s
+}
+
+/// Busy and total jiffies of the whole machine (all CPUs), from the first line of /proc/stat.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MachineSample {
+    busy: u64,
+    total: u64,
+}
+
+pub fn machine() -> MachineSample {
+    let text = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = text.lines().next().unwrap_or("");
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    MachineSample {
+        busy: total.saturating_sub(idle),
+        total,
+    }
+}
+
+/// Fraction of the machine (all cores) that was busy between two samples.
+pub fn busy_fraction(a: MachineSample, b: MachineSample) -> f64 {
+    let total = b.total.saturating_sub(a.total);
+    if total == 0 {
+        return 0.0;
+    }
+    b.busy.saturating_sub(a.busy) as f64 / total as f64
+}
+
+/// The 1-minute load average.
+pub fn load1() -> f64 {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0)
+}

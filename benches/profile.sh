@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Where stickylb's CPU goes per connection and per request (issue 5 §5).
+#
+#   benches/profile.sh [--seconds S] [--out DIR]
+#
+# Starts the load tool's backends, then for the shortconn, keepalive and bulk4 scenarios a fresh
+# release stickylb (default config, 4 fixed-reply or sink targets) and:
+# - perf record (cpu-clock sampling, kernel and user stacks) of the stickylb process while the
+#   load runs: perf-<scenario>.txt has the time inside each syscall (inclusive), the share of
+#   kernel and user space, and the top functions by self time;
+# - strace -c of the same process during a second run: strace-<scenario>.txt has the count of
+#   each syscall per connection (shortconn: divided by accepted connections) or per request
+#   (keepalive: divided by the requests the client completed; bulk4: per MiB received).
+#   strace slows stickylb down a lot; the counts per unit hold, the times do not (and
+#   epoll_wait batches differently).
+# Everything started here is ended by PID.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+SECONDS_RUN=8
+OUT=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --seconds) SECONDS_RUN=$2; shift ;;
+        --out) OUT=$2; shift ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        *) echo "profile.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+OUT=${OUT:-$ROOT/target/bench-profile/$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$OUT/bin" "$OUT/conf"  # conf/: stickylb watches its config's directory
+command -v perf >/dev/null && command -v strace >/dev/null \
+    || { echo "profile.sh: needs perf and strace (apt-get install linux-perf strace)" >&2; exit 1; }
+
+cd "$ROOT"
+cargo build --release --bin stickylb 2>&1 | tail -1 >&2
+LOAD=$(cargo bench --bench load --no-run --message-format=json 2>/dev/null \
+    | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
+cp "$ROOT/target/release/stickylb" "$OUT/bin/stickylb"
+cp "$LOAD" "$OUT/bin/load"
+LOAD=$OUT/bin/load
+
+STARTED=()
+cleanup() {
+    local pid
+    for pid in "${STARTED[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT
+
+"$LOAD" backend --fixed 27031-27034 --sink 27011-27014 --max-seconds 900 >"$OUT/backend.log" 2>&1 &
+BACKEND=$!
+STARTED=("$BACKEND")
+for group in fixed:2703 sink:2701; do
+    name=${group%%:*} p=${group##*:}
+    cat >"$OUT/conf/stickylb-$name.json" <<EOF
+{
+  "sourceHost": "127.0.0.1",
+  "sourcePort": 27000,
+  "targets": [
+    {"host": "127.0.0.1", "port": ${p}1}, {"host": "127.0.0.1", "port": ${p}2},
+    {"host": "127.0.0.1", "port": ${p}3}, {"host": "127.0.0.1", "port": ${p}4}
+  ]
+}
+EOF
+done
+"$LOAD" wait-port 127.0.0.1:27031
+"$LOAD" wait-port 127.0.0.1:27011
+
+for scenario in shortconn keepalive bulk4; do
+    group=fixed
+    [ "$scenario" = bulk4 ] && group=sink
+    "$OUT/bin/stickylb" --config "$OUT/conf/stickylb-$group.json" >>"$OUT/stickylb.log" 2>&1 &
+    LB=$!
+    STARTED=("$BACKEND" "$LB")
+    "$LOAD" wait-port 127.0.0.1:27000
+    echo "== $scenario: perf (load average $(cut -d' ' -f1-3 /proc/loadavg))" >&2
+    "$LOAD" run --scenario "$scenario" --label stickylb --target 127.0.0.1:27000 --pids "$LB" \
+        --duration $((SECONDS_RUN + 2)) --warmup 1 >"$OUT/run-perf-$scenario.json" &
+    CLIENT=$!
+    sleep 1.5
+    perf record -q -F 999 -e cpu-clock -g -p "$LB" -o "$OUT/perf-$scenario.data" -- sleep "$SECONDS_RUN" 2>/dev/null
+    wait "$CLIENT"
+    {
+        echo "# stickylb under $scenario: $(cat "$OUT/run-perf-$scenario.json")"
+        echo
+        echo "## kernel vs user (self time by object)"
+        perf report -i "$OUT/perf-$scenario.data" --no-children --sort dso --stdio -g none 2>/dev/null \
+            | grep -v '^#' | grep -v '^$' | head -6
+        echo
+        echo "## time inside each syscall (inclusive) and top user-space entries"
+        perf report -i "$OUT/perf-$scenario.data" --children --sort sym --stdio -g none 2>/dev/null \
+            | grep -E '__x64_sys_|handle_softirqs' | head -20
+        echo
+        echo "## top functions by self time"
+        perf report -i "$OUT/perf-$scenario.data" --no-children --sort sym --stdio -g none 2>/dev/null \
+            | grep -v '^#' | grep -v '^$' | head -40
+    } >"$OUT/perf-$scenario.txt" || true # (head closes the pipes early)
+
+    echo "== $scenario: strace -c" >&2
+    strace -c -f -p "$LB" -o "$OUT/strace-raw-$scenario.txt" 2>/dev/null &
+    # Not in STARTED: it is ended and reaped below (and ends with stickylb anyway).
+    STRACE=$!
+    sleep 1
+    "$LOAD" run --scenario "$scenario" --label stickylb --target 127.0.0.1:27000 --pids "$LB" \
+        --duration 5 --warmup 0 >"$OUT/run-strace-$scenario.json"
+    sleep 0.5
+    kill -INT "$STRACE"
+    wait "$STRACE" 2>/dev/null || true
+    if [ "$scenario" = shortconn ]; then
+        # Connections = successful accept4 calls.
+        units=$(awk '$NF=="accept4" {print $4 - (NF == 6 ? $5 : 0)}' "$OUT/strace-raw-$scenario.txt")
+        unit=connection
+    elif [ "$scenario" = keepalive ]; then
+        units=$(grep -o '"requests":[0-9]*' "$OUT/run-strace-$scenario.json" | cut -d: -f2)
+        unit=request
+    else
+        units=$(( $(grep -o '"bytes":[0-9]*' "$OUT/run-strace-$scenario.json" | cut -d: -f2) / 1048576 ))
+        unit=MiB
+    fi
+    {
+        echo "# syscalls per $unit ($units ${unit}s; strace -c -f on stickylb)"
+        awk -v u="$units" '/^ *[0-9.]+ +[0-9.]+ +[0-9]+ +[0-9]+/ {
+                errors = (NF == 6) ? $5 : 0; printf "%-14s %8.2f  (%.2f of them errors)\n", $NF, $4 / u, errors / u
+            }' "$OUT/strace-raw-$scenario.txt"
+    } >"$OUT/strace-$scenario.txt"
+    cat "$OUT/strace-$scenario.txt"
+    kill -TERM "$LB"
+    wait "$LB" 2>/dev/null || true
+    STARTED=("$BACKEND")
+done
+echo "profiles in $OUT" >&2

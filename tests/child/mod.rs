@@ -1,0 +1,171 @@
+//! The `stickylb` binary as a child process, for tests that measure the process itself: its
+//! CPU time and resident memory from `/proc/PID/stat` and `/proc/PID/status`, its open file
+//! descriptors, and its stderr lines. A file-descriptor limit can be set for the child alone
+//! (setrlimit between fork and exec), which is what `prlimit --nofile=N:N` does.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::support::{config_text, dead_port, TempDir, PATIENCE};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_stickylb");
+
+/// A running balancer process. Killed (by its own PID) when dropped.
+pub struct Balancer {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub dir: TempDir,
+    /// Every stderr line so far.
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Balancer {
+    /// Starts the binary on a free loopback port with a config for `targets` plus `extra` keys, and
+    /// waits for its "listening" line. `nofile`: the soft and hard RLIMIT_NOFILE of the child.
+    pub fn spawn(
+        tag: &str,
+        targets: &[SocketAddr],
+        extra: serde_json::Value,
+        nofile: Option<u64>,
+    ) -> Balancer {
+        let dir = TempDir::new(tag);
+        let port = dead_port().port();
+        let mut text: serde_json::Value =
+            serde_json::from_str(&config_text(targets, extra)).expect("json");
+        text["sourcePort"] = port.into();
+        let path = dir.0.join("config.json");
+        std::fs::write(&path, text.to_string()).expect("write config");
+        let mut command = Command::new(BIN);
+        command
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(n) = nofile {
+            // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else
+            // between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: n as libc::rlim_t,
+                        rlim_max: n as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command.spawn().expect("spawn stickylb");
+        let stderr = child.stderr.take().expect("stderr");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().expect("lines").push(line);
+            }
+        });
+        let balancer = Balancer {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            dir,
+            lines,
+        };
+        balancer.wait_for_line("listening");
+        balancer
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (bounded) for a stderr line containing `needle`.
+    pub fn wait_for_line(&self, needle: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(line) = self.lines().into_iter().find(|l| l.contains(needle)) {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no stderr line with {needle:?}; saw:\n{}",
+                self.lines().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("lines").clone()
+    }
+
+    /// Stderr lines containing `needle`.
+    pub fn count_lines(&self, needle: &str) -> usize {
+        self.lines().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// True while the process has not exited.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// User + system CPU time so far, in clock ticks (fields 14 and 15 of /proc/PID/stat).
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("stat");
+        // The command name (field 2) is in parentheses and may hold spaces: count from its end.
+        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // rest starts at field 3 (state): utime is field 14, stime field 15.
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+    }
+
+    /// Resident set size in KiB (VmRSS of /proc/PID/status).
+    pub fn rss_kib(&self) -> u64 {
+        status_kib(self.pid(), "VmRSS:")
+    }
+
+    /// Open file descriptors.
+    pub fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+/// A `kB` field of /proc/PID/status.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .expect("field in /proc/PID/status")
+}
+
+/// Clock ticks per second (USER_HZ) for /proc/PID/stat times.
+pub fn ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if n > 0 {
+        n as u64
+    } else {
+        100
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
