@@ -46,6 +46,10 @@ struct AcceptLoop {
 impl AcceptLoop {
     fn start(listener: std::net::TcpListener, proxy: Arc<Proxy>) -> io::Result<AcceptLoop> {
         listener.set_nonblocking(true)?;
+        // Accepted sockets inherit these (see `listener::bind`), whoever bound the listener.
+        let options = socket2::SockRef::from(&listener);
+        options.set_tcp_nodelay(true)?;
+        options.set_keepalive(true)?;
         let listener = TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = watch::channel(false);

@@ -171,8 +171,10 @@ async fn idle_connections_cost_a_bounded_amount_each_and_nothing_more_over_time(
         "idle: RSS {rss0} KiB before, {rss1} KiB with {IDLE} idle connections \
          ({per_connection} bytes each), {rss2} KiB 3 s later"
     );
+    // Measured about 1.8 KiB. The ceiling sits well below one 16 KiB copy buffer, so an idle
+    // connection that kept its buffer (or anything of that size) fails here.
     assert!(
-        per_connection < 32 * KIB,
+        per_connection < 6 * KIB,
         "{per_connection} bytes per idle connection"
     );
     assert!(

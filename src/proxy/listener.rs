@@ -27,7 +27,9 @@ use super::Proxy;
 pub const BACKLOG: i32 = 4096;
 
 /// Binds `addr` for listening: SO_REUSEADDR (restart while old connections sit in TIME_WAIT),
-/// dual-stack when the address is `::`, non-blocking, with [`BACKLOG`].
+/// dual-stack when the address is `::`, non-blocking, with [`BACKLOG`]. TCP_NODELAY and
+/// SO_KEEPALIVE are set on the listener: Linux copies both to every accepted socket, which saves
+/// two setsockopt(2) per client connection (see [`super::connect::tune`] for why they are set).
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -35,6 +37,8 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
         socket.set_only_v6(false)?;
     }
     socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.set_keepalive(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())

@@ -171,7 +171,7 @@ impl Proxy {
                 }
             }
         };
-        connect::tune(&client);
+        // The client socket inherited TCP_NODELAY and SO_KEEPALIVE from the listener.
         connect::tune(&server);
         let state = route.state();
         state.counters.connections.fetch_add(1, Ordering::Relaxed);
