@@ -50,6 +50,8 @@ pub struct Balancer {
     table: Table,
     /// The state of each target, aligned with `config.targets`.
     states: Vec<Arc<TargetState>>,
+    /// Target seed → index in `states`.
+    by_seed: std::collections::HashMap<u64, usize, ahash::RandomState>,
 }
 
 impl Balancer {
@@ -64,10 +66,16 @@ impl Balancer {
                 .map(|(s, t)| (s.seed, t.weight))
                 .collect::<Vec<_>>(),
         );
+        let by_seed = states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.seed, i))
+            .collect();
         Balancer {
             config: Arc::new(config),
             table,
             states,
+            by_seed,
         }
     }
 
@@ -97,8 +105,13 @@ impl Balancer {
         route
     }
 
+    /// Where `state` sits in this generation's targets. A map by seed (unique per identity)
+    /// rather than a scan, so routing a returning client costs the same at 1,024 targets as at 8.
     fn index_of(&self, state: &Arc<TargetState>) -> Option<usize> {
-        self.states.iter().position(|s| Arc::ptr_eq(s, state))
+        self.by_seed
+            .get(&state.seed)
+            .copied()
+            .filter(|&i| Arc::ptr_eq(&self.states[i], state))
     }
 }
 

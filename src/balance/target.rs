@@ -177,8 +177,9 @@ impl Registry {
                 state.clone()
             })
             .collect();
+        let listed_ids: std::collections::HashSet<&str> = targets.iter().map(|t| &*t.id).collect();
         states.retain(|id, state| {
-            let listed = targets.iter().any(|t| t.id == *id);
+            let listed = listed_ids.contains(&**id);
             if !listed {
                 state.present.store(false, Ordering::Relaxed);
             }
