@@ -1,121 +1,25 @@
 //! The binary as an operator runs it: start-up, the demo, signals and graceful shutdown, exit
 //! codes. Real processes, real signals, real TCP.
 
+mod child;
 mod support;
 
-use std::io::{BufRead, BufReader as StdBufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
+use child::{Balancer, BIN};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const BIN: &str = env!("CARGO_BIN_EXE_stickylb");
 
 /// A free loopback port (bound, then released).
 fn free_port() -> u16 {
     dead_port().port()
 }
 
-/// A running `stickylb` process; its stderr lines arrive on a channel.
-struct Balancer {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    addr: SocketAddr,
-    dir: TempDir,
-}
-
-impl Balancer {
-    fn spawn(
-        tag: &str,
-        args: &[&str],
-        targets: &[SocketAddr],
-        extra: serde_json::Value,
-    ) -> Balancer {
-        let dir = TempDir::new(tag);
-        let port = free_port();
-        let mut text: serde_json::Value =
-            serde_json::from_str(&config_text(targets, extra)).unwrap();
-        text["sourcePort"] = port.into();
-        let path = dir.0.join("config.json");
-        std::fs::write(&path, text.to_string()).unwrap();
-        let mut child = Command::new(BIN)
-            .args(args)
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in StdBufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let balancer = Balancer {
-            child,
-            lines,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            dir,
-        };
-        balancer.wait_for_line("listening");
-        balancer
-    }
-
-    /// Waits for a stderr line containing `needle`; panics with what was seen otherwise.
-    fn wait_for_line(&self, needle: &str) -> String {
-        let deadline = std::time::Instant::now() + PATIENCE;
-        let mut seen = Vec::new();
-        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(line) => seen.push(line),
-                Err(_) => break,
-            }
-        }
-        panic!(
-            "no line with {needle:?} on stderr; saw:\n{}",
-            seen.join("\n")
-        );
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: sending a signal to our own child process.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
-    }
-
-    /// Waits for the process to exit and returns its code.
-    fn exit_code(&mut self) -> i32 {
-        let deadline = std::time::Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code().unwrap_or(-1);
-            }
-            assert!(std::time::Instant::now() < deadline, "process did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Balancer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_refuses_new_connections_and_lets_an_in_flight_transfer_finish() {
     let backend = Backend::start("echo", Mode::Echo).await;
-    let mut lb = Balancer::spawn("sigterm", &[], &[backend.addr], serde_json::json!({}));
+    let mut lb = Balancer::spawn_with_args("sigterm", &[], &[backend.addr], serde_json::json!({}));
     let len = 8 * 1024 * 1024;
     let stream = connect_from(client_ip(1), lb.addr).await.unwrap();
     let (mut r, mut w) = stream.into_split();
@@ -154,7 +58,7 @@ async fn sigterm_refuses_new_connections_and_lets_an_in_flight_transfer_finish()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once() {
     let backend = Backend::start("echo", Mode::Echo).await;
-    let mut lb = Balancer::spawn(
+    let mut lb = Balancer::spawn_with_args(
         "second-signal",
         &[],
         &[backend.addr],
@@ -173,7 +77,7 @@ async fn a_second_signal_exits_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_targets_answer_with_their_names_over_http_and_raw_tcp() {
     let targets = [dead_port(), dead_port(), dead_port()];
-    let lb = Balancer::spawn("demo", &["demo"], &targets, serde_json::json!({}));
+    let lb = Balancer::spawn_with_args("demo", &["demo"], &targets, serde_json::json!({}));
     let mut http = connect_from(client_ip(3), lb.addr).await.unwrap();
     http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -269,7 +173,7 @@ async fn downgrade_to_user_drops_root_after_binding() {
         return;
     }
     let backend = Backend::start("echo", Mode::Echo).await;
-    let lb = Balancer::spawn(
+    let lb = Balancer::spawn_with_args(
         "downgrade",
         &[],
         &[backend.addr],
@@ -327,7 +231,7 @@ fn an_unknown_user_is_a_startup_error() {
 async fn sighup_reloads_and_a_bad_file_changes_nothing() {
     let a = Backend::start("a", Mode::Named).await;
     let b = Backend::start("b", Mode::Named).await;
-    let lb = Balancer::spawn("sighup", &["--no-watch"], &[a.addr], serde_json::json!({}));
+    let lb = Balancer::spawn_with_args("sighup", &["--no-watch"], &[a.addr], serde_json::json!({}));
     assert_eq!(which(client_ip(1), lb.addr).await.unwrap().0, "a");
     let path = lb.dir.0.join("config.json");
 

@@ -8,19 +8,14 @@
 //! a different order, are asked for 2,000 client addresses. Sessions are off
 //! (`"sessionExpiry": 0`) so that only the hash decides.
 
+mod child;
 mod support;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
 
+use child::Balancer;
 use support::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_stickylb");
 
 /// Client addresses asked of every instance.
 const CLIENTS: u32 = 2000;
@@ -28,101 +23,22 @@ const CLIENTS: u32 = 2000;
 /// Connections in flight at once while mapping the clients.
 const PARALLEL: u32 = 50;
 
-/// A `stickylb` child process serving a config written to its own temporary directory. It is
-/// stopped with SIGTERM by [`Instance::stop`], or killed by PID on drop if a test fails first.
-struct Instance {
-    child: Child,
-    addr: SocketAddr,
-    lines: mpsc::Receiver<String>,
-    dir: PathBuf,
+/// Starts a `stickylb` process (see [`child::Balancer`]) with `targets`, sessions off.
+fn instance(tag: &str, targets: serde_json::Value) -> Balancer {
+    let config = serde_json::json!({
+        "sourceHost": "127.0.0.1",
+        "sourcePort": 1,
+        "metricsPort": null,
+        "sessionExpiry": 0,
+        "targets": targets,
+    });
+    Balancer::launch(&format!("scale-{tag}"), &[], config, None)
 }
 
-impl Instance {
-    /// Starts `stickylb --config DIR/config.json` on a free loopback port and waits for its
-    /// "listening" line.
-    fn spawn(tag: &str, targets: serde_json::Value) -> Instance {
-        let dir = std::env::temp_dir().join(format!("stickylb-scale-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let port = dead_port().port();
-        let config = serde_json::json!({
-            "sourceHost": "127.0.0.1",
-            "sourcePort": port,
-            "metricsPort": null,
-            "sessionExpiry": 0,
-            "targets": targets,
-        });
-        let path = dir.join("config.json");
-        std::fs::write(&path, config.to_string()).expect("write config");
-        let mut child = Command::new(BIN)
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn stickylb");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = mpsc::channel();
-        // Keeps draining stderr for the life of the child, so a full pipe never blocks it.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let instance = Instance {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            lines,
-            dir,
-        };
-        instance.wait_for_line("listening");
-        instance
-    }
-
-    fn wait_for_line(&self, needle: &str) {
-        let deadline = Instant::now() + PATIENCE;
-        let mut seen = Vec::new();
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return,
-                Ok(line) => seen.push(line),
-                Err(_) => break,
-            }
-        }
-        panic!("no {needle:?} line on stderr; saw:\n{}", seen.join("\n"));
-    }
-
-    /// SIGTERM, then the exit code once it has drained (nothing is open by then).
-    fn stop(mut self) -> i32 {
-        // SAFETY: signalling our own child process, which has not been waited for yet.
-        assert_eq!(
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) },
-            0
-        );
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status.code().unwrap_or(-1);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "stickylb did not exit on SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// SIGTERM, then the exit code once it has drained (nothing is open by then).
+fn stop(mut balancer: Balancer) -> i32 {
+    balancer.signal(libc::SIGTERM);
+    balancer.exit_code()
 }
 
 /// The backend that answers each of the `CLIENTS` addresses through the balancer at `lb`.
@@ -191,11 +107,11 @@ async fn instances_with_the_same_targets_in_any_order_send_2000_clients_to_the_s
         }
         t
     };
-    let one = Instance::spawn(
+    let one = instance(
         "one",
         serde_json::json!([target(0), target(1), target(2), target(3)]),
     );
-    let two = Instance::spawn(
+    let two = instance(
         "two",
         serde_json::json!([target(3), target(2), target(0), target(1)]),
     );
@@ -253,6 +169,6 @@ async fn instances_with_the_same_targets_in_any_order_send_2000_clients_to_the_s
         "in-process balancer, b down",
     );
 
-    assert_eq!(one.stop(), 0, "clean exit after SIGTERM");
-    assert_eq!(two.stop(), 0, "clean exit after SIGTERM");
+    assert_eq!(stop(one), 0, "clean exit after SIGTERM");
+    assert_eq!(stop(two), 0, "clean exit after SIGTERM");
 }

@@ -34,15 +34,37 @@ impl Balancer {
         extra: serde_json::Value,
         nofile: Option<u64>,
     ) -> Balancer {
+        let config = serde_json::from_str(&config_text(targets, extra)).expect("json");
+        Balancer::launch(tag, &[], config, nofile)
+    }
+
+    /// As [`Balancer::spawn`], with extra command-line arguments (`demo`, `--no-watch`, ...).
+    pub fn spawn_with_args(
+        tag: &str,
+        args: &[&str],
+        targets: &[SocketAddr],
+        extra: serde_json::Value,
+    ) -> Balancer {
+        let config = serde_json::from_str(&config_text(targets, extra)).expect("json");
+        Balancer::launch(tag, args, config, None)
+    }
+
+    /// Starts `stickylb ARGS --config DIR/config.json` with `config` (its `sourcePort` replaced
+    /// by a free loopback port) and waits for its "listening" line.
+    pub fn launch(
+        tag: &str,
+        args: &[&str],
+        mut config: serde_json::Value,
+        nofile: Option<u64>,
+    ) -> Balancer {
         let dir = TempDir::new(tag);
         let port = dead_port().port();
-        let mut text: serde_json::Value =
-            serde_json::from_str(&config_text(targets, extra)).expect("json");
-        text["sourcePort"] = port.into();
+        config["sourcePort"] = port.into();
         let path = dir.0.join("config.json");
-        std::fs::write(&path, text.to_string()).expect("write config");
+        std::fs::write(&path, config.to_string()).expect("write config");
         let mut command = Command::new(BIN);
         command
+            .args(args)
             .arg("--config")
             .arg(&path)
             .env("RUST_LOG", "info")
@@ -111,6 +133,24 @@ impl Balancer {
     /// Stderr lines containing `needle`.
     pub fn count_lines(&self, needle: &str) -> usize {
         self.lines().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Sends `sig` to the process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child process, not yet waited for.
+        assert_eq!(unsafe { libc::kill(self.pid() as i32, sig) }, 0);
+    }
+
+    /// Waits (bounded) for the process to exit and returns its exit code.
+    pub fn exit_code(&mut self) -> i32 {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "stickylb did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// True while the process has not exited.
