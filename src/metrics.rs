@@ -400,13 +400,13 @@ impl Metrics {
 
     fn target_series(&self, id: &Arc<str>) -> TargetSeries {
         let counter = |name: &'static str, extra: Option<(&'static str, &'static str)>| {
-            let mut labels = vec![Label::new("target", id.to_string())];
+            let mut labels = vec![target_label(id)];
             labels.extend(extra.map(|(k, v)| Label::new(k, v)));
             self.recorder
                 .register_counter(&Key::from_parts(name, labels), &METADATA)
         };
         let gauge = |name: &'static str| {
-            let labels = vec![Label::new("target", id.to_string())];
+            let labels = vec![target_label(id)];
             self.recorder
                 .register_gauge(&Key::from_parts(name, labels), &METADATA)
         };
@@ -423,11 +423,21 @@ impl Metrics {
     }
 }
 
+/// The `target` label of a target id, prepared for the exporter.
+///
+/// A target `id` is any non-empty string from the config. The exporter escapes `"` and line
+/// feeds, but reads a backslash as possibly escaping the next character: `a\"b` would come
+/// out as `a"b` and `d\\e` as `d\e`. Doubling every backslash first
+/// makes it escape each one exactly once, so the scraped value is the id, byte for byte.
+fn target_label(id: &str) -> Label {
+    Label::new("target", id.replace('\\', "\\\\"))
+}
+
 impl Observer for Metrics {
     /// A target identity got a state (at start, or added by a reload, or back after it was
     /// forgotten): gives it its histogram handle and, the first time, all its series.
     fn added(&self, state: &TargetState) {
-        let labels = vec![Label::new("target", state.id.to_string())];
+        let labels = vec![target_label(&state.id)];
         state.connect_duration.set(self.recorder.register_histogram(
             &Key::from_parts(names::TARGET_CONNECT_DURATION, labels),
             &METADATA,
@@ -658,6 +668,47 @@ mod tests {
         assert!(CONNECT_BUCKETS.windows(2).all(|w| w[0] < w[1]));
         assert!(CONNECTION_BUCKETS.windows(2).all(|w| w[0] < w[1]));
         assert!(CONNECT_BUCKETS[0] < 0.001 && CONNECTION_BUCKETS.last() >= Some(&3600.0));
+    }
+
+    /// Ids with backslashes, quotes and a line feed come out of the exporter escaped as the
+    /// exposition format wants, so a parser reads back the id itself.
+    #[test]
+    fn target_ids_with_backslashes_and_quotes_are_escaped_once() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let ids = [r#"a\"b"#, r"c\", r"d\\e", "f\ng\"h"];
+        for id in ids {
+            recorder
+                .register_counter(&Key::from_parts("c", vec![target_label(id)]), &METADATA)
+                .increment(1);
+        }
+        let text = recorder.handle().render();
+        let mut found: Vec<String> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("c{target=\""))
+            .map(|rest| unescape_label_value(rest.strip_suffix("\"} 1").expect(rest)))
+            .collect();
+        found.sort();
+        let mut want: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        assert_eq!(found, want, "{text}");
+    }
+
+    /// The exposition format's label value escapes: `\\`, `\"` and `\n`.
+    fn unescape_label_value(escaped: &str) -> String {
+        let mut out = String::new();
+        let mut chars = escaped.chars();
+        while let Some(c) = chars.next() {
+            if c != '\\' {
+                out.push(c);
+                continue;
+            }
+            match chars.next() {
+                Some('n') => out.push('\n'),
+                Some(c @ ('\\' | '"')) => out.push(c),
+                other => panic!("bad escape {other:?} in {escaped}"),
+            }
+        }
+        out
     }
 
     #[test]
