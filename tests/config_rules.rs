@@ -113,24 +113,7 @@ fn valid_config_prints_effective_json_and_exits_0() {
 #[test]
 fn loadbalancer_js_config_checks_unchanged_with_warnings() {
     let dir = TempDir::new("lbjs");
-    let path = dir.file(
-        "config.json",
-        r#"{
-  "sourcePort": 80,
-  "balancerCount": 1,
-  "targetDeactivationDuration": 60000,
-  "sessionExpiry": 30000,
-  "downgradeToUser": "someuser",
-  "stickiness": true,
-  "schedulingPolicy": "rr",
-  "maxBufferSize": 8192,
-  "targets": [
-    {"host": "localhost", "port": 8000},
-    {"host": "localhost", "port": 8001}
-  ]
-}
-"#,
-    );
+    let path = dir.file("config.json", include_str!("fixtures/loadbalancer-js.json"));
     let out = check(&path);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
     let v: Value = serde_json::from_str(&text(&out.stdout)).expect("effective JSON");

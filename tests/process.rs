@@ -122,11 +122,17 @@ fn version_help_and_usage_errors_have_the_documented_exit_codes() {
 fn a_taken_port_is_a_startup_error_that_names_the_address() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let dir = TempDir::new("taken");
-    let path = dir.0.join("config.json");
-    let text = format!(
+    let stderr = startup_error(&format!(
         r#"{{"sourceHost": "127.0.0.1", "sourcePort": {port}, "metricsPort": null, "targets": [{{"host": "127.0.0.1", "port": 9}}]}}"#
-    );
+    ));
+    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+}
+
+/// Runs the binary on a config with `text`, expects it to refuse to start (exit code 1), and
+/// returns what it printed on stderr.
+fn startup_error(text: &str) -> String {
+    let dir = TempDir::new("startup");
+    let path = dir.0.join("config.json");
     std::fs::write(&path, text).unwrap();
     let out = Command::new(BIN)
         .arg("--config")
@@ -134,8 +140,7 @@ fn a_taken_port_is_a_startup_error_that_names_the_address() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,20 +213,10 @@ async fn downgrade_to_user_drops_root_after_binding() {
 
 #[test]
 fn an_unknown_user_is_a_startup_error() {
-    let dir = TempDir::new("nouser");
-    let path = dir.0.join("config.json");
     let port = free_port();
-    let text = format!(
+    let stderr = startup_error(&format!(
         r#"{{"sourceHost": "127.0.0.1", "sourcePort": {port}, "metricsPort": null, "downgradeToUser": "no-such-user-xyz", "targets": [{{"host": "127.0.0.1", "port": 9}}]}}"#
-    );
-    std::fs::write(&path, text).unwrap();
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    ));
     assert!(stderr.contains("no-such-user-xyz"), "{stderr}");
 }
 

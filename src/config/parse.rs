@@ -800,23 +800,9 @@ mod tests {
 
     #[test]
     fn loadbalancer_js_config_works_unchanged() {
-        let c = parse_text(
-            r#"{
-                "sourcePort": 80,
-                "balancerCount": 1,
-                "targetDeactivationDuration": 60000,
-                "sessionExpiry": 30000,
-                "downgradeToUser": "someuser",
-                "stickiness": true,
-                "schedulingPolicy": "rr",
-                "maxBufferSize": 8192,
-                "targets": [
-                    {"host": "localhost", "port": 8000},
-                    {"host": "localhost", "port": 8001}
-                ]
-            }"#,
-        )
-        .expect("LoadBalancer.js config");
+        // A LoadBalancer.js config, used unchanged; tests/config_rules.rs checks the same file.
+        let c = parse_text(include_str!("../../tests/fixtures/loadbalancer-js.json"))
+            .expect("LoadBalancer.js config");
         assert_eq!(c.listen, "0.0.0.0:80".parse().expect("addr"));
         assert_eq!(c.balancer_count, 1);
         assert_eq!(c.target_deactivation, Duration::from_secs(60));
