@@ -90,6 +90,23 @@ struct Flood {
     proxied_during: usize,
 }
 
+impl Flood {
+    /// One line for the test log: what the flood did to a balancer run with `setting`.
+    fn report(&self, setting: &str, lb: &Balancer) {
+        eprintln!(
+            "{setting}, nofile {NOFILE}: {} of {FLOOD} flood connects completed, \
+             the rest reset at once; {} proxied; CPU over the quiet {QUIET:?}: {:.1}% of a core; \
+             {} fds open; EMFILE log lines: accept {}, connect {}",
+            self.connected,
+            self.proxied_during,
+            self.cpu_share * 100.0,
+            self.fds_during,
+            lb.count_lines("out of file descriptors"),
+            lb.count_lines("Too many open files")
+        );
+    }
+}
+
 async fn flood_then_recover(lb: &mut Balancer, backend: &Backend) -> Flood {
     let addr = lb.addr;
     // Connections opened before the flood.
@@ -203,17 +220,7 @@ async fn with_the_derived_limit_a_flood_is_refused_and_the_process_keeps_serving
         Some(NOFILE),
     );
     let flood = flood_then_recover(&mut lb, &backend).await;
-    eprintln!(
-        "derived maxConnections, nofile {NOFILE}: {} of {FLOOD} flood connects completed, \
-         the rest reset at once; {} proxied; CPU over the quiet {QUIET:?}: {:.1}% of a core; {} fds open; \
-         EMFILE log lines: accept {}, connect {}",
-        flood.connected,
-        flood.proxied_during,
-        flood.cpu_share * 100.0,
-        flood.fds_during,
-        lb.count_lines("out of file descriptors"),
-        lb.count_lines("Too many open files")
-    );
+    flood.report("derived maxConnections", &lb);
     // The balancer refused the excess itself (rate-limited log lines say so) and never ran out.
     assert!(
         lb.count_lines("connection refused") >= 1,
@@ -246,17 +253,7 @@ async fn past_the_fd_limit_the_process_neither_dies_nor_spins_and_recovers() {
         Some(NOFILE),
     );
     let flood = flood_then_recover(&mut lb, &backend).await;
-    eprintln!(
-        "maxConnections 10000, nofile {NOFILE}: {} of {FLOOD} flood connects completed, \
-         the rest reset at once; {} proxied; CPU over the quiet {QUIET:?}: {:.1}% of a core; {} fds open; \
-         EMFILE log lines: accept {}, connect {}",
-        flood.connected,
-        flood.proxied_during,
-        flood.cpu_share * 100.0,
-        flood.fds_during,
-        lb.count_lines("out of file descriptors"),
-        lb.count_lines("Too many open files")
-    );
+    flood.report("maxConnections 10000", &lb);
     // The process really ran out: (nearly) every descriptor it may have was in use.
     assert!(
         flood.fds_during >= NOFILE as usize - 8,
