@@ -123,52 +123,8 @@ impl Reloader {
 
     /// Reads the file and, if it is valid, switches to it. Counts and logs the result.
     pub async fn reload(&self, trigger: Trigger) -> Result<Outcome, ReloadError> {
-        let mut last = self.last.lock().await;
-        let path = self.path.clone();
-        let read = tokio::task::spawn_blocking(move || std::fs::read_to_string(&path)).await;
-        let text = match read {
-            Ok(Ok(text)) => text,
-            Ok(Err(source)) => {
-                return self.failed(
-                    trigger,
-                    ReloadError::Read {
-                        path: self.path.clone(),
-                        source,
-                    },
-                )
-            }
-            Err(join) => {
-                return self.failed(
-                    trigger,
-                    ReloadError::Read {
-                        path: self.path.clone(),
-                        source: std::io::Error::other(join),
-                    },
-                )
-            }
-        };
-        if trigger == Trigger::File && last.as_deref() == Some(text.as_str()) {
-            return Ok(Outcome::Unchanged);
-        }
-        *last = Some(text.clone());
-        let path = self.path.clone();
-        // Parsing resolves host names: blocking work, off the worker threads.
-        let parsed = tokio::task::spawn_blocking(move || Config::parse(&path, &text)).await;
-        let config = match parsed {
-            Ok(Ok(config)) => config,
-            Ok(Err(e)) => return self.failed(trigger, e.into()),
-            Err(join) => {
-                return self.failed(
-                    trigger,
-                    ReloadError::Read {
-                        path: self.path.clone(),
-                        source: std::io::Error::other(join),
-                    },
-                )
-            }
-        };
-        match apply(&self.server, config).await {
-            Ok(kept) => {
+        match self.try_reload(trigger).await {
+            Ok(Outcome::Applied { kept }) => {
                 let stats = &self.server.proxy().shared.stats;
                 stats.reloads_success.fetch_add(1, Ordering::Relaxed);
                 stats.last_reload_failed.store(false, Ordering::Relaxed);
@@ -187,7 +143,46 @@ impl Reloader {
                 }
                 Ok(Outcome::Applied { kept })
             }
-            Err(e) => self.failed(trigger, e),
+            Ok(Outcome::Unchanged) => Ok(Outcome::Unchanged),
+            Err(error) => self.failed(trigger, error),
+        }
+    }
+
+    /// The steps of a reload: read, skip an unchanged file (file events only), parse and
+    /// resolve, apply. Reading and parsing (which resolves host names) block, so they run off
+    /// the worker threads.
+    async fn try_reload(&self, trigger: Trigger) -> Result<Outcome, ReloadError> {
+        let mut last = self.last.lock().await;
+        let path = self.path.clone();
+        let text = self
+            .blocking(move || std::fs::read_to_string(&path))
+            .await?
+            .map_err(|source| self.read_error(source))?;
+        if trigger == Trigger::File && last.as_deref() == Some(text.as_str()) {
+            return Ok(Outcome::Unchanged);
+        }
+        *last = Some(text.clone());
+        let path = self.path.clone();
+        let config = self.blocking(move || Config::parse(&path, &text)).await??;
+        let kept = apply(&self.server, config).await?;
+        Ok(Outcome::Applied { kept })
+    }
+
+    /// Runs `f` on tokio's blocking pool. A panic in it rejects the reload instead of
+    /// escaping.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ReloadError> {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|join| self.read_error(std::io::Error::other(join)))
+    }
+
+    fn read_error(&self, source: std::io::Error) -> ReloadError {
+        ReloadError::Read {
+            path: self.path.clone(),
+            source,
         }
     }
 
