@@ -41,10 +41,16 @@ pub fn spliced_bytes() -> u64 {
 pub const SMALL: usize = 4096;
 
 /// Requested pipe capacity. Linux's default is 64 KiB (16 slots); 256 KiB makes a quarter of
-/// the splice calls per byte on bulk transfers (measured with `benches/compare.sh`: balancer CPU
-/// per GB 0.28 → 0.19 s; 1 MiB gave nothing more). The pages are allocated only as the pipe
-/// fills. An unprivileged process past `fs.pipe-user-pages-soft` gets smaller pipes, which still
-/// work, with more calls.
+/// the splice calls per byte on bulk transfers (`benches/profile.sh`: 33.7 → 8.1 per MiB on 4
+/// streams) and lowers balancer CPU per GB from 0.236 to 0.205 s on one stream and from 0.217
+/// to 0.146 s on four (`benches/compare.sh`, docs/benchmarks.md).
+///
+/// 1 MiB pipes lower it further on one stream (0.187 → 0.155 s per GB) but not on four (0.143
+/// → 0.141), and they spend the per-user pipe budget four times as fast: past
+/// `fs.pipe-user-pages-soft` (64 MiB by default, so 64 such pipes) an unprivileged process gets
+/// 2-page pipes. 256 KiB keeps 256 bulk transfers at full size. The pages are allocated only as
+/// the pipe fills; a process past the budget gets smaller pipes, which still work, with more
+/// calls.
 const PIPE_SIZE: usize = 256 * 1024;
 
 /// A non-blocking pipe: `write` end filled from one socket, `read` end drained into the other.
