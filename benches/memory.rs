@@ -14,24 +14,25 @@
 //! target runs in a separate process (this program in the target role), so that this process
 //! holds only the client ends.
 
+#[path = "../tests/child/mod.rs"]
+mod child;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::future::Future;
 use std::io::{BufRead, BufReader as StdBufReader, Write};
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{client_ip, config_text, connect_from, dead_port, TempDir};
+use child::Balancer;
+use support::{client_ip, config_text, connect_from, dead_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-const BIN: &str = env!("CARGO_BIN_EXE_stickylb");
 const KIB: u64 = 1024;
 
 fn main() {
@@ -88,20 +89,6 @@ impl Drop for Process {
     }
 }
 
-impl Process {
-    fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|n| n.parse().ok())
-            })
-            .unwrap_or(0)
-    }
-}
-
 fn echo_target() -> (Process, SocketAddr) {
     let addr = dead_port();
     let mut child = Command::new(std::env::current_exe().expect("own path"))
@@ -117,68 +104,26 @@ fn echo_target() -> (Process, SocketAddr) {
     (Process(child), addr)
 }
 
-/// Starts the balancer with `extra` config keys and RLIMIT_NOFILE `nofile`; returns it, its
-/// address and whether the limit could be set.
-fn balancer(
-    dir: &TempDir,
-    target: SocketAddr,
-    extra: serde_json::Value,
-    nofile: u64,
-) -> Option<(Process, SocketAddr)> {
-    let port = dead_port().port();
-    let mut doc: serde_json::Value =
-        serde_json::from_str(&config_text(&[target], extra)).expect("json");
-    doc["sourcePort"] = port.into();
-    let path = dir.path(&format!("config-{port}.json"));
-    std::fs::write(&path, doc.to_string()).expect("config");
-    let mut command = Command::new(BIN);
-    command
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "warn,stickylb=info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            let limit = libc::rlimit {
-                rlim_cur: nofile as libc::rlim_t,
-                rlim_max: nofile as libc::rlim_t,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = command.spawn().ok()?;
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in StdBufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("listening") {
-                let _ = tx.send(());
-            }
-            if line.contains("panicked") {
-                eprintln!("BALANCER PANICKED: {line}");
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(20)).expect("listening");
-    Some((Process(child), SocketAddr::from(([127, 0, 0, 1], port))))
+/// Starts the balancer on `target` with `extra` config keys and RLIMIT_NOFILE `nofile`;
+/// `None` when that limit cannot be set.
+fn balancer(target: SocketAddr, extra: serde_json::Value, nofile: u64) -> Option<Balancer> {
+    Balancer::try_launch(
+        "memory-bench",
+        &[],
+        serde_json::from_str(&config_text(&[target], extra)).expect("json"),
+        Some(nofile),
+    )
+    .ok()
 }
 
-async fn settled_rss(p: &Process) -> u64 {
-    let mut last = p.rss_kib();
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = p.rss_kib();
-        if now.abs_diff(last) <= 64 {
-            return now;
-        }
-        last = now;
-    }
-    last
+/// RSS in KiB once it has stopped moving (readings 200 ms apart).
+async fn settled_rss(lb: &Balancer) -> u64 {
+    lb.settled_rss_kib(Duration::from_millis(200)).await
+}
+
+/// Fails the run if the balancer logged a panic.
+fn no_panic(lb: &Balancer) {
+    assert_eq!(lb.count_lines("panicked"), 0, "{}", lb.lines().join("\n"));
 }
 
 /// Opens connections from addresses `first..first + n`, 64 at a time, each checked with an
@@ -266,7 +211,6 @@ async fn sink() -> (SocketAddr, tokio::task::JoinHandle<()>) {
 }
 
 async fn run(hold: Duration) {
-    let dir = TempDir::new("memory-bench");
     let (_echo, echo_addr) = echo_target();
 
     // 1. 10,000 idle connections: 20,000 descriptors and a few more, so the balancer needs a
@@ -274,7 +218,7 @@ async fn run(hold: Duration) {
     // connections fit under 20,000 (with the pipe pool's 64 and the ~15 of the process itself).
     let (mut n, nofile) = (10_000u32, 24_000u64);
     let extra = serde_json::json!({"maxConnections": 10_000});
-    let (lb, addr) = match balancer(&dir, echo_addr, extra.clone(), nofile) {
+    let lb = match balancer(echo_addr, extra.clone(), nofile) {
         Some(b) => b,
         None => {
             n = 9_900;
@@ -282,9 +226,10 @@ async fn run(hold: Duration) {
                 "cannot raise RLIMIT_NOFILE to {nofile} (no CAP_SYS_RESOURCE): {n} connections \
                  under the hard limit of 20,000"
             );
-            balancer(&dir, echo_addr, extra, 20_000).expect("balancer")
+            balancer(echo_addr, extra, 20_000).expect("balancer")
         }
     };
+    let addr = lb.addr;
     drop(open_many(addr, 60_000, 256, true).await);
     let rss0 = settled_rss(&lb).await;
     println!("idle: RSS {rss0} KiB after warm-up (256 connections opened and closed)");
@@ -329,6 +274,7 @@ async fn run(hold: Duration) {
         (rss_full - rss0) * KIB / count as u64,
         hold.as_secs()
     );
+    no_panic(&lb);
     drop(lb);
 
     // 2. Backed-up connections, both data paths.
@@ -345,13 +291,9 @@ async fn run(hold: Duration) {
                 (1_000u32, [256 * 1024usize, 256 * 1024]),
                 (32, [256 * 1024, 64 * 1024 * 1024]),
             ] {
-                let (lb, addr) = balancer(
-                    &dir,
-                    target,
-                    serde_json::json!({"zeroCopy": zero_copy}),
-                    20_000,
-                )
-                .expect("balancer");
+                let lb = balancer(target, serde_json::json!({"zeroCopy": zero_copy}), 20_000)
+                    .expect("balancer");
+                let addr = lb.addr;
                 let streams = open_many(addr, 80_000, clients, target_reads).await;
                 if !target_reads {
                     // Let the balancer connect them all to the sink.
@@ -373,6 +315,7 @@ async fn run(hold: Duration) {
                     rss2.saturating_sub(rss0) * KIB / u64::from(clients)
                 );
                 drop(streams);
+                no_panic(&lb);
                 drop(lb);
             }
             sink_task.abort();

@@ -31,7 +31,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{check_pattern, client_ip, config_text, connect_from, dead_port, Pattern, TempDir};
+use support::{
+    check_pattern, client_ip, config_text, connect_from, dead_port, send_pattern, TempDir,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stickylb");
@@ -333,18 +335,7 @@ async fn exchange(world: &World, len: usize, hold: Option<Duration>) -> Outcome 
     }
     let (mut r, mut w) = reader.into_inner().into_split();
     let seed = world.next_ip.load(Relaxed) ^ (len as u64) << 20;
-    let writer = tokio::spawn(async move {
-        let mut pattern = Pattern::new(seed);
-        let mut chunk = vec![0u8; 64 * 1024];
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(chunk.len());
-            pattern.fill(&mut chunk[..n]);
-            w.write_all(&chunk[..n]).await?;
-            left -= n;
-        }
-        w.shutdown().await
-    });
+    let writer = tokio::spawn(async move { send_pattern(&mut w, seed, len).await });
     let checked =
         tokio::time::timeout(Duration::from_secs(120), check_pattern(&mut r, seed, len)).await;
     let written = writer.await;

@@ -33,16 +33,7 @@ const KIB: u64 = 1024;
 
 /// RSS in KiB once it has stopped moving (two readings 100 ms apart within 64 KiB; bounded).
 async fn settled_rss(lb: &Balancer) -> u64 {
-    let mut last = lb.rss_kib();
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = lb.rss_kib();
-        if now.abs_diff(last) <= 64 {
-            return now;
-        }
-        last = now;
-    }
-    last
+    lb.settled_rss_kib(Duration::from_millis(100)).await
 }
 
 /// Connects from `ip` and checks one echoed line: the connection is proxied end to end.

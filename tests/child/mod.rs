@@ -54,9 +54,21 @@ impl Balancer {
     pub fn launch(
         tag: &str,
         args: &[&str],
-        mut config: serde_json::Value,
+        config: serde_json::Value,
         nofile: Option<u64>,
     ) -> Balancer {
+        Balancer::try_launch(tag, args, config, nofile).expect("spawn stickylb")
+    }
+
+    /// As [`Balancer::launch`], but a process that cannot be started (for example because
+    /// `nofile` is above the hard limit and raising it is not permitted) is an error rather than
+    /// a panic.
+    pub fn try_launch(
+        tag: &str,
+        args: &[&str],
+        mut config: serde_json::Value,
+        nofile: Option<u64>,
+    ) -> std::io::Result<Balancer> {
         let dir = TempDir::new(tag);
         let port = dead_port().port();
         config["sourcePort"] = port.into();
@@ -87,7 +99,7 @@ impl Balancer {
                 });
             }
         }
-        let mut child = command.spawn().expect("spawn stickylb");
+        let mut child = command.spawn()?;
         let stderr = child.stderr.take().expect("stderr");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
@@ -103,7 +115,7 @@ impl Balancer {
             lines,
         };
         balancer.wait_for_line("listening");
-        balancer
+        Ok(balancer)
     }
 
     pub fn pid(&self) -> u32 {
@@ -171,6 +183,21 @@ impl Balancer {
     /// Resident set size in KiB (VmRSS of /proc/PID/status).
     pub fn rss_kib(&self) -> u64 {
         status_kib(self.pid(), "VmRSS:")
+    }
+
+    /// RSS in KiB once it has stopped moving: two readings `step` apart within 64 KiB (at most
+    /// 50 steps).
+    pub async fn settled_rss_kib(&self, step: Duration) -> u64 {
+        let mut last = self.rss_kib();
+        for _ in 0..50 {
+            tokio::time::sleep(step).await;
+            let now = self.rss_kib();
+            if now.abs_diff(last) <= 64 {
+                return now;
+            }
+            last = now;
+        }
+        last
     }
 
     /// Open file descriptors.
