@@ -278,6 +278,38 @@ impl Window {
     }
 }
 
+/// The timing of a request loop: a warm-up, then the measured window, whose CPU and machine
+/// samples are taken when it begins (by a task that waits for it) and when it ends.
+struct Timed {
+    measure_from: Instant,
+    end: Instant,
+    window: tokio::task::JoinHandle<Window>,
+}
+
+impl Timed {
+    fn start(ctx: &Arc<Ctx>) -> Timed {
+        let measure_from = Instant::now() + Duration::from_secs_f64(ctx.args.warmup);
+        let end = measure_from + Duration::from_secs_f64(ctx.args.duration);
+        let ctx = ctx.clone();
+        let window = tokio::spawn(async move {
+            tokio::time::sleep_until(measure_from.into()).await;
+            Window::begin(&ctx)
+        });
+        Timed {
+            measure_from,
+            end,
+            window,
+        }
+    }
+
+    /// Seconds measured (at most the requested duration), balancer CPU seconds, machine busy.
+    async fn finish(self, ctx: &Ctx) -> (f64, Option<f64>, f64) {
+        let window = self.window.await.expect("window task");
+        let (secs, cpu, busy) = window.end(ctx);
+        (secs.min(ctx.args.duration).max(1e-9), cpu, busy)
+    }
+}
+
 fn per(cpu: Option<f64>, units: f64, scale: f64) -> Value {
     match cpu {
         Some(c) if units > 0.0 => json!(round(c / units * scale, 4)),
@@ -399,16 +431,8 @@ struct Counts {
 }
 
 async fn shortconn(ctx: Arc<Ctx>) -> Map<String, Value> {
-    let start = Instant::now();
-    let measure_from = start + Duration::from_secs_f64(ctx.args.warmup);
-    let end = measure_from + Duration::from_secs_f64(ctx.args.duration);
-    let window = {
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep_until(measure_from.into()).await;
-            Window::begin(&ctx)
-        })
-    };
+    let timed = Timed::start(&ctx);
+    let (measure_from, end) = (timed.measure_from, timed.end);
     let tasks: Vec<_> = (0..ctx.args.concurrency)
         .map(|_| {
             let ctx = ctx.clone();
@@ -447,9 +471,7 @@ async fn shortconn(ctx: Arc<Ctx>) -> Map<String, Value> {
         })
         .collect();
     let (hist, counts) = join_counts(tasks).await;
-    let window = window.await.expect("window task");
-    let (secs, cpu, busy) = window.end(&ctx);
-    let secs = secs.min(ctx.args.duration).max(1e-9);
+    let (secs, cpu, busy) = timed.finish(&ctx).await;
     let mut m = Map::new();
     m.insert("concurrency".into(), json!(ctx.args.concurrency));
     m.insert("window_s".into(), json!(round(secs, 3)));
@@ -491,16 +513,8 @@ async fn join_counts(
 // keepalive
 
 async fn keepalive(ctx: Arc<Ctx>) -> Map<String, Value> {
-    let start = Instant::now();
-    let measure_from = start + Duration::from_secs_f64(ctx.args.warmup);
-    let end = measure_from + Duration::from_secs_f64(ctx.args.duration);
-    let window = {
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep_until(measure_from.into()).await;
-            Window::begin(&ctx)
-        })
-    };
+    let timed = Timed::start(&ctx);
+    let (measure_from, end) = (timed.measure_from, timed.end);
     let n = ctx.args.concurrency;
     let tasks: Vec<_> = (0..n)
         .map(|k| {
@@ -552,9 +566,7 @@ async fn keepalive(ctx: Arc<Ctx>) -> Map<String, Value> {
         })
         .collect();
     let (hist, counts) = join_counts(tasks).await;
-    let window = window.await.expect("window task");
-    let (secs, cpu, busy) = window.end(&ctx);
-    let secs = secs.min(ctx.args.duration).max(1e-9);
+    let (secs, cpu, busy) = timed.finish(&ctx).await;
     let mut m = Map::new();
     m.insert("concurrency".into(), json!(n));
     m.insert("window_s".into(), json!(round(secs, 3)));
