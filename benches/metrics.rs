@@ -12,6 +12,9 @@
 //! Run: `cargo bench --bench metrics` (`BENCH_CONNS`, default 20000 per round; `BENCH_ROUNDS`,
 //! default 4 per setting).
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -23,8 +26,9 @@ use std::time::{Duration, Instant};
 use stickylb::config::Config;
 use stickylb::proxy::listener;
 use stickylb::server::Server;
+use support::{client_ip, connect_from, dead_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 
 const REQUEST: [u8; 32] = *b"GET /ping 0123456789abcdefghijk\n";
 /// Connections in flight at once.
@@ -110,7 +114,7 @@ fn balancer() {
     );
     let mut run = |metrics: bool, count: u32| -> Round {
         let metrics_port = if metrics {
-            serde_json::json!(dead_port())
+            serde_json::json!(dead_port().port())
         } else {
             serde_json::Value::Null
         };
@@ -189,25 +193,8 @@ fn balancer() {
     );
 }
 
-/// A free loopback port (bound, then released).
-fn dead_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 // ---------------------------------------------------------------------------------------------
 // The load generator (child process): echo backend, clients, scraper.
-
-fn client_ip(n: u32) -> Ipv4Addr {
-    Ipv4Addr::new(
-        127,
-        40 + (n / 62_500) as u8,
-        (n / 250 % 250) as u8,
-        (n % 250 + 1) as u8,
-    )
-}
 
 fn load_generator() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -294,9 +281,7 @@ async fn drive(lb: SocketAddr, scrape: Option<SocketAddr>, count: u32) -> (f64, 
 }
 
 async fn one(ip: Ipv4Addr, lb: SocketAddr) -> std::io::Result<()> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(ip.into(), 0))?;
-    let mut stream = socket.connect(lb).await?;
+    let mut stream = connect_from(ip, lb).await?;
     stream.write_all(&REQUEST).await?;
     let mut reply = [0u8; REQUEST.len()];
     stream.read_exact(&mut reply).await?;

@@ -7,6 +7,9 @@
 //!
 //! Run: `cargo bench --bench reload`
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,8 +20,9 @@ use stickylb::config::Config;
 use stickylb::proxy::listener;
 use stickylb::reload::Reloader;
 use stickylb::server::Server;
+use support::{client_ip, config_text, connect_from};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 const RELOADS: usize = 100;
@@ -40,30 +44,14 @@ async fn backend(set: u8) -> SocketAddr {
     addr
 }
 
-fn config_text(targets: &[SocketAddr]) -> String {
-    let list: Vec<String> = targets
-        .iter()
-        .map(|a| format!(r#"{{"host": "127.0.0.1", "port": {}}}"#, a.port()))
-        .collect();
-    format!(
-        r#"{{"sourceHost": "127.0.0.1", "sourcePort": 1, "metricsPort": null, "sessionExpiry": 0, "targets": [{}]}}"#,
-        list.join(", ")
-    )
-}
-
-fn client_ip(n: u32) -> Ipv4Addr {
-    Ipv4Addr::new(
-        127,
-        30 + (n / 62_500) as u8,
-        (n / 250 % 250) as u8,
-        (n % 250 + 1) as u8,
-    )
+/// The bench's config: `targets`, with sessions off so that each connection follows the hash
+/// of the config in force.
+fn config_for(targets: &[SocketAddr]) -> String {
+    config_text(targets, serde_json::json!({"sessionExpiry": 0}))
 }
 
 async fn one_connection(ip: Ipv4Addr, lb: SocketAddr) -> std::io::Result<u8> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(ip.into(), 0))?;
-    let stream = socket.connect(lb).await?;
+    let stream = connect_from(ip, lb).await?;
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line).await?;
     match line.as_bytes().first() {
@@ -96,7 +84,7 @@ async fn run() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("config.json");
-    std::fs::write(&path, config_text(&sets[0])).unwrap();
+    std::fs::write(&path, config_for(&sets[0])).unwrap();
     let config = Config::load(Path::new(&path)).unwrap();
     let listener = listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let server = Arc::new(Server::start(config, listener).unwrap());
@@ -134,7 +122,7 @@ async fn run() {
     for i in 0..RELOADS {
         let new_set = ((i + 1) % 2) as u8;
         let written = Instant::now();
-        std::fs::write(&path, config_text(&sets[new_set as usize])).unwrap();
+        std::fs::write(&path, config_for(&sets[new_set as usize])).unwrap();
         // The first connection at or after the write that reached the new set.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
