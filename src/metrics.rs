@@ -268,7 +268,7 @@ impl TargetSeries {
 struct GlobalSeries {
     accepted: Counter,
     active: Gauge,
-    rejected: [Counter; 4],
+    rejected: [Counter; Reject::COUNT],
     retries: Counter,
     sessions: Gauge,
     reloads_success: Counter,

@@ -23,7 +23,11 @@ pub enum Reject {
 }
 
 impl Reject {
-    pub const ALL: [Reject; 4] = [
+    /// How many reasons there are (the size of per-reason arrays).
+    pub const COUNT: usize = 4;
+
+    /// Every reason, in the order of their counters.
+    pub const ALL: [Reject; Reject::COUNT] = [
         Reject::Denied,
         Reject::Limit,
         Reject::ClientLimit,
@@ -47,7 +51,7 @@ pub struct Stats {
     pub accepted: AtomicU64,
     /// Client connections open now (accepted and not yet closed).
     pub active: AtomicU64,
-    rejected: [AtomicU64; 4],
+    rejected: [AtomicU64; Reject::COUNT],
     /// Connect attempts after the first for one client connection.
     pub retries: AtomicU64,
     /// accept(2) failed with EMFILE/ENFILE (out of file descriptors).

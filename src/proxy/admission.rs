@@ -27,7 +27,8 @@ pub const RESERVED_FDS: u64 = 128;
 /// The default `maxConnections`: what the fd limit allows. Each proxied connection holds two
 /// sockets; splice pipes are taken only while bytes move (and a direction that finds no free
 /// descriptor for a pipe copies in userspace instead), so they are not budgeted per
-/// connection. With a hard limit of 20,000: (20,000 − 128 − 5 %) / 2 ≈ 9,400 connections.
+/// connection. The reserve is [`RESERVED_FDS`] or 5 % of the limit, whichever is larger: with
+/// a limit of 20,000, (20,000 − 1,000) / 2 = 9,500 connections.
 pub fn derived_max_connections(fd_limit: u64) -> u64 {
     let reserve = RESERVED_FDS.max(fd_limit / 20);
     (fd_limit.saturating_sub(reserve) / 2).max(1)
@@ -101,9 +102,9 @@ impl ClientCounts {
 #[derive(Debug, Default)]
 pub struct RefusalLog {
     /// Per reason: the second (since an arbitrary epoch) of the last line logged.
-    last_second: [AtomicU64; 4],
+    last_second: [AtomicU64; Reject::COUNT],
     /// Per reason: refusals not logged since the last line.
-    suppressed: [AtomicU64; 4],
+    suppressed: [AtomicU64; Reject::COUNT],
 }
 
 impl RefusalLog {
@@ -129,29 +130,25 @@ impl RefusalLog {
     }
 }
 
-/// A connection's hold on its client's per-address count; released on drop.
-pub struct ClientSlot<'a> {
-    counts: Option<&'a ClientCounts>,
-    ip: IpAddr,
-}
+/// A connection's hold on its client's per-address count (when `maxConnectionsPerClient` is
+/// set); released on drop.
+pub struct ClientSlot<'a>(Option<(&'a ClientCounts, IpAddr)>);
 
 impl<'a> ClientSlot<'a> {
-    pub fn none(ip: IpAddr) -> ClientSlot<'a> {
-        ClientSlot { counts: None, ip }
+    /// No count is kept for this connection.
+    pub fn none() -> ClientSlot<'a> {
+        ClientSlot(None)
     }
 
     pub fn held(counts: &'a ClientCounts, ip: IpAddr) -> ClientSlot<'a> {
-        ClientSlot {
-            counts: Some(counts),
-            ip,
-        }
+        ClientSlot(Some((counts, ip)))
     }
 }
 
 impl Drop for ClientSlot<'_> {
     fn drop(&mut self) {
-        if let Some(counts) = self.counts {
-            counts.close(self.ip);
+        if let Some((counts, ip)) = self.0 {
+            counts.close(ip);
         }
     }
 }

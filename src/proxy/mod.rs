@@ -114,7 +114,7 @@ impl Proxy {
             return Err(Reject::Limit);
         }
         match config.max_connections_per_client {
-            0 => Ok(ClientSlot::none(ip)),
+            0 => Ok(ClientSlot::none()),
             max if self.clients.try_open(ip, max) => Ok(ClientSlot::held(&self.clients, ip)),
             _ => Err(Reject::ClientLimit),
         }
