@@ -46,7 +46,9 @@ struct AcceptLoop {
 impl AcceptLoop {
     fn start(listener: std::net::TcpListener, proxy: Arc<Proxy>) -> io::Result<AcceptLoop> {
         listener.set_nonblocking(true)?;
-        // Accepted sockets inherit these (see `listener::bind`), whoever bound the listener.
+        // TCP_NODELAY and SO_KEEPALIVE on the listener: Linux copies both to every accepted
+        // socket, which saves two setsockopt(2) per client connection (see
+        // `proxy::connect::tune` for why they are set).
         let options = socket2::SockRef::from(&listener);
         options.set_tcp_nodelay(true)?;
         options.set_keepalive(true)?;
@@ -77,12 +79,6 @@ impl Server {
             accept: Mutex::new(Some(accept)),
             stopped,
         })
-    }
-
-    /// Binds `config.listen` and starts serving it.
-    pub fn bind(config: Config) -> io::Result<Server> {
-        let listener = listener::bind(config.listen)?;
-        Server::start(config, listener)
     }
 
     /// The address the current listener is bound to (the last one, once stopped).

@@ -27,9 +27,9 @@ use super::Proxy;
 pub const BACKLOG: i32 = 4096;
 
 /// Binds `addr` for listening: SO_REUSEADDR (restart while old connections sit in TIME_WAIT),
-/// dual-stack when the address is `::`, non-blocking, with [`BACKLOG`]. TCP_NODELAY and
-/// SO_KEEPALIVE are set on the listener: Linux copies both to every accepted socket, which saves
-/// two setsockopt(2) per client connection (see [`super::connect::tune`] for why they are set).
+/// dual-stack when the address is `::`, non-blocking, with [`BACKLOG`]. The options accepted
+/// sockets inherit are set when the listener starts serving ([`crate::server::Server::start`]),
+/// whoever bound it.
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -37,8 +37,6 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
         socket.set_only_v6(false)?;
     }
     socket.set_nonblocking(true)?;
-    socket.set_tcp_nodelay(true)?;
-    socket.set_keepalive(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())
@@ -60,10 +58,14 @@ pub async fn accept_loop(
     let stats = &proxy.shared.stats;
     let mut backoff = MIN_BACKOFF;
     let mut last_log: Option<tokio::time::Instant> = None;
+    // One wait for the stop signal for the whole loop, rather than a new one (a lock and a
+    // waiter registration) per accept.
+    let stop = shutdown.wait_for(|stop| *stop);
+    tokio::pin!(stop);
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = shutdown.wait_for(|stop| *stop) => return drain_backlog(listener, &proxy),
+            _ = &mut stop => return drain_backlog(listener, &proxy),
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -83,7 +85,7 @@ pub async fn accept_loop(
                     );
                 }
                 tokio::select! {
-                    _ = shutdown.wait_for(|stop| *stop) => return drain_backlog(listener, &proxy),
+                    _ = &mut stop => return drain_backlog(listener, &proxy),
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
