@@ -242,10 +242,8 @@ async fn serve(config: Config, demo: bool, watch: bool) -> i32 {
             }
         }
     }
-    server.stop_accepting().await;
-    let timeout = server.proxy().config().shutdown_timeout;
     tokio::select! {
-        drained = server.drain(timeout) => {
+        drained = server.shutdown() => {
             if drained {
                 tracing::info!("all connections finished; exiting");
             } else {
