@@ -242,10 +242,10 @@ fn watched_dir(path: &Path) -> PathBuf {
     }
 }
 
-/// Switches `server` to `config`: keeps the running values of keys that need a restart, binds
-/// the new listener first if the listen address changed (failure rejects the whole reload),
-/// stores the config, then retires the old listener. Returns the keys whose change was not
-/// applied.
+/// Switches `server` to `config`: keeps the running values of keys that need a restart; if the
+/// listen address changed, binds and starts the new listener and retires the old one (failure
+/// rejects the whole reload, with nothing changed); then stores the config. Returns the keys
+/// whose change was not applied.
 pub async fn apply(server: &Server, mut config: Config) -> Result<Vec<&'static str>, ReloadError> {
     let running = server.proxy().config();
     let mut kept = Vec::new();
@@ -270,16 +270,19 @@ pub async fn apply(server: &Server, mut config: Config) -> Result<Vec<&'static s
     } else {
         None
     };
-    server.proxy().swap(config);
     if let Some(bound) = new_listener {
+        // Moved before the config is stored, so that a listener that cannot start leaves the
+        // whole reload undone. Connections accepted meanwhile on either port use the running
+        // config (each loads the config it uses once, at its start).
         let addr = server
             .replace_listener(bound)
             .await
             .map_err(|source| ReloadError::Bind {
-                addr: running.listen,
+                addr: config.listen,
                 source,
             })?;
         tracing::info!(%addr, old = %running.listen, "listener moved");
     }
+    server.proxy().swap(config);
     Ok(kept)
 }
