@@ -1,7 +1,7 @@
 //! What stickylb asks of the operating system directly: the file-descriptor limit and dropping
 //! privileges after binding.
 //!
-//! Each proxied connection costs two descriptors (four more while a direction holds a splice
+//! Each proxied connection costs two descriptors (two more per direction that holds a splice
 //! pipe), so the soft limit, often 1024, would cap a balancer at a few hundred connections.
 //! It is raised to the hard limit at start-up; the hard limit itself is the operator's (or
 //! systemd's `LimitNOFILE`).
@@ -11,10 +11,8 @@ use std::io;
 
 use crate::config::UserSpec;
 
-/// The soft and hard `RLIMIT_NOFILE` after raising the soft limit to the hard one.
-// `rlim_t` is u64 on Linux but not on every platform.
-#[allow(clippy::unnecessary_cast)]
-pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
+/// The current `RLIMIT_NOFILE`.
+fn nofile() -> io::Result<libc::rlimit> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -23,6 +21,14 @@ pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(limit)
+}
+
+/// The soft and hard `RLIMIT_NOFILE` after raising the soft limit to the hard one.
+// `rlim_t` is u64 on Linux but not on every platform.
+#[allow(clippy::unnecessary_cast)]
+pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
+    let mut limit = nofile()?;
     if limit.rlim_cur < limit.rlim_max {
         let raised = libc::rlimit {
             rlim_cur: limit.rlim_max,
@@ -37,18 +43,10 @@ pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
     Ok((limit.rlim_cur as u64, limit.rlim_max as u64))
 }
 
-/// The current soft `RLIMIT_NOFILE`.
+/// The current soft `RLIMIT_NOFILE` (1024, the usual default, if it cannot be read).
 #[allow(clippy::unnecessary_cast)]
 pub fn fd_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: limit is a valid rlimit for getrlimit to fill.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return 1024;
-    }
-    limit.rlim_cur as u64
+    nofile().map_or(1024, |limit| limit.rlim_cur as u64)
 }
 
 /// A user looked up in the password database.
