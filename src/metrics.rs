@@ -104,7 +104,8 @@ impl LazyHistogram {
     }
 
     /// Whether a handle is set (metrics are on for this balancer).
-    pub fn is_set(&self) -> bool {
+    #[cfg(test)]
+    fn is_set(&self) -> bool {
         self.0.get().is_some()
     }
 
@@ -442,16 +443,11 @@ impl Observer for Metrics {
             &Key::from_parts(names::TARGET_CONNECT_DURATION, labels),
             &METADATA,
         ));
-        let mut targets = self.lock_targets();
-        let series = targets
+        // Its values are published with every state's at each scrape; a fresh state counts
+        // from zero, and the series' `base` carries what earlier states of the identity counted.
+        self.lock_targets()
             .entry(state.id.clone())
             .or_insert_with(|| self.target_series(&state.id));
-        // A fresh state counts from zero; `base` carries what earlier states counted.
-        series.publish(
-            Totals::of(&state.counters),
-            state.active.load(Ordering::Relaxed),
-            state.is_present(),
-        );
     }
 
     /// The registry dropped a removed target's state (nothing used it any more): its counts are
