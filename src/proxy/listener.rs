@@ -1,7 +1,7 @@
 //! The listening socket and the accept loop.
 //!
 //! The accept loop must outlive every error a busy server meets. Out of file descriptors
-//! (`EMFILE`/`ENFILE`), accept(2) fails while the pending connection stays in the backlog, so
+//! (`EMFILE`/`ENFILE`, or `ENOBUFS`/`ENOMEM`: see [`is_fd_exhaustion`]), accept(2) fails while the pending connection stays in the backlog, so
 //! the listener stays readable: retrying at once would spin a core doing nothing. The loop
 //! backs off instead (1 ms, doubling to 1 s, reset by the next success), counts it, and logs at
 //! most once a second. Every other accept error (a client that reset before we accepted, ...)
@@ -122,7 +122,8 @@ pub(crate) fn is_local_shortage(error: &io::Error) -> bool {
     is_fd_exhaustion(error) || error.raw_os_error() == Some(libc::EADDRNOTAVAIL)
 }
 
-fn is_fd_exhaustion(error: &io::Error) -> bool {
+/// Out of file descriptors (`EMFILE`, `ENFILE`) or kernel memory for one (`ENOBUFS`, `ENOMEM`).
+pub(crate) fn is_fd_exhaustion(error: &io::Error) -> bool {
     matches!(
         error.raw_os_error(),
         Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)

@@ -143,7 +143,7 @@ impl Proxy {
                 return;
             }
         };
-        let mut route = balancer.route(&self.shared, peer.ip());
+        let mut route = balancer.route(&self.shared, client_ip);
         let server = loop {
             let target = route.target();
             let attempt = tokio::time::Instant::now();
@@ -176,7 +176,9 @@ impl Proxy {
         let state = route.state();
         state.counters.connections.fetch_add(1, Ordering::Relaxed);
         state.active.fetch_add(1, Ordering::Relaxed);
-        let started = tokio::time::Instant::now();
+        // The access log's duration counts from here (the connection proxied); read the clock
+        // only when that log is on.
+        let started = config.access_log.then(tokio::time::Instant::now);
         let to_target = relay::Meter::new(&state.counters.bytes_to_target);
         let to_client = relay::Meter::new(&state.counters.bytes_to_client);
         let result = relay::relay(
@@ -203,7 +205,7 @@ impl Proxy {
                 target_id = %state.id,
                 bytes_to_target = to_target.bytes(),
                 bytes_to_client = to_client.bytes(),
-                duration_ms = started.elapsed().as_millis() as u64,
+                duration_ms = started.map_or(0, |s| s.elapsed().as_millis() as u64),
                 outcome = match result {
                     Ok(relay::Ended::Complete) => "closed",
                     Ok(relay::Ended::Idle) => "idle_timeout",

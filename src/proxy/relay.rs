@@ -240,9 +240,7 @@ impl Direction {
                 match splice::take_pipe() {
                     Ok(pipe) => self.pipe = Some(pipe),
                     // Out of file descriptors: this direction copies in userspace instead.
-                    Err(e)
-                        if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) =>
-                    {
+                    Err(e) if super::listener::is_fd_exhaustion(&e) => {
                         self.mode = Mode::Copy;
                         return self.try_read(src);
                     }
@@ -358,7 +356,8 @@ impl Direction {
 
 /// `idleTimeout`: fires once no byte has moved either way for the timeout. Checks the byte
 /// counts every eighth of it (at least every 10 ms) rather than reading a clock per chunk on the
-/// data path, so it fires between the timeout and 9/8 of it after the last byte.
+/// data path, so it fires after the last byte no sooner than the timeout and no later than two
+/// checks past it (a check every max(timeout / 8, 10 ms)).
 #[derive(Debug)]
 struct IdleWatch {
     idle: Duration,
