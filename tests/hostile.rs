@@ -287,6 +287,7 @@ async fn bad_target(kind: BadTarget) -> SocketAddr {
         let mut n = 0u64;
         loop {
             let Ok((mut stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
             n += 1;

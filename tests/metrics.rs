@@ -877,10 +877,7 @@ async fn the_binary_serves_metrics_on_metrics_port_and_logs_the_url() {
         unsafe { libc::kill(process.0.id() as i32, libc::SIGTERM) },
         0
     );
-    let status = tokio::task::spawn_blocking(move || process.0.wait().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(exit_code(&mut process).await, Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -898,10 +895,22 @@ async fn a_taken_metrics_port_stops_the_binary_with_exit_1() {
         line.contains(&format!("127.0.0.1:{metrics_port}")),
         "{line}"
     );
-    let status = tokio::task::spawn_blocking(move || process.0.wait().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(status.code(), Some(1));
+    assert_eq!(exit_code(&mut process).await, Some(1));
+}
+
+/// Waits (bounded) for the process to exit and returns its exit code.
+async fn exit_code(process: &mut Process) -> Option<i32> {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = process.0.try_wait().expect("wait") {
+            return status.code();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stickylb did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Percent-encodes a PromQL query for a URL.

@@ -164,13 +164,29 @@ pub(super) fn is_unsupported(e: &io::Error) -> bool {
 mod tests {
     use super::*;
 
+    /// The pipe's identity: its inode (a closed and re-created pipe can reuse the fd number,
+    /// never the inode while the old one is open).
+    fn inode(fd: RawFd) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/proc/self/fd/{fd}"))
+            .expect("fd metadata")
+            .ino()
+    }
+
     #[test]
     fn pooled_pipes_are_reused_on_the_same_thread() {
         let p = take_pipe().unwrap();
-        let fd = p.read.as_raw_fd();
+        let pipe = inode(p.read_fd());
         give_back(p);
+        assert_eq!(POOL.with(|pool| pool.borrow().len()), 1, "kept, not closed");
         let q = take_pipe().unwrap();
-        assert_eq!(q.read.as_raw_fd(), fd);
-        assert!(q.capacity >= 4096);
+        assert_eq!(inode(q.read_fd()), pipe, "the same pipe came back");
+        // SAFETY: F_GETPIPE_SZ on a pipe fd we own.
+        let size = unsafe { libc::fcntl(q.write_fd(), libc::F_GETPIPE_SZ) };
+        assert_eq!(
+            q.capacity(),
+            size as usize,
+            "capacity is what the kernel gave"
+        );
     }
 }

@@ -111,6 +111,8 @@ impl Backend {
         self.task = Some(tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
+                    // Out of descriptors, say: back off instead of spinning on the error.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
                 accepted.fetch_add(1, Ordering::Relaxed);
