@@ -245,7 +245,8 @@ async fn backpressure(zero_copy: bool) {
         .bytes_to_target
         .load(std::sync::atomic::Ordering::Relaxed);
     // What the balancer itself holds is what it read but has not delivered: at most one pipe
-    // (or buffer) of 64 KiB. The rest sits in the kernel's socket buffers.
+    // (256 KiB) or one copy buffer (16 KiB) per direction. The rest sits in the kernel's socket
+    // buffers. (The bound on the balancer's own memory is asserted in tests/memory.rs.)
     eprintln!(
         "client wrote {written} bytes before stalling; {forwarded} reached the target's socket"
     );
