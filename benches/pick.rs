@@ -73,15 +73,6 @@ fn bench_pick(c: &mut Criterion) {
         })
     });
     let t64 = table(64, |_| 1);
-    group.bench_function("ranked/equal/64", |b| {
-        let mut out = Vec::with_capacity(64);
-        let mut i = 0;
-        b.iter(|| {
-            i = (i + 1) % KEYS;
-            t64.ranked(black_box(keys[i]), &mut out);
-            out[0]
-        })
-    });
     let loads: Vec<u64> = (0..64).map(|i| (i * 7919) % 101).collect();
     group.bench_function("two_choices/64", |b| {
         let loads = black_box(&loads);

@@ -207,8 +207,10 @@ fn ln_unit(x: f64) -> f64 {
 /// `1 - 1e-9`: the margin of the cheap bound `ln(u) ≤ u - 1` used to skip most `ln`s.
 const PRUNE_MARGIN: f64 = 1.0 - 1e-9;
 
-/// The weighted rank `ln(u) / w`; `-∞` for weight 0.
-#[inline]
+/// The weighted rank `ln(u) / w`; `-∞` for weight 0. (This and the next three items spell out
+/// the full order as a reference; the picks compute it incrementally, and the tests check that
+/// they agree.)
+#[cfg(test)]
 fn weighted_rank(score: u64, weight: u32) -> f64 {
     if weight == 0 {
         f64::NEG_INFINITY
@@ -218,7 +220,7 @@ fn weighted_rank(score: u64, weight: u32) -> f64 {
 }
 
 /// `x` as a `u64` with the same order as `f64::total_cmp`, so a rank is a plain integer tuple.
-#[inline]
+#[cfg(test)]
 fn ordered_bits(x: f64) -> u64 {
     let b = x.to_bits();
     if b >> 63 == 1 {
@@ -245,6 +247,7 @@ impl Slot {
 /// The full order of one target for one client: higher is better. Rank (as ordered bits; 0 for
 /// equal weights), then raw score, then seed, then the lower index (`Reverse`), which only
 /// matters for duplicate seeds.
+#[cfg(test)]
 type RankKey = (u64, u64, u64, std::cmp::Reverse<usize>);
 
 /// The configured targets, ready for picking: `(seed, weight)` per target, indexed by position
@@ -395,6 +398,7 @@ impl Table {
     }
 
     /// The full order of target `i` for `key` (see [`RankKey`]).
+    #[cfg(test)]
     fn rank_key(&self, key: u64, i: usize) -> RankKey {
         let slot = self.slots[i];
         let s = score(key, slot.seed());
@@ -406,10 +410,11 @@ impl Table {
         (rank, s, slot.seed(), std::cmp::Reverse(i))
     }
 
-    /// Every index, best first for `key`, into `out` (cleared first): the order in which to try
-    /// targets when the first choice fails. `out[0]` is what [`Table::pick`] returns when every
-    /// target is usable. Allocates one temporary (each target's rank is computed once): this is
-    /// the fail-over path, not the per-connection one.
+    /// Every index, best first for `key`, into `out` (cleared first): the order in which the
+    /// fail-over path tries targets. That path never builds it: it asks [`Table::pick`] with the
+    /// targets already tried excluded, which gives this order one step at a time (the tests
+    /// check that the two agree).
+    #[cfg(test)]
     pub fn ranked(&self, key: u64, out: &mut Vec<usize>) {
         out.clear();
         out.extend(0..self.slots.len());

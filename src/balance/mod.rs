@@ -180,7 +180,7 @@ impl<'a> Route<'a> {
     fn first(&mut self) -> usize {
         let now = self.shared.clock.now_ms();
         if !self.config().stickiness {
-            return self.choose_untried(now);
+            return self.choose_first(now);
         }
         let expiry_ms = duration_ms(self.config().session_expiry);
         let mut shard = self.shared.sessions.lock(self.key);
@@ -193,7 +193,7 @@ impl<'a> Route<'a> {
                 }
             }
         }
-        let i = self.choose_untried(now);
+        let i = self.choose_first(now);
         self.pinned = shard.insert(
             self.ip,
             self.balancer.states[i].clone(),
@@ -215,24 +215,19 @@ impl<'a> Route<'a> {
             // An open connection keeps its session in the table, so it is there.
             let session = shard.get_mut(&self.ip)?;
             // Another connection of this client may already have moved the session: follow
-            // it, so that the client's connections converge on one target.
-            let followed = if Arc::ptr_eq(&session.target, failed) {
-                None
-            } else {
-                self.balancer
-                    .index_of(&session.target)
-                    .filter(|&j| !self.tried.contains(j) && session.target.is_usable(now))
-            };
-            let next = match followed {
-                Some(j) => Some(j),
-                None => self.choose_next(now),
-            };
+            // it, so that the client's connections converge on one target. (A session still on
+            // the failed target is not followed: that target was just tried and deactivated.)
+            let next = self
+                .balancer
+                .index_of(&session.target)
+                .filter(|&j| !self.tried.contains(j) && session.target.is_usable(now))
+                .or_else(|| self.choose_untried(now));
             if let Some(j) = next {
                 session.target = self.balancer.states[j].clone();
             }
             next
         } else {
-            self.choose_next(now)
+            self.choose_untried(now)
         };
         if let Some(j) = next {
             self.current = j;
@@ -244,17 +239,19 @@ impl<'a> Route<'a> {
         next
     }
 
-    fn choose_next(&self, now: u64) -> Option<usize> {
-        let n = self.balancer.states.len();
-        (0..n)
-            .any(|i| !self.tried.contains(i))
-            .then(|| self.choose_untried(now))
+    /// The first target of a connection (nothing tried yet, and a config has at least one
+    /// target, so there always is one).
+    fn choose_first(&self, now: u64) -> usize {
+        self.choose_untried(now)
+            .expect("a config has at least one target")
     }
 
     /// The best untried target: by the hash (or two random choices when not sticky) among
     /// usable ones; if none is usable, the first untried in hash order, so that stale
-    /// deactivation windows never black-hole a fleet that has recovered.
-    fn choose_untried(&self, now: u64) -> usize {
+    /// deactivation windows never black-hole a fleet that has recovered. `None` once every
+    /// target has been tried. Runs under the client's session lock: one or two passes over
+    /// the targets, no allocation.
+    fn choose_untried(&self, now: u64) -> Option<usize> {
         let states = &self.balancer.states;
         let table = &self.balancer.table;
         let usable = |i: usize| !self.tried.contains(i) && states[i].is_usable(now);
@@ -265,20 +262,14 @@ impl<'a> Route<'a> {
                 states[i].active.load(std::sync::atomic::Ordering::Relaxed)
             })
         };
-        if let Some(i) = picked {
-            return i;
-        }
-        let key = if self.config().stickiness {
-            self.key
-        } else {
-            hash::random_u64()
-        };
-        let mut order = Vec::with_capacity(states.len());
-        table.ranked(key, &mut order);
-        order
-            .into_iter()
-            .find(|&i| !self.tried.contains(i))
-            .unwrap_or(self.current)
+        picked.or_else(|| {
+            let key = if self.config().stickiness {
+                self.key
+            } else {
+                hash::random_u64()
+            };
+            table.pick(key, |i| !self.tried.contains(i))
+        })
     }
 }
 
@@ -287,12 +278,11 @@ impl Drop for Route<'_> {
         if !self.pinned {
             return;
         }
-        let now = self.shared.clock.now_ms();
         let mut shard = self.shared.sessions.lock(self.key);
         if let Some(session) = shard.get_mut(&self.ip) {
             session.open = session.open.saturating_sub(1);
             if session.open == 0 {
-                session.last_close_ms = now;
+                session.last_close_ms = self.shared.clock.now_ms();
             }
         }
     }
