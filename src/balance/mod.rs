@@ -79,10 +79,6 @@ impl Balancer {
         }
     }
 
-    pub fn targets(&self) -> &[TargetSpec] {
-        &self.config.targets
-    }
-
     pub fn states(&self) -> &[Arc<TargetState>] {
         &self.states
     }

@@ -24,6 +24,7 @@ use super::target::TargetState;
 
 /// Number of shards: a power of two, well above the number of worker threads.
 const SHARDS: usize = 64;
+const _: () = assert!(SHARDS.is_power_of_two() && SHARDS > 1);
 
 /// One client's pin.
 #[derive(Debug)]
@@ -74,7 +75,7 @@ impl Sessions {
     /// Locks the shard of the client whose hash key is `key` (from `hash::client_key`).
     pub fn lock(&self, key: u64) -> ShardGuard<'_> {
         // The key is already a well-mixed hash; its top bits pick the shard.
-        let index = (key >> 58) as usize % SHARDS;
+        let index = (key >> (64 - SHARDS.trailing_zeros())) as usize;
         let guard = self.shards[index]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -119,8 +120,8 @@ impl ShardGuard<'_> {
         self.guard.get_mut(ip)
     }
 
-    /// Pins `ip` to `target` with one open connection, replacing an expired session if there
-    /// is one. Returns false (and pins nothing) when the table already holds `max` sessions.
+    /// Pins `ip` to `target` with one more open connection. A session already there (expired,
+    /// or live on a target this connection cannot use) is re-pinned to `target`. Returns false (and pins nothing) when the table already holds `max` sessions.
     pub fn insert(&mut self, ip: IpAddr, target: Arc<TargetState>, max: usize) -> bool {
         if let Some(session) = self.guard.get_mut(&ip) {
             session.target = target;

@@ -37,10 +37,8 @@ impl Clock {
 
     /// Milliseconds since the epoch; never 0, so that 0 can mean "never" in atomics.
     pub fn now_ms(&self) -> u64 {
-        let ms = tokio::time::Instant::now()
-            .saturating_duration_since(self.epoch)
-            .as_millis();
-        u64::try_from(ms).unwrap_or(u64::MAX).saturating_add(1)
+        let elapsed = tokio::time::Instant::now().saturating_duration_since(self.epoch);
+        super::duration_ms(elapsed).saturating_add(1)
     }
 }
 
@@ -119,20 +117,13 @@ impl TargetState {
         self.counters
             .connect_failures
             .fetch_add(1, Ordering::Relaxed);
-        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
-        let until = now_ms.saturating_add(window_ms);
+        let until = now_ms.saturating_add(super::duration_ms(window));
         let before = self.deactivated_until.swap(until, Ordering::Relaxed);
         let was_up = now_ms >= before;
         if was_up {
             self.counters.deactivations.fetch_add(1, Ordering::Relaxed);
         }
         was_up
-    }
-
-    /// When the current deactivation window ends (clock ms), or `None` when up.
-    pub fn deactivated_until(&self, now_ms: u64) -> Option<u64> {
-        let until = self.deactivated_until.load(Ordering::Relaxed);
-        (now_ms < until).then_some(until)
     }
 }
 
@@ -153,10 +144,6 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new() -> Registry {
-        Registry::default()
-    }
-
     /// The states for `targets`, in the same order, reusing the state of every identity seen
     /// before. Identities not in `targets` are marked absent (their sessions move) and are
     /// forgotten once nothing else holds them. Called at start-up and on each reload, never on
@@ -242,7 +229,7 @@ mod tests {
 
     #[test]
     fn registry_keeps_state_by_identity_across_adoptions() {
-        let r = Registry::new();
+        let r = Registry::default();
         let first = r.adopt(&[spec("a"), spec("b")]);
         first[1].deactivate(1, Duration::from_secs(60));
         let second = r.adopt(&[spec("b"), spec("c")]);
@@ -269,7 +256,7 @@ mod tests {
 
     #[test]
     fn the_observer_hears_of_each_identity_once_when_it_appears_and_when_it_is_forgotten() {
-        let r = Registry::new();
+        let r = Registry::default();
         drop(r.adopt(&[spec("a")]));
         let log = Arc::new(Log::default());
         assert!(r.observe(log.clone()), "told about what exists");

@@ -1,8 +1,8 @@
 //! What can go wrong while loading a config, as a type callers can act on.
 //!
 //! Each variant is one stage of loading (reading the file, JSON syntax, the meaning of a key,
-//! name resolution), so reload code can tell "the file is half-written" from "a host does not
-//! resolve" without parsing messages. Every variant carries the file, and all but `Io` and
+//! name resolution), so a caller can tell "the file is half-written" from "a host does not
+//! resolve" without parsing messages (the reloader only logs and counts them today). Every variant carries the file, and all but `Io` and
 //! `Syntax` the JSON path of the key (such as `targets[2].port`), so that its one-line
 //! `Display` is enough for an operator to find and fix the problem:
 //!

@@ -309,11 +309,7 @@ impl Builder {
 
     /// Required keys, checks across keys, then stage 3: resolution.
     fn finish(self, file: &Path) -> Result<Config, ConfigError> {
-        let missing = |key: &str, what: &str| ConfigError::Invalid {
-            file: file.to_path_buf(),
-            key: key.to_string(),
-            message: format!("required key is missing ({what})"),
-        };
+        let missing = |key: &str, what: &str| missing_key(file, key.to_string(), what);
         let source_port = self
             .source_port
             .ok_or_else(|| missing("sourcePort", "the port to listen on, 1 to 65535"))?;
@@ -447,6 +443,15 @@ fn read_targets(b: &mut Builder, f: &Field<'_>) -> Result<(), ConfigError> {
 }
 
 /// One element of `targets`: `{"host", "port", "weight"?, "id"?}`.
+/// A required key that is absent; `what` says what it should hold.
+fn missing_key(file: &Path, key: String, what: &str) -> ConfigError {
+    ConfigError::Invalid {
+        file: file.to_path_buf(),
+        key,
+        message: format!("required key is missing ({what})"),
+    }
+}
+
 fn read_target(b: &mut Builder, f: &Field<'_>) -> Result<Target, ConfigError> {
     let Value::Object(map) = f.value else {
         return Err(f.expected("an object such as {\"host\": \"127.0.0.1\", \"port\": 8000}"));
@@ -455,11 +460,7 @@ fn read_target(b: &mut Builder, f: &Field<'_>) -> Result<Target, ConfigError> {
     let required = |key: &str, what: &str| {
         map.get(key)
             .map(|v| f.child(key, v))
-            .ok_or_else(|| ConfigError::Invalid {
-                file: f.file.to_path_buf(),
-                key: join(&f.path, key),
-                message: format!("required key is missing ({what})"),
-            })
+            .ok_or_else(|| missing_key(f.file, join(&f.path, key), what))
     };
     let host = required("host", "a host name or IP address")?.non_empty_string()?;
     let port = required("port", "an integer from 1 to 65535")?.port()?;
@@ -711,7 +712,7 @@ impl<'a> Field<'a> {
 
 /// The effective config in the file's own key names, as `stickylb check` prints it.
 pub fn effective_json(c: &Config) -> Value {
-    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let ms = crate::balance::duration_ms;
     let targets: Vec<Value> = c
         .targets
         .iter()
