@@ -20,7 +20,7 @@ use std::path::Path;
 
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
-use stickylb::config::Config;
+use stickylb::config::{Cidr, Config};
 
 /// 365 days in milliseconds: the longest duration the parser accepts.
 const MAX_MILLIS: u64 = 365 * 24 * 3600 * 1000;
@@ -168,6 +168,11 @@ fn optional_keys() -> impl Strategy<Value = Vec<(&'static str, Value)>> {
         .prop_map(|chosen| chosen.into_iter().flatten().collect())
 }
 
+/// The address a JSON string holds.
+fn ip_of(value: &Value) -> IpAddr {
+    value.as_str().expect("string").parse().expect("address")
+}
+
 /// A valid config document, built from valid values for every key it has.
 fn valid_config() -> impl Strategy<Value = Map<String, Value>> {
     (
@@ -283,8 +288,24 @@ proptest! {
             match key.as_str() {
                 // Shown resolved and with identities; checked by the fixed point below.
                 "targets" | "schedulingPolicy" => {}
-                // Shown in canonical form: checked by reading them back (fixed point).
-                "allow" | "deny" | "sourceHost" | "metricsHost" => {}
+                // Shown in canonical form (checked by reading them back, the fixed point
+                // below); here the parsed values are checked against what was given.
+                "sourceHost" => prop_assert_eq!(config.listen.ip(), ip_of(value)),
+                "metricsHost" => {
+                    if let Some(metrics) = config.metrics {
+                        prop_assert_eq!(metrics.ip(), ip_of(value));
+                    }
+                }
+                "allow" | "deny" => {
+                    let given: Vec<Cidr> = value
+                        .as_array()
+                        .expect("array")
+                        .iter()
+                        .map(|c| c.as_str().expect("string").parse().expect("valid CIDR"))
+                        .collect();
+                    let parsed = if key == "allow" { &config.allow } else { &config.deny };
+                    prop_assert_eq!(parsed, &given, "key {}", key);
+                }
                 "metricsPort" if value.is_null() => prop_assert!(shown.is_null()),
                 _ => prop_assert_eq!(shown, value, "key {}", key),
             }
@@ -293,6 +314,7 @@ proptest! {
         prop_assert_eq!(config.targets.len(), targets.len());
         for (t, given) in config.targets.iter().zip(targets) {
             prop_assert_eq!(&*t.id, given["id"].as_str().expect("id"));
+            prop_assert_eq!(t.host.as_str(), given["host"].as_str().expect("host"));
             prop_assert_eq!(u64::from(t.port), given["port"].as_u64().expect("port"));
             let weight = given.get("weight").and_then(Value::as_u64).unwrap_or(1);
             prop_assert_eq!(u64::from(t.weight), weight.min(1_000_000));
