@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stickylb::config::Config;
-use stickylb::proxy::listener;
 use stickylb::reload::Reloader;
 use stickylb::server::Server;
+use stickylb::sockets;
 use support::{client_ip, config_text, connect_from};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -86,7 +86,7 @@ async fn run() {
     let path = dir.join("config.json");
     std::fs::write(&path, config_for(&sets[0])).unwrap();
     let config = Config::load(Path::new(&path)).unwrap();
-    let listener = listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = sockets::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let server = Arc::new(Server::start(config, listener).unwrap());
     let lb = server.local_addr();
     let _watcher = Reloader::new(server.clone()).watch().unwrap();
@@ -146,7 +146,7 @@ async fn run() {
     let _ = std::fs::remove_dir_all(&dir);
 
     delays.sort();
-    let stats = &server.proxy().shared.stats;
+    let stats = server.snapshot();
     println!("reload under load: {RELOADS} file edits, {CLIENTS} clients connecting continuously");
     println!(
         "  connections made     {} ({:.0}/s)",
@@ -156,8 +156,7 @@ async fn run() {
     println!("  connections failed   {}", failed.load(Ordering::Relaxed));
     println!(
         "  reloads applied      {} ok, {} failed",
-        stats.reloads_success.load(Ordering::Relaxed),
-        stats.reloads_failure.load(Ordering::Relaxed)
+        stats.reloads_success, stats.reloads_failure
     );
     println!(
         "  write -> first new-config connection: median {:.1} ms, p99 {:.1} ms, max {:.1} ms",

@@ -15,9 +15,9 @@ use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
-use crate::proxy::listener;
 use crate::reload::{Reloader, Trigger};
 use crate::server::Server;
+use crate::sockets;
 use crate::sys;
 
 #[derive(Debug, Parser)]
@@ -145,7 +145,7 @@ async fn serve(config: Config, demo: bool, watch: bool) -> i32 {
             return 1;
         }
     };
-    let bound = match listener::bind(config.listen) {
+    let bound = match sockets::bind(config.listen) {
         Ok(bound) => bound,
         Err(e) => {
             tracing::error!("cannot listen on {}: {e}", config.listen);
@@ -179,7 +179,7 @@ async fn serve(config: Config, demo: bool, watch: bool) -> i32 {
         }
     };
     // Serves `/metrics` until shutdown (dropping it stops the endpoint); `None` when off.
-    let _metrics = match crate::metrics::install(server.proxy()) {
+    let _admin = match crate::admin::install(server.config().metrics, server.clone()) {
         Ok(exporter) => exporter,
         Err(e) => {
             tracing::error!("{e}");

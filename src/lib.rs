@@ -33,13 +33,16 @@
 //! - [`demo`]: the built-in demo targets of `stickylb demo`.
 //! - [`cli`]: the command line: `stickylb`, `stickylb check`, `stickylb demo`.
 
+pub mod addr;
+pub mod admin;
 pub mod balance;
 pub mod cli;
+pub mod clock;
 pub mod config;
+pub mod counters;
 pub mod demo;
-pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod server;
-pub mod stats;
+pub mod sockets;
 pub mod sys;

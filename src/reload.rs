@@ -42,8 +42,8 @@ use notify::Watcher;
 use tokio::sync::{mpsc, Mutex};
 
 use crate::config::{Config, ConfigError};
-use crate::proxy::listener;
 use crate::server::Server;
+use crate::sockets;
 
 /// How long the directory must be quiet before a file event is acted on.
 pub const QUIET: Duration = Duration::from_millis(100);
@@ -262,7 +262,7 @@ pub async fn apply(server: &Server, mut config: Config) -> Result<Vec<&'static s
         config.downgrade_to_user = running.downgrade_to_user.clone();
     }
     let new_listener = if config.listen != running.listen {
-        let bound = listener::bind(config.listen).map_err(|source| ReloadError::Bind {
+        let bound = sockets::bind(config.listen).map_err(|source| ReloadError::Bind {
             addr: config.listen,
             source,
         })?;

@@ -21,9 +21,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::balance::duration_ms;
+use crate::clock::duration_ms;
 use crate::config::Config;
-use crate::proxy::{listener, Proxy};
+use crate::proxy::{listener, Proxy, Snapshot};
+use crate::sockets;
 
 /// A balancer serving on one listener at a time.
 #[derive(Debug)]
@@ -46,12 +47,7 @@ struct AcceptLoop {
 impl AcceptLoop {
     fn start(listener: std::net::TcpListener, proxy: Arc<Proxy>) -> io::Result<AcceptLoop> {
         listener.set_nonblocking(true)?;
-        // TCP_NODELAY and SO_KEEPALIVE on the listener: Linux copies both to every accepted
-        // socket, which saves two setsockopt(2) per client connection (see
-        // `proxy::connect::tune` for why they are set).
-        let options = socket2::SockRef::from(&listener);
-        options.set_tcp_nodelay(true)?;
-        options.set_keepalive(true)?;
+        sockets::inherit_to_accepted(&listener)?;
         let listener = TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = watch::channel(false);
@@ -68,7 +64,7 @@ impl AcceptLoop {
 
 impl Server {
     /// Starts serving `config` on `listener` (bound and listening, e.g. by
-    /// [`listener::bind`]). Must be called inside a tokio runtime.
+    /// [`crate::sockets::bind`]). Must be called inside a tokio runtime.
     pub fn start(config: Config, listener: std::net::TcpListener) -> io::Result<Server> {
         let proxy = Proxy::new(config);
         let accept = AcceptLoop::start(listener, proxy.clone())?;
@@ -89,8 +85,28 @@ impl Server {
             .unwrap_or_else(|| self.proxy.config().listen)
     }
 
-    pub fn proxy(&self) -> &Arc<Proxy> {
+    pub(crate) fn proxy(&self) -> &Arc<Proxy> {
         &self.proxy
+    }
+
+    /// The config new connections use now.
+    pub fn config(&self) -> Arc<Config> {
+        self.proxy.config()
+    }
+
+    /// Client connections open now.
+    pub fn active(&self) -> u64 {
+        self.proxy.active()
+    }
+
+    /// Waits until no client connection is open.
+    pub async fn drained(&self) {
+        self.proxy.drained().await
+    }
+
+    /// The balancer's counters and target states now (what the admin endpoint serves).
+    pub fn snapshot(&self) -> Snapshot {
+        self.proxy.snapshot()
     }
 
     fn lock_accept(&self) -> std::sync::MutexGuard<'_, Option<AcceptLoop>> {
@@ -151,5 +167,7 @@ async fn sweep_sessions(proxy: Arc<Proxy>, mut stopped: watch::Receiver<bool>) {
         shared
             .sessions
             .sweep(now, duration_ms(config.session_expiry));
+        // Removed targets whose last connection and session are gone: forget them.
+        shared.registry.prune();
     }
 }

@@ -9,7 +9,12 @@
 use std::ffi::CString;
 use std::io;
 
-use crate::config::UserSpec;
+/// `downgradeToUser`: a user name or a numeric uid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserSpec {
+    Name(String),
+    Uid(u32),
+}
 
 /// The current `RLIMIT_NOFILE`.
 fn nofile() -> io::Result<libc::rlimit> {

@@ -26,12 +26,9 @@ async fn echo_transfer(zero_copy: bool, len: usize) {
         .expect("echo matches");
     writer.await.unwrap().unwrap();
     assert_eq!(got, len, "every byte came back");
-    let balancer = server.proxy().store.load_full();
-    let state = &balancer.states()[0];
-    let counters = &state.counters;
-    use std::sync::atomic::Ordering::Relaxed;
-    assert_eq!(counters.bytes_to_target.load(Relaxed), len as u64);
-    assert_eq!(counters.bytes_to_client.load(Relaxed), len as u64);
+    let target = &server.snapshot().targets[0];
+    assert_eq!(target.bytes_to_target, len as u64);
+    assert_eq!(target.bytes_to_client, len as u64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,13 +192,9 @@ async fn serves_1000_concurrent_connections_from_1000_addresses() {
     for t in tasks {
         open.push(t.await.unwrap());
     }
-    assert_eq!(
-        server.proxy().active(),
-        u64::from(N),
-        "all are open at once"
-    );
+    assert_eq!(server.active(), u64::from(N), "all are open at once");
     drop(open);
-    tokio::time::timeout(PATIENCE, server.proxy().drained())
+    tokio::time::timeout(PATIENCE, server.drained())
         .await
         .expect("all closed");
 }
@@ -239,11 +232,7 @@ async fn backpressure(zero_copy: bool) {
         written < 64 * MIB,
         "{written} bytes accepted from a client whose target reads nothing"
     );
-    let balancer = server.proxy().store.load_full();
-    let forwarded = balancer.states()[0]
-        .counters
-        .bytes_to_target
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let forwarded = server.snapshot().targets[0].bytes_to_target;
     // What the balancer itself holds is what it read but has not delivered: at most one pipe
     // (256 KiB) or one copy buffer (16 KiB) per direction. The rest sits in the kernel's socket
     // buffers. (The bound on the balancer's own memory is asserted in tests/memory.rs.)

@@ -77,11 +77,11 @@ fn abort_on_drop(stream: &TcpStream) {
 /// Waits until the balancer has no open client connection: nothing leaked.
 async fn wait_drained(server: &stickylb::server::Server) {
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while server.proxy().active() > 0 {
+    while server.active() > 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "{} connections still open after every peer went away",
-            server.proxy().active()
+            server.active()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -261,9 +261,8 @@ async fn hostile_clients_next_to_normal_ones(zero_copy: bool) {
     }
     drop(held);
     wait_drained(&server).await;
-    let stats = &server.proxy().shared.stats;
     assert!(
-        stats.accepted.load(Ordering::Relaxed) >= u64::from(HOSTILE + NORMAL),
+        server.snapshot().accepted >= u64::from(HOSTILE + NORMAL),
         "every connection was accepted"
     );
     assert_no_foreign_panic();

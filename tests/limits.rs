@@ -4,10 +4,9 @@
 
 mod support;
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use stickylb::stats::Reject;
+use stickylb::counters::Reject;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -34,17 +33,13 @@ async fn past_max_connections_new_clients_are_refused_at_once_and_counted() {
     for i in 5..8 {
         assert!(served(client_ip(i), lb).await.is_none(), "over the limit");
     }
-    let stats = &server.proxy().shared.stats;
-    assert_eq!(stats.rejected(Reject::Limit), 3);
-    assert_eq!(
-        stats.accepted.load(Relaxed),
-        8,
-        "refused ones are accepted, then closed"
-    );
+    let s = server.snapshot();
+    assert_eq!(s.rejected(Reject::Limit), 3);
+    assert_eq!(s.accepted, 8, "refused ones are accepted, then closed");
     // Closing one frees a place.
     drop(held.pop());
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while server.proxy().active() > 4 {
+    while server.active() > 4 {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -66,7 +61,7 @@ async fn max_connections_per_client_limits_one_address_not_the_others() {
         "third from the same address"
     );
     let _other = served(client_ip(2), lb).await.expect("another address");
-    assert_eq!(server.proxy().shared.stats.rejected(Reject::ClientLimit), 1);
+    assert_eq!(server.snapshot().rejected(Reject::ClientLimit), 1);
     drop(a);
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
@@ -134,9 +129,8 @@ async fn connect_timeout_holds_when_a_targets_accept_queue_is_full() {
             .expect("served");
         assert_eq!(name, "good");
     }
-    let balancer = server.proxy().store.load_full();
-    let stuck_state = &balancer.states()[0];
-    assert!(stuck_state.counters.connect_failures.load(Relaxed) >= 1);
-    assert_eq!(stuck_state.counters.connections.load(Relaxed), 0);
+    let stuck_state = &server.snapshot().targets[0];
+    assert!(stuck_state.connect_failures >= 1);
+    assert_eq!(stuck_state.connections, 0);
     drop(stuck);
 }

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use stickylb::metrics::{self, Exporter};
+use stickylb::admin::{self, Admin};
 use stickylb::reload::{Reloader, Trigger};
 use stickylb::server::Server;
 use support::*;
@@ -177,14 +177,14 @@ fn parse_sample(line: &str) -> Sample {
     }
 }
 
-async fn scrape(exporter: &Exporter) -> Scrape {
+async fn scrape(exporter: &Admin) -> Scrape {
     let (status, body) = http_get(exporter.local_addr(), "/metrics").await;
     assert_eq!(status, 200, "{body}");
     Scrape::parse(body)
 }
 
 /// Scrapes until `ready` holds (a bounded wait), returning that scrape.
-async fn scrape_until(exporter: &Exporter, what: &str, ready: impl Fn(&Scrape) -> bool) -> Scrape {
+async fn scrape_until(exporter: &Admin, what: &str, ready: impl Fn(&Scrape) -> bool) -> Scrape {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let scrape = scrape(exporter).await;
@@ -201,7 +201,7 @@ async fn scrape_until(exporter: &Exporter, what: &str, ready: impl Fn(&Scrape) -
 }
 
 /// Waits until no client connection is open, so every counter of the closed ones has landed.
-async fn settled(exporter: &Exporter) -> Scrape {
+async fn settled(exporter: &Admin) -> Scrape {
     scrape_until(exporter, "connections_active 0", |s| {
         s.value("stickylb_connections_active", &[]) == 0.0
     })
@@ -209,8 +209,8 @@ async fn settled(exporter: &Exporter) -> Scrape {
 }
 
 /// Starts the metrics endpoint of `server` on a free loopback port.
-fn export(server: &Server) -> Exporter {
-    metrics::serve("127.0.0.1:0".parse().unwrap(), server.proxy()).expect("metrics endpoint")
+fn export(server: &Arc<Server>) -> Admin {
+    admin::start("127.0.0.1:0".parse().unwrap(), server.clone()).expect("metrics endpoint")
 }
 
 fn id(addr: SocketAddr) -> String {
@@ -352,7 +352,7 @@ async fn only_get_metrics_is_served() {
     assert_eq!(http(addr, "POST", "/metrics").await.0, 405);
     let (status, body) = http(addr, "HEAD", "/metrics").await;
     assert_eq!((status, body.as_str()), (200, ""));
-    assert!(exporter.render().contains("stickylb_build_info"));
+    assert!(admin::prometheus::render(&server.snapshot()).contains("stickylb_build_info"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -361,7 +361,7 @@ async fn a_taken_metrics_port_is_an_error_naming_the_address() {
     let server = start(&[backend.addr], serde_json::json!({}));
     let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = taken.local_addr().unwrap();
-    let error = metrics::serve(addr, server.proxy()).expect_err("port in use");
+    let error = admin::start(addr, server.clone()).expect_err("port in use");
     assert!(error.to_string().contains(&addr.to_string()), "{error}");
 }
 
@@ -678,7 +678,7 @@ struct FromFile {
     dir: TempDir,
     server: Arc<Server>,
     reloader: Arc<Reloader>,
-    exporter: Exporter,
+    exporter: Admin,
 }
 
 impl FromFile {

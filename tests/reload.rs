@@ -40,16 +40,17 @@ async fn wait_for_target(server: &Server, names: &[&str], first_ip: u32) -> Stri
 
 /// Waits (bounded) until the reload counters reach `success` and `failure`.
 async fn wait_for_reloads(server: &Server, success: u64, failure: u64) {
-    let stats = &server.proxy().shared.stats;
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while stats.reloads_success.load(Relaxed) < success
-        || stats.reloads_failure.load(Relaxed) < failure
-    {
+    loop {
+        let s = server.snapshot();
+        if s.reloads_success >= success && s.reloads_failure >= failure {
+            return;
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
             "reloads: {} ok, {} failed; wanted {success}, {failure}",
-            stats.reloads_success.load(Relaxed),
-            stats.reloads_failure.load(Relaxed)
+            s.reloads_success,
+            s.reloads_failure
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -171,10 +172,7 @@ async fn bad_edits_leave_the_running_config_serving() {
     for (i, (what, bad)) in bad_edits.iter().enumerate() {
         std::fs::write(&path, bad).unwrap();
         wait_for_reloads(&server, 0, i as u64 + 1).await;
-        assert!(
-            server.proxy().shared.stats.last_reload_failed.load(Relaxed),
-            "{what}"
-        );
+        assert!(server.snapshot().last_reload_failed, "{what}");
         let (name, _) = which(client_ip(i as u32), server.local_addr())
             .await
             .unwrap_or_else(|e| panic!("not serving after {what}: {e}"));
@@ -185,7 +183,7 @@ async fn bad_edits_leave_the_running_config_serving() {
     // A good edit after all that is applied.
     std::fs::write(&path, text(&[f.c.addr], serde_json::json!({}))).unwrap();
     wait_for_target(&server, &["c"], 1000).await;
-    assert!(!server.proxy().shared.stats.last_reload_failed.load(Relaxed));
+    assert!(!server.snapshot().last_reload_failed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,10 +252,7 @@ async fn an_open_connection_keeps_flowing_across_20_reloads() {
             .unwrap();
         assert_eq!(back, message.as_bytes());
     }
-    assert_eq!(
-        server.proxy().shared.stats.reloads_success.load(Relaxed),
-        20
-    );
+    assert_eq!(server.snapshot().reloads_success, 20);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -356,7 +351,7 @@ async fn restart_only_keys_are_kept_and_named_while_the_rest_applies() {
         }
         other => panic!("{other:?}"),
     }
-    let config = server.proxy().config();
+    let config = server.config();
     assert_eq!(config.balancer_count, 2);
     assert_eq!(config.metrics, None);
     assert_eq!(
@@ -420,8 +415,5 @@ async fn stress_50_alternating_reloads_under_continuous_connections() {
         total > 50,
         "only {total} connections made during the reloads"
     );
-    assert_eq!(
-        server.proxy().shared.stats.reloads_success.load(Relaxed),
-        50
-    );
+    assert_eq!(server.snapshot().reloads_success, 50);
 }

@@ -5,10 +5,9 @@
 mod support;
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use stickylb::stats::Reject;
+use stickylb::counters::Reject;
 use support::*;
 use tokio::io::AsyncReadExt;
 
@@ -105,16 +104,10 @@ async fn stopped_target_costs_clients_nothing_and_moves_no_one_else() {
         }
     }
     assert!(moved_from_b > 0);
-    let stats = &server.proxy().shared.stats;
-    assert_eq!(stats.rejected(Reject::NoTarget), 0);
-    assert_eq!(
-        stats.retries.load(Relaxed),
-        1,
-        "one failed connect, then the window holds"
-    );
-    let balancer = server.proxy().store.load_full();
-    let b = &balancer.states()[1];
-    assert_eq!(b.counters.deactivations.load(Relaxed), 1);
+    let s = server.snapshot();
+    assert_eq!(s.rejected(Reject::NoTarget), 0);
+    assert_eq!(s.retries, 1, "one failed connect, then the window holds");
+    assert_eq!(s.targets[1].deactivations, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,21 +173,20 @@ async fn all_targets_down_closes_the_client_promptly_and_counts_it() {
         matches!(&outcome, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
         "expected a reset, got {outcome:?}"
     );
-    let stats = &server.proxy().shared.stats;
-    assert_eq!(stats.rejected(Reject::NoTarget), 1);
-    let states = server.proxy().store.load_full().states().to_vec();
+    let s = server.snapshot();
+    assert_eq!(s.rejected(Reject::NoTarget), 1);
     assert!(
-        states
-            .iter()
-            .all(|s| s.counters.connect_failures.load(Relaxed) == 1),
+        s.targets.iter().all(|t| t.connect_failures == 1),
         "each tried once"
     );
     // All are deactivated now, and a new client still gets every target tried rather than an
     // immediate failure.
     let _ = first_read(client_ip(10), server.local_addr()).await;
-    assert!(states
+    assert!(server
+        .snapshot()
+        .targets
         .iter()
-        .all(|s| s.counters.connect_failures.load(Relaxed) == 2));
+        .all(|t| t.connect_failures == 2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,8 +245,7 @@ async fn denied_clients_are_closed_at_once_and_counted() {
         "{outcome:?}"
     );
     assert!(which(client_ip(300), lb).await.is_ok());
-    let stats = &server.proxy().shared.stats;
-    assert_eq!(stats.rejected(Reject::Denied), 1);
+    assert_eq!(server.snapshot().rejected(Reject::Denied), 1);
     let served: usize = backends.iter().map(|b| b.accepted()).sum();
     assert_eq!(served, 1, "the denied client never reached a target");
 }

@@ -36,7 +36,7 @@
 //! - `fmix64(k)`: MurmurHash3's 64-bit finalizer: `k ^= k >> 33; k *= 0xff51afd7ed558ccd;
 //!   k ^= k >> 33; k *= 0xc4ceb9fe1a85ec53; k ^= k >> 33` (wrapping). It is a bijection.
 //! - [`client_key`]`(ip) = fmix64(fnv1a64(octets))` where `octets` are the 4 or 16 bytes of
-//!   [`canonical_ip`]`(ip)` in network order, so `::ffff:a.b.c.d` hashes as `a.b.c.d`.
+//!   [`canonical_ip`](crate::addr::canonical_ip)`(ip)` in network order, so `::ffff:a.b.c.d` hashes as `a.b.c.d`.
 //! - [`target_seed`]`(id) = fmix64(fnv1a64(id as UTF-8))`.
 //! - [`score`]`(key, seed) = fmix64(key ^ seed)`. FNV-1a alone mixes poorly; each of key and seed
 //!   has already been through `fmix64`, and a second `fmix64` of their XOR decorrelates the
@@ -73,16 +73,7 @@
 use std::cell::Cell;
 use std::net::IpAddr;
 
-/// `::ffff:a.b.c.d` → `a.b.c.d`; every other address unchanged.
-pub fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => ip,
-        },
-        v4 => v4,
-    }
-}
+use crate::addr::canonical_ip;
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;

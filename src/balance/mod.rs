@@ -22,11 +22,12 @@ pub mod target;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::clock::{duration_ms, Clock};
 use crate::config::{Config, TargetSpec};
-use crate::stats::Stats;
+use crate::counters::Stats;
 use hash::Table;
 use session::Sessions;
-use target::{Clock, Registry, TargetState};
+use target::{Registry, TargetState};
 
 /// State that outlives config generations.
 #[derive(Debug, Default)]
@@ -86,7 +87,7 @@ impl Balancer {
     /// Starts the route of a new connection from `client`: picks its first target and, when
     /// sticky, pins the client to it (or follows its live session).
     pub fn route<'a>(&'a self, shared: &'a Shared, client: IpAddr) -> Route<'a> {
-        let ip = hash::canonical_ip(client);
+        let ip = crate::addr::canonical_ip(client);
         let key = hash::client_key(ip);
         let mut route = Route {
             balancer: self,
@@ -282,10 +283,6 @@ impl Drop for Route<'_> {
             }
         }
     }
-}
-
-pub(crate) fn duration_ms(d: std::time::Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -11,57 +11,14 @@
 //! Everything on the connection path is an atomic: no lock is taken to read or update a
 //! target's state.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::clock::duration_ms;
 use crate::config::TargetSpec;
-use crate::metrics::LazyHistogram;
-
-/// Milliseconds on a monotonic clock that starts when the process's balancer state is built.
-///
-/// It is tokio's clock, so tests can drive deactivation windows and session expiry with
-/// `tokio::time::pause()` and `advance()` instead of sleeping.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    epoch: tokio::time::Instant,
-}
-
-impl Clock {
-    pub fn new() -> Clock {
-        Clock {
-            epoch: tokio::time::Instant::now(),
-        }
-    }
-
-    /// Milliseconds since the epoch; never 0, so that 0 can mean "never" in atomics.
-    pub fn now_ms(&self) -> u64 {
-        let elapsed = tokio::time::Instant::now().saturating_duration_since(self.epoch);
-        super::duration_ms(elapsed).saturating_add(1)
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Clock::new()
-    }
-}
-
-/// Counters a target keeps for the metrics exporter. Monotonic; they survive reloads.
-#[derive(Debug, Default)]
-pub struct TargetCounters {
-    /// Connections established to this target.
-    pub connections: AtomicU64,
-    /// Connect attempts that failed (refused, unreachable, reset, timeout).
-    pub connect_failures: AtomicU64,
-    /// Times the target went from up to deactivated.
-    pub deactivations: AtomicU64,
-    /// Bytes copied from clients to this target.
-    pub bytes_to_target: AtomicU64,
-    /// Bytes copied from this target to clients.
-    pub bytes_to_client: AtomicU64,
-}
+use crate::counters::{Histogram, TargetCounters, CONNECT_BUCKETS_US};
 
 /// The runtime state of one target identity.
 #[derive(Debug)]
@@ -77,9 +34,8 @@ pub struct TargetState {
     /// Connections open to this target now (power-of-two-choices compares these).
     pub active: AtomicU64,
     pub counters: TargetCounters,
-    /// `target_connect_duration_seconds{target}`: its handle is set by the metrics exporter when
-    /// this identity appears, so a connection records into it without formatting a label.
-    pub connect_duration: LazyHistogram,
+    /// `target_connect_duration_seconds{target}`: successful connects.
+    pub connect_duration: Histogram,
 }
 
 impl TargetState {
@@ -92,7 +48,7 @@ impl TargetState {
             present: AtomicBool::new(true),
             active: AtomicU64::new(0),
             counters: TargetCounters::default(),
-            connect_duration: LazyHistogram::default(),
+            connect_duration: Histogram::new(&CONNECT_BUCKETS_US),
         }
     }
 
@@ -117,7 +73,7 @@ impl TargetState {
         self.counters
             .connect_failures
             .fetch_add(1, Ordering::Relaxed);
-        let until = now_ms.saturating_add(super::duration_ms(window));
+        let until = now_ms.saturating_add(duration_ms(window));
         let before = self.deactivated_until.swap(until, Ordering::Relaxed);
         let was_up = now_ms >= before;
         if was_up {
@@ -127,75 +83,64 @@ impl TargetState {
     }
 }
 
-/// Told when a target identity gets a state and when that state is forgotten: how the metrics
-/// exporter ([`crate::metrics`]) creates a target's series once, when it appears, rather than
-/// per connection, and keeps them monotonic when an identity comes back. Called with the
-/// registry locked, so it must not call back into the registry.
-pub trait Observer: Send + Sync + std::fmt::Debug {
-    fn added(&self, state: &TargetState);
-    fn forgotten(&self, state: &TargetState);
-}
-
 /// Identity → state, shared by every config generation so state carries over reloads.
+///
+/// A target that a reload removed stays here while anything still holds its state (open
+/// connections, the sessions pinned to it): its metrics show it draining. Once nothing does,
+/// [`Registry::prune`] forgets it, so that configs whose target ids keep changing (service
+/// discovery) do not grow memory or metric cardinality without bound. An identity that comes
+/// back after that starts from zero.
 #[derive(Debug, Default)]
 pub struct Registry {
     states: Mutex<HashMap<Arc<str>, Arc<TargetState>>>,
-    observer: OnceLock<Arc<dyn Observer>>,
 }
 
 impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<TargetState>>> {
+        self.states.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The states for `targets`, in the same order, reusing the state of every identity seen
     /// before. Identities not in `targets` are marked absent (their sessions move) and are
     /// forgotten once nothing else holds them. Called at start-up and on each reload, never on
     /// the connection path.
     pub fn adopt(&self, targets: &[TargetSpec]) -> Vec<Arc<TargetState>> {
-        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        let mut states = self.lock();
         let adopted: Vec<Arc<TargetState>> = targets
             .iter()
             .map(|t| {
-                let state = states.entry(t.id.clone()).or_insert_with(|| {
-                    let state = Arc::new(TargetState::new(t.id.clone()));
-                    if let Some(observer) = self.observer.get() {
-                        observer.added(&state);
-                    }
-                    state
-                });
+                let state = states
+                    .entry(t.id.clone())
+                    .or_insert_with(|| Arc::new(TargetState::new(t.id.clone())));
                 state.present.store(true, Ordering::Relaxed);
                 state.clone()
             })
             .collect();
-        let listed_ids: std::collections::HashSet<&str> = targets.iter().map(|t| &*t.id).collect();
-        states.retain(|id, state| {
-            let listed = listed_ids.contains(&**id);
-            if !listed {
+        let listed: HashSet<&str> = targets.iter().map(|t| &*t.id).collect();
+        for (id, state) in states.iter() {
+            if !listed.contains(&**id) {
                 state.present.store(false, Ordering::Relaxed);
             }
-            let keep = listed || Arc::strong_count(state) > 1;
-            if let (false, Some(observer)) = (keep, self.observer.get()) {
-                observer.forgotten(state);
-            }
-            keep
-        });
+        }
+        Self::forget_unheld(&mut states);
         adopted
     }
 
-    /// Sets the observer (once: returns false if one is set already) and tells it about every
-    /// state known now.
-    pub fn observe(&self, observer: Arc<dyn Observer>) -> bool {
-        let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        if self.observer.set(observer).is_err() {
-            return false;
-        }
-        if let Some(observer) = self.observer.get() {
-            states.values().for_each(|state| observer.added(state));
-        }
-        true
+    /// Forgets removed targets that nothing holds any more (no connection, no session, no
+    /// config generation). Returns how many were forgotten. Called with the session sweep.
+    pub fn prune(&self) -> usize {
+        Self::forget_unheld(&mut self.lock())
     }
 
-    /// Every state currently known (listed or still draining), for the metrics exporter.
+    fn forget_unheld(states: &mut HashMap<Arc<str>, Arc<TargetState>>) -> usize {
+        let before = states.len();
+        states.retain(|_, state| state.is_present() || Arc::strong_count(state) > 1);
+        before - states.len()
+    }
+
+    /// Every state currently known (listed or still draining).
     pub fn all(&self) -> Vec<Arc<TargetState>> {
-        let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        states.values().cloned().collect()
+        self.lock().values().cloned().collect()
     }
 }
 
@@ -237,33 +182,9 @@ mod tests {
         assert!(!second[0].is_up(2), "b stays deactivated");
         assert!(!first[0].is_present(), "a was removed");
         assert!(second[1].is_present());
+        assert_eq!(r.prune(), 0, "a is still held");
         drop(first);
-        drop(r.adopt(&[spec("b"), spec("c")]));
-        assert_eq!(r.all().len(), 2, "a is forgotten once nothing holds it");
-    }
-
-    #[derive(Debug, Default)]
-    struct Log(Mutex<Vec<String>>);
-
-    impl Observer for Log {
-        fn added(&self, state: &TargetState) {
-            self.0.lock().unwrap().push(format!("+{}", state.id));
-        }
-        fn forgotten(&self, state: &TargetState) {
-            self.0.lock().unwrap().push(format!("-{}", state.id));
-        }
-    }
-
-    #[test]
-    fn the_observer_hears_of_each_identity_once_when_it_appears_and_when_it_is_forgotten() {
-        let r = Registry::default();
-        drop(r.adopt(&[spec("a")]));
-        let log = Arc::new(Log::default());
-        assert!(r.observe(log.clone()), "told about what exists");
-        assert!(!r.observe(log.clone()), "only one observer");
-        drop(r.adopt(&[spec("a"), spec("b")]));
-        drop(r.adopt(&[spec("b")]));
-        drop(r.adopt(&[spec("a"), spec("b")]));
-        assert_eq!(*log.0.lock().unwrap(), ["+a", "+b", "-a", "+a"]);
+        assert_eq!(r.prune(), 1, "a is forgotten once nothing holds it");
+        assert_eq!(r.all().len(), 2);
     }
 }

@@ -20,6 +20,7 @@ mod cidr;
 mod error;
 mod parse;
 
+pub use crate::sys::UserSpec;
 pub use cidr::{Cidr, ParseCidrError};
 pub use error::ConfigError;
 
@@ -36,13 +37,6 @@ pub struct TargetSpec {
     pub weight: u32,
     /// The address connected to: the first address `host` resolved to.
     pub addr: SocketAddr,
-}
-
-/// `downgradeToUser`: a user name or a numeric uid.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UserSpec {
-    Name(String),
-    Uid(u32),
 }
 
 /// A validated, resolved config. Field docs give the JSON key and the default.
@@ -115,7 +109,7 @@ impl Config {
 
     /// True when `ip` may connect: not in `deny`, and in `allow` if `allow` is not empty.
     pub fn admits(&self, ip: IpAddr) -> bool {
-        let ip = crate::balance::hash::canonical_ip(ip);
+        let ip = crate::addr::canonical_ip(ip);
         if self.deny.iter().any(|c| c.contains(ip)) {
             return false;
         }

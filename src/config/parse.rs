@@ -712,7 +712,7 @@ impl<'a> Field<'a> {
 
 /// The effective config in the file's own key names, as `stickylb check` prints it.
 pub fn effective_json(c: &Config) -> Value {
-    let ms = crate::balance::duration_ms;
+    let ms = crate::clock::duration_ms;
     let targets: Vec<Value> = c
         .targets
         .iter()

@@ -18,7 +18,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::stats::Reject;
+use crate::counters::Reject;
 
 /// File descriptors kept out of the connection budget: listeners, the metrics endpoint, the
 /// config watcher, logs, and the pipes pooled per worker thread.

@@ -10,37 +10,15 @@
 //! Unlike tokio's `examples/proxy.rs` (`while let Ok(..) = listener.accept().await`), nothing
 //! here ends the loop but the shutdown signal.
 
-use std::io;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::Proxy;
-
-/// Pending connections the kernel queues before we accept them. The kernel caps it at
-/// `net.core.somaxconn`.
-pub const BACKLOG: i32 = 4096;
-
-/// Binds `addr` for listening: SO_REUSEADDR (restart while old connections sit in TIME_WAIT),
-/// dual-stack when the address is `::`, non-blocking, with [`BACKLOG`]. The options accepted
-/// sockets inherit are set when the listener starts serving ([`crate::server::Server::start`]),
-/// whoever bound it.
-pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(false)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
-    Ok(socket.into())
-}
+use crate::sockets::{is_fd_exhaustion, BACKLOG};
 
 /// Accepts connections on `listener` and spawns a handler for each, until `shutdown` turns
 /// true. Returning closes the listener, so new connects are refused from then on.
@@ -114,18 +92,4 @@ fn drain_backlog(listener: TcpListener, proxy: &Arc<Proxy>) {
             tokio::spawn(proxy.clone().handle(client, peer));
         }
     }
-}
-
-/// The balancer's own shortage, not a peer's fault: out of file descriptors or buffers, or out
-/// of local ports for an outgoing connect.
-pub(crate) fn is_local_shortage(error: &io::Error) -> bool {
-    is_fd_exhaustion(error) || error.raw_os_error() == Some(libc::EADDRNOTAVAIL)
-}
-
-/// Out of file descriptors (`EMFILE`, `ENFILE`) or kernel memory for one (`ENOBUFS`, `ENOMEM`).
-pub(crate) fn is_fd_exhaustion(error: &io::Error) -> bool {
-    matches!(
-        error.raw_os_error(),
-        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
-    )
 }

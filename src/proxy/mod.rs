@@ -18,8 +18,11 @@ pub mod connect;
 pub mod copy;
 pub mod listener;
 pub mod relay;
+mod snapshot;
 #[cfg(target_os = "linux")]
 pub mod splice;
+
+pub use snapshot::{Snapshot, TargetSnapshot};
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -31,7 +34,8 @@ use tokio::sync::Notify;
 
 use crate::balance::{Balancer, Shared};
 use crate::config::Config;
-use crate::stats::Reject;
+use crate::counters::Reject;
+use crate::sockets;
 use admission::{derived_max_connections, ClientCounts, ClientSlot, RefusalLog};
 
 /// Everything a connection handler reads.
@@ -125,7 +129,7 @@ impl Proxy {
         self.shared.stats.reject(reason);
         self.refusals
             .refused(reason, ip, self.shared.clock.now_ms());
-        relay::reset_on_close(client);
+        sockets::reset_on_close(client);
     }
 
     /// Serves one accepted client connection to the end.
@@ -135,7 +139,7 @@ impl Proxy {
         let balancer = self.store.load_full();
         let config = &balancer.config;
         let stats = &self.shared.stats;
-        let client_ip = crate::balance::hash::canonical_ip(peer.ip());
+        let client_ip = crate::addr::canonical_ip(peer.ip());
         let _slot = match self.admit(config, client_ip) {
             Ok(slot) => slot,
             Err(reason) => {
@@ -154,7 +158,7 @@ impl Proxy {
                 }
                 // Our own shortage (no fd for the socket, no local port): the target is not to
                 // blame, so it is not deactivated; the client is refused like any over-limit one.
-                Err(error) if listener::is_local_shortage(&error) => {
+                Err(error) if sockets::is_local_shortage(&error) => {
                     self.refuse(&client, Reject::Limit, client_ip);
                     return;
                 }
@@ -172,7 +176,7 @@ impl Proxy {
             }
         };
         // The client socket inherited TCP_NODELAY and SO_KEEPALIVE from the listener.
-        connect::tune(&server);
+        sockets::tune(&server);
         let state = route.state();
         state.counters.connections.fetch_add(1, Ordering::Relaxed);
         state.active.fetch_add(1, Ordering::Relaxed);
@@ -194,8 +198,8 @@ impl Proxy {
         stats.connection_duration.record(accepted.elapsed());
         if let Err(error) = &result {
             // One side failed: reset both, so neither mistakes the cut for a clean end.
-            relay::reset_on_close(&client);
-            relay::reset_on_close(&server);
+            sockets::reset_on_close(&client);
+            sockets::reset_on_close(&server);
             tracing::debug!(client = %peer, target_id = %state.id, %error, "connection cut");
         }
         if config.access_log {

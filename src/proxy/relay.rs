@@ -240,7 +240,7 @@ impl Direction {
                 match splice::take_pipe() {
                     Ok(pipe) => self.pipe = Some(pipe),
                     // Out of file descriptors: this direction copies in userspace instead.
-                    Err(e) if super::listener::is_fd_exhaustion(&e) => {
+                    Err(e) if crate::sockets::is_fd_exhaustion(&e) => {
                         self.mode = Mode::Copy;
                         return self.try_read(src);
                     }
@@ -402,10 +402,4 @@ fn half_close(stream: &TcpStream) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
         other => other,
     }
-}
-
-/// Makes the coming close of `stream` abortive: SO_LINGER with a zero timeout turns close(2)
-/// into a RST, which is how a peer learns that the stream was cut rather than complete.
-pub fn reset_on_close(stream: &TcpStream) {
-    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }

@@ -1,0 +1,235 @@
+//! The counters the data path keeps: plain atomics, and histogram slots.
+//!
+//! A leaf: the connection path bumps these and the admin endpoint reads them, and neither
+//! should need the other to do so. The data path never formats, allocates or locks to count:
+//! [`Stats`] holds the process-wide counts, [`TargetCounters`] each target's, and
+//! [`Histogram`] the latency histograms, all atomics. One [`Stats`] lives as long as the
+//! process's balancer state, across reloads.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Why a client connection was accepted and then closed without being proxied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// `allow`/`deny` refused the client address.
+    Denied,
+    /// `maxConnections` reached.
+    Limit,
+    /// `maxConnectionsPerClient` reached.
+    ClientLimit,
+    /// No target could be connected.
+    NoTarget,
+}
+
+impl Reject {
+    /// How many reasons there are (the size of per-reason arrays).
+    pub const COUNT: usize = 4;
+
+    /// Every reason, in the order of their counters.
+    pub const ALL: [Reject; Reject::COUNT] = [
+        Reject::Denied,
+        Reject::Limit,
+        Reject::ClientLimit,
+        Reject::NoTarget,
+    ];
+
+    /// The `reason` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Reject::Denied => "denied",
+            Reject::Limit => "limit",
+            Reject::ClientLimit => "client_limit",
+            Reject::NoTarget => "no_target",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Stats {
+    /// Every accepted socket, including those then rejected.
+    pub accepted: AtomicU64,
+    /// Client connections open now (accepted and not yet closed).
+    pub active: AtomicU64,
+    rejected: [AtomicU64; Reject::COUNT],
+    /// Connect attempts after the first for one client connection.
+    pub retries: AtomicU64,
+    /// accept(2) failed with EMFILE/ENFILE (out of file descriptors).
+    pub accept_errors_fd_limit: AtomicU64,
+    /// accept(2) failed otherwise.
+    pub accept_errors_other: AtomicU64,
+    pub reloads_success: AtomicU64,
+    pub reloads_failure: AtomicU64,
+    /// Whether the last reload attempt failed (false before any), so the gauge
+    /// `config_last_reload_success` is its negation.
+    pub last_reload_failed: AtomicBool,
+    /// `connection_duration_seconds`: accept to close of proxied connections.
+    pub connection_duration: Histogram,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            accepted: AtomicU64::new(0),
+            active: AtomicU64::new(0),
+            rejected: Default::default(),
+            retries: AtomicU64::new(0),
+            accept_errors_fd_limit: AtomicU64::new(0),
+            accept_errors_other: AtomicU64::new(0),
+            reloads_success: AtomicU64::new(0),
+            reloads_failure: AtomicU64::new(0),
+            last_reload_failed: AtomicBool::new(false),
+            connection_duration: Histogram::new(&CONNECTION_BUCKETS_US),
+        }
+    }
+}
+
+impl Stats {
+    pub fn reject(&self, reason: Reject) {
+        self.rejected[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn rejected(&self, reason: Reject) -> u64 {
+        self.rejected[reason as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// Counters a target keeps for the metrics exporter. Monotonic; they survive reloads.
+#[derive(Debug, Default)]
+pub struct TargetCounters {
+    /// Connections established to this target.
+    pub connections: AtomicU64,
+    /// Connect attempts that failed (refused, unreachable, reset, timeout).
+    pub connect_failures: AtomicU64,
+    /// Times the target went from up to deactivated.
+    pub deactivations: AtomicU64,
+    /// Bytes copied from clients to this target.
+    pub bytes_to_target: AtomicU64,
+    /// Bytes copied from this target to clients.
+    pub bytes_to_client: AtomicU64,
+}
+
+/// A Prometheus histogram kept with atomics: fixed bucket bounds, a count per bucket and the
+/// sum, all in whole microseconds.
+///
+/// The data path records into it directly (a short scan of the bounds and two relaxed adds, no
+/// allocation, no lock); the admin endpoint reads a [`HistogramSnapshot`]. Because the state is
+/// plain counts, it can be read back exactly, which is what carries it across a reload and, on
+/// an upgrade, into the next process: a counter never goes backwards.
+#[derive(Debug)]
+pub struct Histogram {
+    /// Upper bounds of the buckets, in microseconds, increasing; the last bucket (`+Inf`) has
+    /// none.
+    bounds_us: &'static [u64],
+    /// Samples per bucket (not cumulative); one more than `bounds_us`.
+    buckets: Box<[AtomicU64]>,
+    /// Sum of all samples, in microseconds.
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn new(bounds_us: &'static [u64]) -> Histogram {
+        Histogram {
+            bounds_us,
+            buckets: (0..=bounds_us.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one sample of `d`.
+    #[inline]
+    pub fn record(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = self.bounds_us.partition_point(|&bound| bound < us);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// The counts now. Buckets and sum are read one after the other, so a sample recorded
+    /// meanwhile may be in one and not yet in the other; every value is still monotonic.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            bounds_us: self.bounds_us,
+            counts: self
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A histogram's counts at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistogramSnapshot {
+    /// Upper bounds of the buckets in microseconds; `counts` has one more entry (`+Inf`).
+    pub bounds_us: &'static [u64],
+    /// Samples per bucket, not cumulative.
+    pub counts: Vec<u64>,
+    /// Sum of the samples in microseconds.
+    pub sum_us: u64,
+}
+
+impl HistogramSnapshot {
+    /// Number of samples.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+/// Bucket bounds of `target_connect_duration_seconds`, in microseconds: a loopback connect
+/// takes tens of microseconds, a remote one milliseconds, a struggling one up to
+/// `connectTimeout`.
+pub const CONNECT_BUCKETS_US: [u64; 16] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
+/// Bucket bounds of `connection_duration_seconds`, in microseconds: from a one-request
+/// connection (milliseconds) to a websocket or game session (hours).
+pub const CONNECTION_BUCKETS_US: [u64; 18] = [
+    1_000,
+    5_000,
+    10_000,
+    50_000,
+    100_000,
+    500_000,
+    1_000_000,
+    5_000_000,
+    10_000_000,
+    30_000_000,
+    60_000_000,
+    300_000_000,
+    900_000_000,
+    1_800_000_000,
+    3_600_000_000,
+    7_200_000_000,
+    14_400_000_000,
+    86_400_000_000,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_bounds_increase() {
+        assert!(CONNECT_BUCKETS_US.windows(2).all(|w| w[0] < w[1]));
+        assert!(CONNECTION_BUCKETS_US.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn a_sample_lands_in_the_first_bucket_whose_bound_it_does_not_exceed() {
+        let h = Histogram::new(&CONNECT_BUCKETS_US);
+        h.record(Duration::from_micros(100)); // on the bound: that bucket (le is inclusive)
+        h.record(Duration::from_micros(101));
+        h.record(Duration::from_secs(60)); // past every bound: +Inf
+        let s = h.snapshot();
+        assert_eq!(s.counts.len(), CONNECT_BUCKETS_US.len() + 1);
+        assert_eq!((s.counts[0], s.counts[1]), (1, 1));
+        assert_eq!(s.counts[CONNECT_BUCKETS_US.len()], 1);
+        assert_eq!(s.count(), 3);
+        assert_eq!(s.sum_us, 100 + 101 + 60_000_000);
+    }
+}

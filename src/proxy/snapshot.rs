@@ -1,0 +1,121 @@
+//! A snapshot of the balancer's counters and target states: what the admin endpoint renders
+//! (`/metrics` today), read through this one narrow interface rather than the proxy's insides.
+//!
+//! Taking one reads the atomics the data path keeps and locks nothing the data path takes but
+//! the target registry (never touched per connection), so a scrape costs a connection nothing.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::Proxy;
+use crate::counters::{HistogramSnapshot, Reject};
+
+/// The balancer at one moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Every accepted socket, including those then refused.
+    pub accepted: u64,
+    /// Client connections open now.
+    pub active: u64,
+    /// Refused connections, indexed by `Reject as usize` (see [`Snapshot::rejected`]).
+    pub rejected: [u64; Reject::COUNT],
+    /// Connect attempts after the first of a client connection.
+    pub retries: u64,
+    /// Sticky sessions in the table.
+    pub sessions: u64,
+    pub reloads_success: u64,
+    pub reloads_failure: u64,
+    /// Whether the last reload attempt failed (false before any).
+    pub last_reload_failed: bool,
+    pub accept_errors_fd_limit: u64,
+    pub accept_errors_other: u64,
+    /// `connection_duration_seconds`.
+    pub connection_duration: HistogramSnapshot,
+    /// The configured targets in config order, then removed ones still draining.
+    pub targets: Vec<TargetSnapshot>,
+}
+
+impl Snapshot {
+    /// Connections refused for `reason`.
+    pub fn rejected(&self, reason: Reject) -> u64 {
+        self.rejected[reason as usize]
+    }
+
+    /// The target whose identity is `id`.
+    pub fn target(&self, id: &str) -> Option<&TargetSnapshot> {
+        self.targets.iter().find(|t| &*t.id == id)
+    }
+}
+
+/// One target identity at one moment.
+#[derive(Debug, Clone)]
+pub struct TargetSnapshot {
+    pub id: Arc<str>,
+    /// Listed in the current config (false: removed, its connections draining).
+    pub listed: bool,
+    /// Takes new clients: listed and not in a deactivation window.
+    pub up: bool,
+    /// Connections open to it now.
+    pub active: u64,
+    pub connections: u64,
+    pub connect_failures: u64,
+    pub deactivations: u64,
+    pub bytes_to_target: u64,
+    pub bytes_to_client: u64,
+    /// `target_connect_duration_seconds`.
+    pub connect_duration: HistogramSnapshot,
+}
+
+impl Proxy {
+    /// The counters and target states now.
+    pub fn snapshot(&self) -> Snapshot {
+        let shared = &self.shared;
+        let stats = &shared.stats;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let now = shared.clock.now_ms();
+        let generation = self.store.load();
+        let mut targets: Vec<TargetSnapshot> =
+            generation.states().iter().map(|s| target(s, now)).collect();
+        // Removed targets that still drain, after the listed ones (sorted: a stable order).
+        let mut draining: Vec<TargetSnapshot> = shared
+            .registry
+            .all()
+            .iter()
+            .filter(|s| !s.is_present())
+            .map(|s| target(s, now))
+            .collect();
+        draining.sort_by(|a, b| a.id.cmp(&b.id));
+        targets.extend(draining);
+        Snapshot {
+            accepted: load(&stats.accepted),
+            active: load(&stats.active),
+            rejected: Reject::ALL.map(|r| stats.rejected(r)),
+            retries: load(&stats.retries),
+            sessions: shared.sessions.len() as u64,
+            reloads_success: load(&stats.reloads_success),
+            reloads_failure: load(&stats.reloads_failure),
+            last_reload_failed: stats.last_reload_failed.load(Ordering::Relaxed),
+            accept_errors_fd_limit: load(&stats.accept_errors_fd_limit),
+            accept_errors_other: load(&stats.accept_errors_other),
+            connection_duration: stats.connection_duration.snapshot(),
+            targets,
+        }
+    }
+}
+
+fn target(state: &crate::balance::target::TargetState, now: u64) -> TargetSnapshot {
+    let c = &state.counters;
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    TargetSnapshot {
+        id: state.id.clone(),
+        listed: state.is_present(),
+        up: state.is_usable(now),
+        active: load(&state.active),
+        connections: load(&c.connections),
+        connect_failures: load(&c.connect_failures),
+        deactivations: load(&c.deactivations),
+        bytes_to_target: load(&c.bytes_to_target),
+        bytes_to_client: load(&c.bytes_to_client),
+        connect_duration: state.connect_duration.snapshot(),
+    }
+}
