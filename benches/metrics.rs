@@ -24,8 +24,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stickylb::config::Config;
+use stickylb::server;
 use stickylb::server::Server;
-use stickylb::sockets;
 use support::{client_ip, connect_from, dead_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -126,7 +126,7 @@ fn balancer() {
             "targets": [{"host": "127.0.0.1", "port": backend.port()}],
         });
         let config = Config::parse(Path::new("bench.json"), &text.to_string()).expect("config");
-        let bound = sockets::bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+        let bound = server::bind("127.0.0.1:0".parse().unwrap()).expect("bind");
         let server = std::sync::Arc::new(Server::start(config, bound).expect("start"));
         let exporter =
             stickylb::admin::install(server.config().metrics, server.clone()).expect("metrics");

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use stickylb::config::Config;
 use stickylb::reload::Reloader;
+use stickylb::server;
 use stickylb::server::Server;
-use stickylb::sockets;
 use support::{client_ip, config_text, connect_from};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -86,7 +86,7 @@ async fn run() {
     let path = dir.join("config.json");
     std::fs::write(&path, config_for(&sets[0])).unwrap();
     let config = Config::load(Path::new(&path)).unwrap();
-    let listener = sockets::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let server = Arc::new(Server::start(config, listener).unwrap());
     let lb = server.local_addr();
     let _watcher = Reloader::new(server.clone()).watch().unwrap();

@@ -8,41 +8,53 @@
 //!
 //! Data flows one way: accept → admit → pick → connect (retry) → proxy (splice or copy) → close.
 //! Config flows the other way: file → parse → validate → resolve → one `ArcSwap` store, read by
-//! every new connection.
+//! every new connection. Numbers flow up: the data path counts with atomics, and the admin
+//! endpoint reads them as a [`Snapshot`].
 //!
-//! # Layout
+//! # Layers
 //!
-//! - [`config`]: the JSON file format (LoadBalancer.js compatible) → a validated, resolved
-//!   [`config::Config`]; every error names the file, the JSON path and, for syntax errors, the
-//!   line and column.
-//! - [`balance`]: the choice of a target: the fixed client hash and weighted rendezvous table
-//!   ([`balance::hash`]), the runtime state of each target ([`balance::target`]), the shared
-//!   session table ([`balance::session`]) and the policy that combines them
-//!   ([`balance::Balancer`]).
-//! - [`proxy`]: the listener and its accept loop ([`proxy::listener`]), connect with fail-over
-//!   ([`proxy::connect`]), and the data path: zero-copy ([`proxy::splice`]) or userspace copy
-//!   ([`proxy::copy`]), driven by [`proxy::relay`].
-//! - [`reload`]: SIGHUP and config-file watching; validates completely, then swaps the store
-//!   in one atomic step.
-//! - [`server`]: assembles a running balancer from a config: runtime, listener, sweeper,
-//!   graceful shutdown. Tests start one on `127.0.0.1:0` through [`server::Server`].
-//! - [`stats`]: the counters the data path keeps with atomics, read by the metrics exporter.
-//! - [`metrics`]: the Prometheus names of design §6 and `GET /metrics`; publishes the atomics
-//!   at scrape time, so the data path pays for counters nothing beyond them.
-//! - [`sys`]: what needs the OS directly: the fd limit, dropping privileges.
-//! - [`demo`]: the built-in demo targets of `stickylb demo`.
-//! - [`cli`]: the command line: `stickylb`, `stickylb check`, `stickylb demo`.
+//! A module imports only modules on layers below its own (`tests/layers.rs` reads this list
+//! and checks every `crate::` path in `src/` against it):
+//!
+//! 6. [`cli`]: the command line: `stickylb`, `stickylb check`, `stickylb demo`.
+//! 5. [`reload`], [`admin`]: SIGHUP and config-file watching, which validate completely and
+//!    then swap the store in one atomic step; the HTTP endpoint at `metricsHost:metricsPort`
+//!    (`/metrics`, rendered by [`admin::prometheus`] from a [`Snapshot`]).
+//! 4. [`server`], `demo`: a running balancer assembled from a config (listener, accept loop,
+//!    session sweeper, graceful shutdown; tests start one on `127.0.0.1:0`); the built-in demo
+//!    targets of `stickylb demo`.
+//! 3. `proxy`: one handler per client connection: the accept loop, admission, connect with
+//!    fail-over, and the data path (splice or userspace copy, driven by the relay).
+//! 2. [`balance`]: the choice of a target: the fixed client hash and weighted rendezvous
+//!    table ([`balance::hash`]), each target's runtime state, the shared session table, and
+//!    the policy that combines them ([`balance::Balancer`]).
+//! 1. [`config`]: the JSON file (LoadBalancer.js compatible) → a validated, resolved
+//!    [`config::Config`]; every error names the file, the JSON path and, for syntax errors,
+//!    the line and column.
+//! 0. `addr`, `clock`, `counters`, `sockets`, `sys`: leaves: what a client address is, the
+//!    millisecond clock, the atomic counters and histograms, socket set-up and OS error
+//!    classes, and the OS calls for the fd limit and dropping privileges.
+//!
+//! The public surface is what the binary, the tests and the benches use: the modules linked
+//! above and the re-exports below. Everything else is private to the crate.
 
-pub mod addr;
 pub mod admin;
 pub mod balance;
 pub mod cli;
-pub mod clock;
 pub mod config;
-pub mod counters;
-pub mod demo;
-pub mod proxy;
 pub mod reload;
 pub mod server;
-pub mod sockets;
-pub mod sys;
+
+mod addr;
+mod clock;
+mod counters;
+mod demo;
+mod proxy;
+mod sockets;
+mod sys;
+
+pub use counters::{HistogramSnapshot, Reject};
+pub use proxy::admission::derived_max_connections;
+#[cfg(target_os = "linux")]
+pub use proxy::splice::spliced_bytes;
+pub use proxy::{Snapshot, TargetSnapshot};

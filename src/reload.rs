@@ -246,7 +246,10 @@ fn watched_dir(path: &Path) -> PathBuf {
 /// listen address changed, binds and starts the new listener and retires the old one (failure
 /// rejects the whole reload, with nothing changed); then stores the config. Returns the keys
 /// whose change was not applied.
-pub async fn apply(server: &Server, mut config: Config) -> Result<Vec<&'static str>, ReloadError> {
+pub(crate) async fn apply(
+    server: &Server,
+    mut config: Config,
+) -> Result<Vec<&'static str>, ReloadError> {
     let running = server.proxy().config();
     let mut kept = Vec::new();
     if config.metrics != running.metrics {

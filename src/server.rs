@@ -26,6 +26,12 @@ use crate::config::Config;
 use crate::proxy::{listener, Proxy, Snapshot};
 use crate::sockets;
 
+/// Binds `addr` for a balancer to listen on (see [`Server::start`]): SO_REUSEADDR,
+/// dual-stack for `::`, non-blocking, with a deep backlog.
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    sockets::bind(addr)
+}
+
 /// A balancer serving on one listener at a time.
 #[derive(Debug)]
 pub struct Server {
@@ -115,7 +121,7 @@ impl Server {
 
     /// Starts accepting on `listener`, then closes the previous listener. Connections the old
     /// one accepted go on. Returns the new address.
-    pub async fn replace_listener(
+    pub(crate) async fn replace_listener(
         &self,
         listener: std::net::TcpListener,
     ) -> io::Result<SocketAddr> {

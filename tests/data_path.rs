@@ -33,11 +33,11 @@ async fn echo_transfer(zero_copy: bool, len: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwards_64_mib_both_ways_byte_exact_with_splice() {
-    let before = stickylb::proxy::splice::spliced_bytes();
+    let before = stickylb::spliced_bytes();
     echo_transfer(true, 64 * MIB).await;
     // Bulk moves through the kernel: nearly all of the 2 × 64 MiB went through splice (other
     // tests running at the same time can only add to the count).
-    let spliced = stickylb::proxy::splice::spliced_bytes() - before;
+    let spliced = stickylb::spliced_bytes() - before;
     assert!(
         spliced >= (2 * 64 * MIB as u64) * 9 / 10,
         "only {spliced} bytes spliced"

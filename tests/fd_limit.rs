@@ -234,7 +234,7 @@ async fn with_the_derived_limit_a_flood_is_refused_and_the_process_keeps_serving
     // (256 − 128) / 2 = 64 connections at most, the held ones included. (A burst can still
     // meet EMFILE in accept for a moment: sockets accepted only to be refused hold a descriptor
     // until their handler closes them. The accept backoff covers that.)
-    let derived = stickylb::proxy::admission::derived_max_connections(NOFILE) as usize;
+    let derived = stickylb::derived_max_connections(NOFILE) as usize;
     assert_eq!(derived, 64);
     assert!(
         flood.proxied_during <= derived,

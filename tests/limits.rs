@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use stickylb::counters::Reject;
+use stickylb::Reject;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

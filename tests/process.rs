@@ -191,8 +191,14 @@ async fn downgrade_to_user_drops_root_after_binding() {
         .find(|l| l.starts_with("Uid:"))
         .unwrap()
         .to_string();
-    let nobody =
-        stickylb::sys::lookup_user(&stickylb::config::UserSpec::Name("nobody".into())).unwrap();
+    let id = std::process::Command::new("id")
+        .args(["-u", "nobody"])
+        .output()
+        .expect("id -u nobody");
+    let nobody: u32 = String::from_utf8_lossy(&id.stdout)
+        .trim()
+        .parse()
+        .expect("a uid");
     let uids: Vec<u32> = uid_line
         .split_whitespace()
         .skip(1)
@@ -200,7 +206,7 @@ async fn downgrade_to_user_drops_root_after_binding() {
         .collect();
     assert_eq!(
         uids,
-        vec![nobody.uid; 4],
+        vec![nobody; 4],
         "real, effective, saved, fs uid: {uid_line}"
     );
     // Still serving after the switch.

@@ -7,7 +7,7 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use stickylb::counters::Reject;
+use stickylb::Reject;
 use support::*;
 use tokio::io::AsyncReadExt;
 

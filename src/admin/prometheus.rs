@@ -45,7 +45,7 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Renders `s` as the exposition a scrape returns.
 pub fn render(s: &Snapshot) -> String {
     use names::*;
-    // About 1.6 KiB per target (its series and 18 buckets), plus the global series.
+    // Room for each target's series and histogram buckets, so the buffer rarely grows.
     let mut out = Out(String::with_capacity(4096 + 1700 * s.targets.len()));
     let o = &mut out;
 

@@ -16,8 +16,8 @@
 //!   them move to it (about 1/(N+1) of clients, weighted: w_new / Σw);
 //! - the result depends on the set of (id, weight), never on list order, and there is no ring
 //!   of virtual nodes to rebuild when health changes or to unbalance the shares: a pick is one
-//!   pass over the targets, N scores of about 1.3 ns each and no allocation (`benches/pick.rs`:
-//!   ≈ 85 ns at 64 targets), which is cheap at the sizes a TCP balancer sees.
+//!   pass over the targets, one score each and no allocation (`benches/pick.rs` measures it;
+//!   figures in docs/benchmarks.md), which is cheap at the sizes a TCP balancer sees.
 //!
 //! # Why a fixed hash
 //!
@@ -36,7 +36,8 @@
 //! - `fmix64(k)`: MurmurHash3's 64-bit finalizer: `k ^= k >> 33; k *= 0xff51afd7ed558ccd;
 //!   k ^= k >> 33; k *= 0xc4ceb9fe1a85ec53; k ^= k >> 33` (wrapping). It is a bijection.
 //! - [`client_key`]`(ip) = fmix64(fnv1a64(octets))` where `octets` are the 4 or 16 bytes of
-//!   [`canonical_ip`](crate::addr::canonical_ip)`(ip)` in network order, so `::ffff:a.b.c.d` hashes as `a.b.c.d`.
+//!   `canonical_ip(ip)` (`src/addr.rs`) in network order, so `::ffff:a.b.c.d` hashes as
+//!   `a.b.c.d`.
 //! - [`target_seed`]`(id) = fmix64(fnv1a64(id as UTF-8))`.
 //! - [`score`]`(key, seed) = fmix64(key ^ seed)`. FNV-1a alone mixes poorly; each of key and seed
 //!   has already been through `fmix64`, and a second `fmix64` of their XOR decorrelates the

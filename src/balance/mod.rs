@@ -16,8 +16,8 @@
 //! most once per connection.
 
 pub mod hash;
-pub mod session;
-pub mod target;
+pub(crate) mod session;
+pub(crate) mod target;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -32,10 +32,10 @@ use target::{Registry, TargetState};
 /// State that outlives config generations.
 #[derive(Debug, Default)]
 pub struct Shared {
-    pub registry: Registry,
-    pub sessions: Sessions,
-    pub clock: Clock,
-    pub stats: Stats,
+    pub(crate) registry: Registry,
+    pub(crate) sessions: Sessions,
+    pub(crate) clock: Clock,
+    pub(crate) stats: Stats,
 }
 
 impl Shared {
@@ -47,7 +47,7 @@ impl Shared {
 /// One config generation: what a new connection reads from the store.
 #[derive(Debug)]
 pub struct Balancer {
-    pub config: Arc<Config>,
+    pub(crate) config: Arc<Config>,
     table: Table,
     /// The state of each target, aligned with `config.targets`.
     states: Vec<Arc<TargetState>>,
@@ -80,7 +80,7 @@ impl Balancer {
         }
     }
 
-    pub fn states(&self) -> &[Arc<TargetState>] {
+    pub(crate) fn states(&self) -> &[Arc<TargetState>] {
         &self.states
     }
 
@@ -162,11 +162,11 @@ impl<'a> Route<'a> {
         self.current
     }
 
-    pub fn target(&self) -> &'a TargetSpec {
+    pub(crate) fn target(&self) -> &'a TargetSpec {
         &self.balancer.config.targets[self.current]
     }
 
-    pub fn state(&self) -> &'a Arc<TargetState> {
+    pub(crate) fn state(&self) -> &'a Arc<TargetState> {
         &self.balancer.states[self.current]
     }
 
@@ -428,6 +428,6 @@ mod tests {
         let shared = Shared::new();
         let balancer = Balancer::new(config(3, r#", "stickiness": false"#), &shared);
         let _r = balancer.route(&shared, ip(7));
-        assert!(shared.sessions.is_empty());
+        assert_eq!(shared.sessions.len(), 0);
     }
 }

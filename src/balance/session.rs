@@ -90,10 +90,6 @@ impl Sessions {
         self.len.load(Ordering::Relaxed)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Removes sessions that have expired: no open connection and the last one closed at
     /// least `expiry_ms` ago. Locks one shard at a time. Returns how many were removed.
     pub fn sweep(&self, now_ms: u64, expiry_ms: u64) -> usize {

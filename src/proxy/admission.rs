@@ -85,15 +85,17 @@ impl ClientCounts {
         }
     }
 
-    /// Client addresses with an open connection (for tests).
-    pub fn len(&self) -> usize {
+    /// Client addresses with an open connection.
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.shards
             .iter()
             .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
             .sum()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }

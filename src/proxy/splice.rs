@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 const POOL_PER_THREAD: usize = 16;
 
 /// Bytes moved by splice in this process, all connections: lets tests (and an operator with a
-/// debugger) confirm that the zero-copy path is really taken. One relaxed add per 4–256 KiB.
+/// debugger) confirm that the zero-copy path is really taken. One relaxed add per splice chunk.
 static SPLICED_BYTES: AtomicU64 = AtomicU64::new(0);
 
 /// Bytes moved by splice(2) in this process so far.
@@ -40,17 +40,12 @@ pub fn spliced_bytes() -> u64 {
 /// A splice that moves less than this hands the direction back to the copy path.
 pub const SMALL: usize = 4096;
 
-/// Requested pipe capacity. Linux's default is 64 KiB (16 slots); 256 KiB makes a quarter of
-/// the splice calls per byte on bulk transfers (`benches/profile.sh`: 33.7 → 8.1 per MiB on 4
-/// streams) and lowers balancer CPU per GB from 0.236 to 0.205 s on one stream and from 0.217
-/// to 0.146 s on four (`benches/compare.sh`, docs/benchmarks.md).
-///
-/// 1 MiB pipes lower it further on one stream (0.187 → 0.155 s per GB) but not on four (0.143
-/// → 0.141), and they spend the per-user pipe budget four times as fast: past
-/// `fs.pipe-user-pages-soft` (64 MiB by default, so 64 such pipes) an unprivileged process gets
-/// 2-page pipes. 256 KiB keeps 256 bulk transfers at full size. The pages are allocated only as
-/// the pipe fills; a process past the budget gets smaller pipes, which still work, with more
-/// calls.
+/// Requested pipe capacity. Four times Linux's default (16 slots): a bulk transfer then makes a
+/// quarter of the splice calls per byte, which lowers the balancer's CPU per GB
+/// (`benches/profile.sh` counts the calls, `benches/compare.sh` the CPU; figures in
+/// docs/benchmarks.md, row "256 KiB pipes"). Larger pipes help one stream a little more, but
+/// they spend the per-user pipe budget (`fs.pipe-user-pages-soft`) faster: past it an
+/// unprivileged process gets 2-page pipes. The pages are allocated only as the pipe fills.
 const PIPE_SIZE: usize = 256 * 1024;
 
 /// A non-blocking pipe: `write` end filled from one socket, `read` end drained into the other.

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stickylb::config::Config;
+use stickylb::server;
 use stickylb::server::Server;
-use stickylb::sockets;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
@@ -66,7 +66,7 @@ pub fn config(targets: &[SocketAddr], extra: serde_json::Value) -> Config {
 
 /// Starts a balancer in this runtime on a fresh loopback port.
 pub fn start(targets: &[SocketAddr], extra: serde_json::Value) -> Arc<Server> {
-    let listener = sockets::bind("127.0.0.1:0".parse().unwrap()).expect("bind balancer");
+    let listener = server::bind("127.0.0.1:0".parse().unwrap()).expect("bind balancer");
     Arc::new(Server::start(config(targets, extra), listener).expect("start balancer"))
 }
 
@@ -304,6 +304,6 @@ pub fn start_from_file(path: &Path, bind_config_port: bool) -> Arc<Server> {
     } else {
         "127.0.0.1:0".parse().unwrap()
     };
-    let listener = sockets::bind(addr).expect("bind balancer");
+    let listener = server::bind(addr).expect("bind balancer");
     Arc::new(Server::start(config, listener).expect("start balancer"))
 }
