@@ -19,6 +19,8 @@
 //!   ([`balance::hash`]), the runtime state of each target ([`balance::target`]), the shared
 //!   session table ([`balance::session`]) and the policy that combines them
 //!   ([`balance::Balancer`]).
+//! - [`proxy_protocol`]: the PROXY protocol header (v1 and v2), parsed from trusted upstreams
+//!   and sent to targets; a leaf that knows bytes and addresses only.
 //! - [`proxy`]: the listener and its accept loop ([`proxy::listener`]), connect with fail-over
 //!   ([`proxy::connect`]), and the data path: zero-copy ([`proxy::splice`]) or userspace copy
 //!   ([`proxy::copy`]), driven by [`proxy::relay`].
@@ -39,6 +41,7 @@ pub mod config;
 pub mod demo;
 pub mod metrics;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod reload;
 pub mod server;
 pub mod stats;
