@@ -13,13 +13,16 @@
 //! - a v1 port is accepted exactly when it is plain decimal (no sign, no leading zero), an
 //!   address exactly when std reads it as one of the line's family, and one of the other
 //!   family is told apart as a family mismatch;
-//! - random bytes, and random edits of valid headers, never panic.
+//! - random bytes, and random edits of valid headers, never panic;
+//! - `parse` allocates nothing, and `encode` nothing beyond the `Vec` it is given.
 //!
 //! Addresses are only values here: no socket is opened.
 
 #[path = "../fuzz/proxy_protocol_check.rs"]
 mod proxy_protocol_check;
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 
@@ -28,6 +31,39 @@ use proxy_protocol_check::{canonical, check};
 use stickylb::proxy_protocol::{
     encode, parse, Header, Parse, ParseError, V1Field, Version, MAX_HEADER, V1_MAX, V2_MAX,
 };
+
+/// The system allocator, counting the allocations of each thread, so that a test can show
+/// that `parse` and `encode` allocate nothing (they run once per connection).
+struct CountingAllocator;
+
+thread_local! {
+    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+}
+
+// SAFETY: every call is passed on to the system allocator unchanged; counting touches only a
+// const-initialized thread-local, which needs no allocation.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+        // SAFETY: the caller's contract for `alloc` is the system allocator's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System.alloc` with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+/// How many allocations `f` made on this thread.
+fn allocations_in(f: impl FnOnce()) -> usize {
+    let before = ALLOCATIONS.with(Cell::get);
+    f();
+    ALLOCATIONS.with(Cell::get) - before
+}
 
 fn ip() -> impl Strategy<Value = IpAddr> {
     prop_oneof![
@@ -315,6 +351,26 @@ proptest! {
         };
         prop_assert_eq!(parse(&bytes[..16]), expected);
         check(&bytes);
+    }
+
+    #[test]
+    fn parse_and_encode_allocate_nothing(
+        (bytes, _) in valid_header(),
+        noise in proptest::collection::vec(any::<u8>(), 0..200),
+        version in version(),
+        client in socket_addr(),
+        server in socket_addr(),
+    ) {
+        let mut noisy = bytes.clone();
+        noisy.truncate(noise.len() % (bytes.len() + 1));
+        noisy.extend_from_slice(&noise);
+        prop_assert_eq!(allocations_in(|| {
+            let _ = std::hint::black_box(parse(std::hint::black_box(&bytes)));
+            let _ = std::hint::black_box(parse(std::hint::black_box(&noisy)));
+        }), 0);
+        // Into a reused buffer, as the connection path does.
+        let mut out = Vec::with_capacity(256);
+        prop_assert_eq!(allocations_in(|| encode(version, client, server, &mut out)), 0);
     }
 
     #[test]
