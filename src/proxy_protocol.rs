@@ -344,7 +344,7 @@ fn parse_v1_line(line: &[u8]) -> Result<Parse, ParseError> {
     let family = match word {
         b"TCP4" => V1Family::Tcp4,
         b"TCP6" => V1Family::Tcp6,
-        b"UNKNOWN" => return v1_unknown(&mut reader, delimiter),
+        b"UNKNOWN" => return v1_unknown(&reader, delimiter),
         _ => return Err(ParseError::V1Syntax(V1Field::Protocol)),
     };
     separator(delimiter, V1Field::SourceAddress)?;
@@ -419,7 +419,7 @@ fn separator(delimiter: Delimiter, next: V1Field) -> Result<(), ParseError> {
 }
 
 /// After `UNKNOWN`: the rest of the line, whatever it holds, up to the CRLF.
-fn v1_unknown(reader: &mut V1Line<'_>, delimiter: Delimiter) -> Result<Parse, ParseError> {
+fn v1_unknown(reader: &V1Line<'_>, delimiter: Delimiter) -> Result<Parse, ParseError> {
     let cr = match delimiter {
         Delimiter::Cr => reader.pos,
         Delimiter::Lf => return Err(ParseError::V1Syntax(V1Field::LineEnd)),
