@@ -31,9 +31,10 @@
 //! 1. [`config`]: the JSON file (LoadBalancer.js compatible) → a validated, resolved
 //!    [`config::Config`]; every error names the file, the JSON path and, for syntax errors,
 //!    the line and column.
-//! 0. `addr`, `clock`, `counters`, `sockets`, `sys`: leaves: what a client address is, the
-//!    millisecond clock, the atomic counters and histograms, socket set-up and OS error
-//!    classes, and the OS calls for the fd limit and dropping privileges.
+//! 0. `addr`, `clock`, `counters`, [`proxy_protocol`], `sockets`, `sys`: leaves: what a client
+//!    address is, the millisecond clock, the atomic counters and histograms, the PROXY protocol
+//!    header (v1 and v2, bytes and addresses only), socket set-up and OS error classes, and the
+//!    OS calls for the fd limit and dropping privileges.
 //!
 //! The public surface is what the binary, the tests and the benches use: the modules linked
 //! above and the re-exports below. Everything else is private to the crate.
@@ -42,6 +43,7 @@ pub mod admin;
 pub mod balance;
 pub mod cli;
 pub mod config;
+pub mod proxy_protocol;
 pub mod reload;
 pub mod server;
 
