@@ -132,7 +132,8 @@ fn run(path: &Path, demo: bool, watch: bool) -> i32 {
         }
     };
     let code = runtime.block_on(serve(config, demo, watch));
-    // Connections still open after the drain deadline are cut here.
+    // Every connection was closed or reset by now; a handler the runtime still drops resets its
+    // sockets (see `proxy::Proxy::handle`).
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     code
 }
@@ -247,12 +248,13 @@ async fn serve(config: Config, demo: bool, watch: bool) -> i32 {
             if drained {
                 tracing::info!("all connections finished; exiting");
             } else {
-                tracing::warn!(open = server.proxy().active(), "shutdownTimeout reached; cutting the remaining connections");
+                tracing::warn!("shutdownTimeout reached; the remaining connections were reset");
             }
             0
         }
         signal = signals.next_stop() => {
-            tracing::warn!(signal, open = server.proxy().active(), "second signal: exiting at once");
+            tracing::warn!(signal, open = server.active(), "second signal: resetting every connection and exiting");
+            server.cut_all().await;
             1
         }
     }

@@ -264,27 +264,27 @@ pub(crate) async fn apply(
         kept.push("downgradeToUser");
         config.downgrade_to_user = running.downgrade_to_user.clone();
     }
-    let new_listener = if config.listen != running.listen {
+    if config.listen != running.listen {
         let bound = sockets::bind(config.listen).map_err(|source| ReloadError::Bind {
             addr: config.listen,
             source,
         })?;
-        Some(bound)
-    } else {
-        None
-    };
-    if let Some(bound) = new_listener {
         // Moved before the config is stored, so that a listener that cannot start leaves the
         // whole reload undone. Connections accepted meanwhile on either port use the running
         // config (each loads the config it uses once, at its start).
         let addr = server
-            .replace_listener(bound)
+            .replace_listener(bound, config.tcp_keepalive.as_ref())
             .await
             .map_err(|source| ReloadError::Bind {
                 addr: config.listen,
                 source,
             })?;
         tracing::info!(%addr, old = %running.listen, "listener moved");
+    } else if config.tcp_keepalive != running.tcp_keepalive {
+        if let Err(error) = server.retune_listener(config.tcp_keepalive.as_ref()) {
+            // The new settings still apply to target sockets; client sockets keep the old ones.
+            tracing::warn!(%error, "cannot apply tcpKeepalive to the listener");
+        }
     }
     server.proxy().swap(config);
     Ok(kept)

@@ -14,6 +14,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::clock::duration_ms;
-use crate::config::Config;
+use crate::config::{Config, Keepalive};
 use crate::proxy::{listener, Proxy, Snapshot};
 use crate::sockets;
 
@@ -31,6 +32,9 @@ use crate::sockets;
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     sockets::bind(addr)
 }
+
+/// How long [`Server::cut_all`] waits for the handlers it cut to close their sockets.
+const CUT_WAIT: Duration = Duration::from_secs(2);
 
 /// A balancer serving on one listener at a time.
 #[derive(Debug)]
@@ -46,19 +50,32 @@ pub struct Server {
 #[derive(Debug)]
 struct AcceptLoop {
     addr: SocketAddr,
+    /// The listening socket, owned by the task; open as long as this loop is (see
+    /// [`AcceptLoop::stop`]).
+    fd: RawFd,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
 impl AcceptLoop {
-    fn start(listener: std::net::TcpListener, proxy: Arc<Proxy>) -> io::Result<AcceptLoop> {
+    fn start(
+        listener: std::net::TcpListener,
+        proxy: Arc<Proxy>,
+        keepalive: Option<&Keepalive>,
+    ) -> io::Result<AcceptLoop> {
         listener.set_nonblocking(true)?;
-        sockets::inherit_to_accepted(&listener)?;
+        sockets::inherit_to_accepted(&listener, keepalive)?;
         let listener = TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
+        let fd = listener.as_raw_fd();
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(listener::accept_loop(listener, proxy, stopped));
-        Ok(AcceptLoop { addr, stop, task })
+        Ok(AcceptLoop {
+            addr,
+            fd,
+            stop,
+            task,
+        })
     }
 
     /// Stops accepting and waits until the listener is closed.
@@ -72,8 +89,9 @@ impl Server {
     /// Starts serving `config` on `listener` (bound and listening, e.g. by
     /// [`crate::sockets::bind`]). Must be called inside a tokio runtime.
     pub fn start(config: Config, listener: std::net::TcpListener) -> io::Result<Server> {
+        let keepalive = config.tcp_keepalive;
         let proxy = Proxy::new(config);
-        let accept = AcceptLoop::start(listener, proxy.clone())?;
+        let accept = AcceptLoop::start(listener, proxy.clone(), keepalive.as_ref())?;
         let (stopped, stopped_rx) = watch::channel(false);
         tokio::spawn(sweep_sessions(proxy.clone(), stopped_rx));
         Ok(Server {
@@ -124,14 +142,30 @@ impl Server {
     pub(crate) async fn replace_listener(
         &self,
         listener: std::net::TcpListener,
+        keepalive: Option<&Keepalive>,
     ) -> io::Result<SocketAddr> {
-        let new = AcceptLoop::start(listener, self.proxy.clone())?;
+        let new = AcceptLoop::start(listener, self.proxy.clone(), keepalive)?;
         let addr = new.addr;
         let old = self.lock_accept().replace(new);
         if let Some(old) = old {
             old.stop().await;
         }
         Ok(addr)
+    }
+
+    /// Sets the options accepted sockets inherit (`tcpKeepalive`) on the current listener, for
+    /// a reload that changed them.
+    pub(crate) fn retune_listener(&self, keepalive: Option<&Keepalive>) -> io::Result<()> {
+        let accept = self.lock_accept();
+        match &*accept {
+            Some(current) => {
+                // SAFETY: the fd is the listener of the accept loop held in `accept`, which
+                // stays open while the lock is held (stopping takes the loop out of it first).
+                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(current.fd) };
+                sockets::inherit_to_accepted(&fd, keepalive)
+            }
+            None => Ok(()),
+        }
     }
 
     /// Closes the listener: from now on new connects are refused; open connections go on.
@@ -151,11 +185,25 @@ impl Server {
             .is_ok()
     }
 
-    /// Stops accepting, then drains for the config's `shutdownTimeout`.
+    /// Stops accepting, then drains for the config's `shutdownTimeout`. Connections still
+    /// open then are cut: reset on both sides, so no peer takes the cut for a complete stream.
+    /// Returns true if all connections finished by themselves.
     pub async fn shutdown(&self) -> bool {
         self.stop_accepting().await;
         let timeout = self.proxy.config().shutdown_timeout;
-        self.drain(timeout).await
+        if self.drain(timeout).await {
+            return true;
+        }
+        self.cut_all().await;
+        false
+    }
+
+    /// Resets every open connection (both sides) and waits, briefly, until their handlers
+    /// have closed them.
+    pub async fn cut_all(&self) {
+        self.proxy.cut_all();
+        // Each handler resets and returns at its next poll; the bound is only a safeguard.
+        let _ = tokio::time::timeout(CUT_WAIT, self.proxy.drained()).await;
     }
 }
 

@@ -161,6 +161,17 @@ fn optional_keys() -> impl Strategy<Value = Vec<(&'static str, Value)>> {
             .boxed(),
         any::<bool>().prop_map(|b| ("zeroCopy", json!(b))).boxed(),
         any::<bool>().prop_map(|b| ("accessLog", json!(b))).boxed(),
+        (1u64..=1024)
+            .prop_map(|n| ("maxConnectAttempts", json!(n)))
+            .boxed(),
+        prop_oneof![
+            any::<bool>().prop_map(Value::from),
+            (1u64..=32_767, 1u64..=32_767, 1u64..=127).prop_map(|(idle, interval, count)| {
+                json!({"idle": idle * 1000, "interval": interval * 1000, "count": count})
+            }),
+        ]
+        .prop_map(|v| ("tcpKeepalive", v))
+        .boxed(),
     ];
     keys.into_iter()
         .map(proptest::option::of)
@@ -246,6 +257,13 @@ fn invalid_value(key: &str) -> Vec<Value> {
             vec![json!(-1), json!(1.5), json!("10"), json!(null)]
         }
         "downgradeToUser" => vec![json!(""), json!(-1), json!(4_294_967_296u64), json!([])],
+        "maxConnectAttempts" => vec![json!(0), json!(1025), json!(2.5), json!(null)],
+        "tcpKeepalive" => vec![
+            json!(60),
+            json!({"idle": 1500}),
+            json!({"count": 128}),
+            json!({"period": 1000}),
+        ],
         "allow" | "deny" => vec![
             json!("10.0.0.0/8"),
             json!(["10.1.0.0/8"]),
@@ -307,6 +325,11 @@ proptest! {
                     prop_assert_eq!(parsed, &given, "key {}", key);
                 }
                 "metricsPort" if value.is_null() => prop_assert!(shown.is_null()),
+                // `true` means the defaults, shown as the object they are.
+                "tcpKeepalive" if value == &json!(true) => prop_assert_eq!(
+                    shown,
+                    &json!({"idle": 60000, "interval": 10000, "count": 6})
+                ),
                 _ => prop_assert_eq!(shown, value, "key {}", key),
             }
         }
@@ -330,7 +353,7 @@ proptest! {
             "sessionExpiry", "sessionExpiryInterval", "balancerCount", "maxBufferSize",
             "downgradeToUser", "metricsHost", "metricsPort", "connectTimeout", "idleTimeout",
             "shutdownTimeout", "maxConnections", "maxConnectionsPerClient", "maxSessions",
-            "allow", "deny", "zeroCopy", "accessLog",
+            "allow", "deny", "zeroCopy", "accessLog", "maxConnectAttempts", "tcpKeepalive",
         ]),
         pick in any::<prop::sample::Index>(),
     ) {

@@ -95,6 +95,7 @@ impl Balancer {
             ip,
             key,
             tried: Tried::default(),
+            attempts: 1,
             pinned: false,
             current: 0,
         };
@@ -151,6 +152,8 @@ pub struct Route<'a> {
     ip: IpAddr,
     key: u64,
     tried: Tried,
+    /// Connect attempts made so far (the current one included), for `maxConnectAttempts`.
+    attempts: u32,
     /// Whether this connection holds an open count in the client's session.
     pinned: bool,
     current: usize,
@@ -201,12 +204,16 @@ impl<'a> Route<'a> {
 
     /// The connect to the current target failed: deactivates it for
     /// `targetDeactivationDuration` and moves to the next target, or returns `None` when every
-    /// target has been tried once.
+    /// target has been tried once or `maxConnectAttempts` attempts were made.
     pub fn failed(&mut self) -> Option<usize> {
         let now = self.shared.clock.now_ms();
         let failed = &self.balancer.states[self.current];
         failed.deactivate(now, self.config().target_deactivation);
         self.tried.insert(self.current);
+        if self.attempts >= self.config().max_connect_attempts {
+            // `maxConnectAttempts`: the client is not held for more connect timeouts.
+            return None;
+        }
         let next = if self.pinned {
             let mut shard = self.shared.sessions.lock(self.key);
             // An open connection keeps its session in the table, so it is there.
@@ -228,6 +235,7 @@ impl<'a> Route<'a> {
         };
         if let Some(j) = next {
             self.current = j;
+            self.attempts += 1;
             self.shared
                 .stats
                 .retries

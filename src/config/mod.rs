@@ -20,6 +20,7 @@ mod cidr;
 mod error;
 mod parse;
 
+pub use crate::sockets::Keepalive;
 pub use crate::sys::UserSpec;
 pub use cidr::{Cidr, ParseCidrError};
 pub use error::ConfigError;
@@ -84,6 +85,11 @@ pub struct Config {
     pub zero_copy: bool,
     /// `accessLog` (default false).
     pub access_log: bool,
+    /// `maxConnectAttempts` (default 3): targets tried for one client connection at most,
+    /// which also bounds its connect time to that many `connectTimeout`s.
+    pub max_connect_attempts: u32,
+    /// `tcpKeepalive` (default idle 60 s, interval 10 s, 6 probes; `false` = `None`: off).
+    pub tcp_keepalive: Option<Keepalive>,
     /// Things worth telling the operator at start-up or reload that are not errors
     /// (`schedulingPolicy` ignored, `maxBufferSize` has no effect, ...).
     pub warnings: Vec<String>,

@@ -15,7 +15,7 @@
 //! - `metricsPort` equal to `sourcePort` on an overlapping address is an error, and so is a
 //!   target that is the listener itself (it would connect to itself, without end);
 //! - a host name that resolves to several addresses: the first one is used.
-use super::{Cidr, Config, ConfigError, TargetSpec, UserSpec};
+use super::{Cidr, Config, ConfigError, Keepalive, TargetSpec, UserSpec};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
@@ -170,7 +170,67 @@ const KEYS: &[(&str, Apply)] = &[
         b.access_log = f.boolean()?;
         Ok(())
     }),
+    ("maxConnectAttempts", |b, f| {
+        // At most MAX_CONNECT_ATTEMPTS, so the conversion is exact.
+        b.max_connect_attempts = f.integer(1, MAX_CONNECT_ATTEMPTS)? as u32;
+        Ok(())
+    }),
+    ("tcpKeepalive", read_keepalive),
 ];
+
+/// The keys of `tcpKeepalive`.
+const KEEPALIVE_KEYS: &[&str] = &["idle", "interval", "count"];
+
+/// Largest `maxConnectAttempts`: more attempts than targets are never made anyway.
+const MAX_CONNECT_ATTEMPTS: u64 = 1024;
+
+/// `tcpKeepalive`: `false` (off), `true` (the defaults), or an object of `idle` and `interval`
+/// (ms, whole seconds from 1 s: the kernel counts in seconds; it caps them at 32,767 s) and
+/// `count` (1 to 127 probes).
+fn read_keepalive(b: &mut Builder, f: &Field<'_>) -> Result<(), ConfigError> {
+    let map = match f.value {
+        Value::Bool(false) => {
+            b.tcp_keepalive = None;
+            return Ok(());
+        }
+        Value::Bool(true) => {
+            b.tcp_keepalive = Some(Keepalive::default());
+            return Ok(());
+        }
+        Value::Object(map) => map,
+        _ => {
+            return Err(f.expected(
+                "false, true, or an object such as {\"idle\": 60000, \"interval\": 10000, \
+                 \"count\": 6}",
+            ))
+        }
+    };
+    check_keys(f.file, &f.path, map, KEEPALIVE_KEYS)?;
+    let mut keepalive = Keepalive::default();
+    let seconds = |key: &str, v: &Value| -> Result<Duration, ConfigError> {
+        let field = f.child(key, v);
+        let what = "a duration in milliseconds from 1000 to 32767000, in whole seconds";
+        let ms = field.integer_as(1000, 32_767_000, what)?;
+        if ms % 1000 != 0 {
+            return Err(field.error(format!(
+                "expected {what}, found {ms}: the kernel counts keepalive times in seconds"
+            )));
+        }
+        Ok(Duration::from_millis(ms))
+    };
+    if let Some(v) = map.get("idle") {
+        keepalive.idle = seconds("idle", v)?;
+    }
+    if let Some(v) = map.get("interval") {
+        keepalive.interval = seconds("interval", v)?;
+    }
+    if let Some(v) = map.get("count") {
+        // At most 127, so the conversion is exact.
+        keepalive.count = f.child("count", v).integer(1, 127)? as u32;
+    }
+    b.tcp_keepalive = Some(keepalive);
+    Ok(())
+}
 
 /// The keys of one element of `targets`.
 const TARGET_KEYS: &[&str] = &["host", "port", "weight", "id"];
@@ -260,6 +320,8 @@ struct Builder {
     deny: Vec<Cidr>,
     zero_copy: bool,
     access_log: bool,
+    max_connect_attempts: u32,
+    tcp_keepalive: Option<Keepalive>,
     warnings: Vec<String>,
 }
 
@@ -297,6 +359,8 @@ impl Builder {
             deny: Vec::new(),
             zero_copy: true,
             access_log: false,
+            max_connect_attempts: 3, // as HAProxy's `retries`
+            tcp_keepalive: Some(Keepalive::default()),
             warnings: Vec::new(),
         }
     }
@@ -390,6 +454,8 @@ impl Builder {
             deny: self.deny,
             zero_copy: self.zero_copy,
             access_log: self.access_log,
+            max_connect_attempts: self.max_connect_attempts,
+            tcp_keepalive: self.tcp_keepalive,
             warnings: self.warnings,
         })
     }
@@ -755,6 +821,15 @@ pub fn effective_json(c: &Config) -> Value {
         "deny": cidrs(&c.deny),
         "zeroCopy": c.zero_copy,
         "accessLog": c.access_log,
+        "maxConnectAttempts": c.max_connect_attempts,
+        "tcpKeepalive": match c.tcp_keepalive {
+            None => Value::Bool(false),
+            Some(k) => json!({
+                "idle": ms(k.idle),
+                "interval": ms(k.interval),
+                "count": k.count,
+            }),
+        },
     })
 }
 
@@ -858,6 +933,13 @@ mod tests {
         assert!(c.allow.is_empty() && c.deny.is_empty());
         assert!(c.zero_copy);
         assert!(!c.access_log);
+        assert_eq!(c.max_connect_attempts, 3);
+        assert_eq!(c.tcp_keepalive, Some(Keepalive::default()));
+        let k = Keepalive::default();
+        assert_eq!(
+            (k.idle.as_secs(), k.interval.as_secs(), k.count),
+            (60, 10, 6)
+        );
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     }
 
@@ -870,8 +952,18 @@ mod tests {
             "connectTimeout": 1500, "idleTimeout": 600000, "shutdownTimeout": 0,
             "maxConnections": 50000, "maxConnectionsPerClient": 10, "maxSessions": 0,
             "allow": ["10.0.0.0/8", "::1"], "deny": ["10.6.6.6"], "zeroCopy": false,
-            "accessLog": true
+            "accessLog": true, "maxConnectAttempts": 7,
+            "tcpKeepalive": {"idle": 30000, "interval": 5000, "count": 3}
         "#);
+        assert_eq!(c.max_connect_attempts, 7);
+        assert_eq!(
+            c.tcp_keepalive,
+            Some(Keepalive {
+                idle: Duration::from_secs(30),
+                interval: Duration::from_secs(5),
+                count: 3
+            })
+        );
         assert_eq!(
             c.listen,
             SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 8080)
@@ -1356,6 +1448,53 @@ mod tests {
         // Same port on another machine is the usual case, not a loop.
         ok(r#""targets": [{"host": "192.0.2.10", "port": 8080}]"#);
         ok(r#""sourceHost": "192.0.2.1", "targets": [{"host": "127.0.0.1", "port": 8080}]"#);
+    }
+
+    #[test]
+    fn max_connect_attempts_is_at_least_one() {
+        rejects(
+            r#""maxConnectAttempts": 0"#,
+            &["maxConnectAttempts", "from 1 to 1024", "found 0"],
+        );
+        rejects(
+            r#""maxConnectAttempts": "3""#,
+            &["maxConnectAttempts", "found \"3\""],
+        );
+        assert_eq!(ok(r#""maxConnectAttempts": 1"#).max_connect_attempts, 1);
+    }
+
+    #[test]
+    fn tcp_keepalive_is_false_true_or_whole_seconds() {
+        assert_eq!(ok(r#""tcpKeepalive": false"#).tcp_keepalive, None);
+        assert_eq!(
+            ok(r#""tcpKeepalive": true"#).tcp_keepalive,
+            Some(Keepalive::default())
+        );
+        let only_idle = ok(r#""tcpKeepalive": {"idle": 120000}"#).tcp_keepalive;
+        assert_eq!(
+            only_idle.map(|k| (k.idle.as_secs(), k.count)),
+            Some((120, 6))
+        );
+        rejects(
+            r#""tcpKeepalive": {"idle": 1500}"#,
+            &["tcpKeepalive.idle", "whole seconds", "found 1500"],
+        );
+        rejects(
+            r#""tcpKeepalive": {"interval": 999}"#,
+            &["tcpKeepalive.interval", "from 1000 to 32767000"],
+        );
+        rejects(
+            r#""tcpKeepalive": {"count": 0}"#,
+            &["tcpKeepalive.count", "from 1 to 127"],
+        );
+        rejects(
+            r#""tcpKeepalive": {"idel": 60000}"#,
+            &["tcpKeepalive.idel", "idle"],
+        );
+        rejects(
+            r#""tcpKeepalive": 60"#,
+            &["tcpKeepalive", "false, true, or an object"],
+        );
     }
 
     #[test]

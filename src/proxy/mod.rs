@@ -1,54 +1,67 @@
 //! Proxying: the listener, one handler per client connection, and the data path.
 //!
 //! - [`listener`]: binds the listening socket and runs the accept loop.
-//! - [`connect`]: connect to a target with a timeout; socket options for both sides.
-//! - [`relay`]: both directions of one connection, half-close and reset semantics.
-//! - `splice` (Linux) and [`copy`]: the two ways one direction moves bytes.
+//! - [`admission`]: which accepted connections are served, and which are refused at once.
+//! - [`connect`]: connect to a target with a timeout.
+//! - [`relay`]: both directions of one connection, half-close and reset semantics;
+//!   `splice` (Linux) and [`copy`]: the two ways one direction moves bytes.
+//! - [`cut`]: how a connection ended when it did not end cleanly (who failed, and how), and
+//!   the shutdown deadline's signal.
 //!
 //! [`Proxy`] holds what every connection needs: the `ArcSwap` store of the current
 //! [`Balancer`] (one load per connection, so a connection sees all of one config) and the
 //! [`Shared`] state that outlives reloads.
 //!
+//! A connection's life is a pipeline, one step per function of [`Proxy`]: admit → identify the
+//! client → route → connect with retry → relay → account and log.
+//!
 //! No client byte is read before a target has connected: until then the bytes wait in the
 //! kernel's receive buffer. That is why a connect can be retried on another target without the
 //! client noticing, and why there is no per-connection buffer to size (`maxBufferSize`).
 
-pub mod admission;
-pub mod connect;
-pub mod copy;
-pub mod listener;
-pub mod relay;
+pub(crate) mod admission;
+pub(crate) mod connect;
+pub(crate) mod copy;
+pub(crate) mod cut;
+pub(crate) mod listener;
+pub(crate) mod relay;
 mod snapshot;
 #[cfg(target_os = "linux")]
-pub mod splice;
+pub(crate) mod splice;
 
 pub use snapshot::{Snapshot, TargetSnapshot};
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
-use crate::balance::{Balancer, Shared};
+use crate::balance::target::TargetState;
+use crate::balance::{Balancer, Route, Shared};
 use crate::config::Config;
 use crate::counters::Reject;
 use crate::sockets;
 use admission::{derived_max_connections, ClientCounts, ClientSlot, RefusalLog};
+use cut::{Cut, CutSignal};
+use relay::{Ended, Meter};
 
 /// Everything a connection handler reads.
 #[derive(Debug)]
-pub struct Proxy {
+pub(crate) struct Proxy {
     /// The current config generation. Swapped whole by a reload.
-    pub store: ArcSwap<Balancer>,
+    pub(crate) store: ArcSwap<Balancer>,
     /// State that outlives config generations.
-    pub shared: Shared,
+    pub(crate) shared: Shared,
     /// Woken when the last open connection closes (graceful shutdown waits on it).
     drained: Notify,
+    /// The shutdown deadline: every open connection is reset when it fires.
+    cut: CutSignal,
     /// Open connections per client address, for `maxConnectionsPerClient`.
-    pub clients: ClientCounts,
+    clients: ClientCounts,
     /// Rate limit for the log lines of refused connections.
     refusals: RefusalLog,
     /// `maxConnections` when the config leaves it at 0: derived from the fd limit at start.
@@ -56,13 +69,14 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: Config) -> Arc<Proxy> {
+    pub(crate) fn new(config: Config) -> Arc<Proxy> {
         let shared = Shared::new();
         let balancer = Balancer::new(config, &shared);
         Arc::new(Proxy {
             store: ArcSwap::from_pointee(balancer),
             shared,
             drained: Notify::new(),
+            cut: CutSignal::default(),
             clients: ClientCounts::default(),
             refusals: RefusalLog::default(),
             derived_max_connections: derived_max_connections(crate::sys::fd_limit()),
@@ -108,9 +122,86 @@ impl Proxy {
         }
     }
 
+    /// Resets every open connection now (the shutdown deadline): each handler runs the same
+    /// reset path as for any other cut.
+    pub(crate) fn cut_all(&self) {
+        self.cut.cut();
+    }
+
+    /// Serves one accepted client connection to the end: admit → identify → route → connect
+    /// → relay → account. Each step that can refuse the client resets it at once and counts
+    /// the reason.
+    pub(crate) async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+        let _open = OpenGuard::new(&self);
+        // Until the connection ends cleanly, dropping the handler (a panic, the runtime shutting
+        // down) resets the client rather than closing it with a FIN.
+        let mut client_guard = ResetOnDrop::new(&client);
+        let accepted = Instant::now();
+        let generation = self.store.load_full();
+        let config = &generation.config;
+        let client_ip = self.identify(peer);
+        let _slot = match self.admit(config, client_ip) {
+            Ok(slot) => slot,
+            Err(reason) => return self.refuse(reason, client_ip),
+        };
+        let mut route = generation.route(&self.shared, client_ip);
+        let connected = tokio::select! {
+            biased;
+            _ = self.cut.wait() => return,
+            connected = self.connect(&mut route, config) => connected,
+        };
+        let server = match connected {
+            Ok(server) => server,
+            Err(reason) => return self.refuse(reason, client_ip),
+        };
+        let mut server_guard = ResetOnDrop::new(&server);
+        let target = route.state();
+        let _on_target = TargetOpen::new(target);
+        let to_target = Meter::new(&target.counters.bytes_to_target);
+        let to_client = Meter::new(&target.counters.bytes_to_client);
+        // The access log's duration counts from here (the connection proxied); read the clock
+        // only when that log is on.
+        let proxied = config.access_log.then(Instant::now);
+        let result = tokio::select! {
+            biased;
+            _ = self.cut.wait() => Err(Cut::by_balancer(cut::How::Shutdown)),
+            result = relay::relay(
+                &client,
+                &server,
+                config.zero_copy,
+                config.idle_timeout,
+                &to_target,
+                &to_client,
+            ) => result,
+        };
+        if result.is_ok() {
+            client_guard.disarm();
+            server_guard.disarm();
+        }
+        // Otherwise, cut: both are reset when the guards drop, so neither peer mistakes it for a
+        // complete stream.
+        drop((client_guard, server_guard));
+        drop(_on_target);
+        self.account(Account {
+            config,
+            peer,
+            target,
+            result: &result,
+            to_target: &to_target,
+            to_client: &to_client,
+            accepted,
+            proxied,
+        });
+    }
+
+    /// The client's address: the peer's, as the hash, sessions and limits know it.
+    fn identify(&self, peer: SocketAddr) -> IpAddr {
+        crate::addr::canonical_ip(peer.ip())
+    }
+
     /// Checks `allow`/`deny`, `maxConnections` and `maxConnectionsPerClient` (see
     /// [`admission`]). The open-connection count already includes this connection.
-    fn admit(&self, config: &Config, ip: std::net::IpAddr) -> Result<ClientSlot<'_>, Reject> {
+    fn admit(&self, config: &Config, ip: IpAddr) -> Result<ClientSlot<'_>, Reject> {
         if !config.admits(ip) {
             return Err(Reject::Denied);
         }
@@ -124,44 +215,23 @@ impl Proxy {
         }
     }
 
-    /// Closes a refused client at once with a reset, counts it, and logs it (rate-limited).
-    fn refuse(&self, client: &TcpStream, reason: Reject, ip: std::net::IpAddr) {
-        self.shared.stats.reject(reason);
-        self.refusals
-            .refused(reason, ip, self.shared.clock.now_ms());
-        sockets::reset_on_close(client);
-    }
-
-    /// Serves one accepted client connection to the end.
-    pub async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
-        let _open = OpenGuard::new(&self);
-        let accepted = tokio::time::Instant::now();
-        let balancer = self.store.load_full();
-        let config = &balancer.config;
-        let stats = &self.shared.stats;
-        let client_ip = crate::addr::canonical_ip(peer.ip());
-        let _slot = match self.admit(config, client_ip) {
-            Ok(slot) => slot,
-            Err(reason) => {
-                self.refuse(&client, reason, client_ip);
-                return;
-            }
-        };
-        let mut route = balancer.route(&self.shared, client_ip);
-        let server = loop {
+    /// Connects to the route's target, and on failure deactivates it and tries the next one,
+    /// until one connects or the route gives up.
+    async fn connect(&self, route: &mut Route<'_>, config: &Config) -> Result<TcpStream, Reject> {
+        loop {
             let target = route.target();
-            let attempt = tokio::time::Instant::now();
+            let attempt = Instant::now();
             match connect::connect(target.addr, config.connect_timeout).await {
                 Ok(server) => {
                     route.state().connect_duration.record(attempt.elapsed());
-                    break server;
+                    // The client socket inherited TCP_NODELAY and SO_KEEPALIVE from the
+                    // listener; the target socket gets them here.
+                    sockets::tune(&server, config.tcp_keepalive.as_ref());
+                    return Ok(server);
                 }
                 // Our own shortage (no fd for the socket, no local port): the target is not to
                 // blame, so it is not deactivated; the client is refused like any over-limit one.
-                Err(error) if sockets::is_local_shortage(&error) => {
-                    self.refuse(&client, Reject::Limit, client_ip);
-                    return;
-                }
+                Err(error) if sockets::is_local_shortage(&error) => return Err(Reject::Limit),
                 Err(error) => {
                     tracing::warn!(
                         target_id = %target.id, address = %target.addr, %error,
@@ -169,55 +239,99 @@ impl Proxy {
                         "connect to target failed; deactivating it and retrying elsewhere"
                     );
                     if route.failed().is_none() {
-                        self.refuse(&client, Reject::NoTarget, client_ip);
-                        return;
+                        return Err(Reject::NoTarget);
                     }
                 }
             }
-        };
-        // The client socket inherited TCP_NODELAY and SO_KEEPALIVE from the listener.
-        sockets::tune(&server);
-        let state = route.state();
-        state.counters.connections.fetch_add(1, Ordering::Relaxed);
-        state.active.fetch_add(1, Ordering::Relaxed);
-        // The access log's duration counts from here (the connection proxied); read the clock
-        // only when that log is on.
-        let started = config.access_log.then(tokio::time::Instant::now);
-        let to_target = relay::Meter::new(&state.counters.bytes_to_target);
-        let to_client = relay::Meter::new(&state.counters.bytes_to_client);
-        let result = relay::relay(
-            &client,
-            &server,
-            config.zero_copy,
-            config.idle_timeout,
-            &to_target,
-            &to_client,
-        )
-        .await;
-        state.active.fetch_sub(1, Ordering::Relaxed);
-        stats.connection_duration.record(accepted.elapsed());
-        if let Err(error) = &result {
-            // One side failed: reset both, so neither mistakes the cut for a clean end.
-            sockets::reset_on_close(&client);
-            sockets::reset_on_close(&server);
-            tracing::debug!(client = %peer, target_id = %state.id, %error, "connection cut");
         }
-        if config.access_log {
+    }
+
+    /// Counts a refused client and logs it (rate-limited). The handler then returns, and its
+    /// guard closes the client with a reset at once.
+    fn refuse(&self, reason: Reject, ip: IpAddr) {
+        self.shared.stats.reject(reason);
+        self.refusals
+            .refused(reason, ip, self.shared.clock.now_ms());
+    }
+
+    /// The end of a proxied connection: its duration, a debug line for a cut, and the access
+    /// log line.
+    fn account(&self, a: Account<'_>) {
+        self.shared
+            .stats
+            .connection_duration
+            .record(a.accepted.elapsed());
+        if let Err(cut) = a.result {
+            tracing::debug!(client = %a.peer, target_id = %a.target.id, %cut, "connection cut");
+        }
+        if a.config.access_log {
             tracing::info!(
                 target: "stickylb::access",
-                client = %peer,
-                target_id = %state.id,
-                bytes_to_target = to_target.bytes(),
-                bytes_to_client = to_client.bytes(),
-                duration_ms = started.map_or(0, |s| s.elapsed().as_millis() as u64),
-                outcome = match result {
-                    Ok(relay::Ended::Complete) => "closed",
-                    Ok(relay::Ended::Idle) => "idle_timeout",
-                    Err(_) => "reset",
+                client = %a.peer,
+                target_id = %a.target.id,
+                bytes_to_target = a.to_target.bytes(),
+                bytes_to_client = a.to_client.bytes(),
+                duration_ms = a.proxied.map_or(0, |s| s.elapsed().as_millis() as u64),
+                outcome = match a.result {
+                    Ok(Ended::Complete) => "closed",
+                    Ok(Ended::Idle) => "idle_timeout",
+                    Err(cut) => cut.outcome(),
                 },
                 "connection closed"
             );
         }
+    }
+}
+
+/// What [`Proxy::account`] reports of one connection.
+struct Account<'a> {
+    config: &'a Config,
+    peer: SocketAddr,
+    target: &'a TargetState,
+    result: &'a Result<Ended, Cut>,
+    to_target: &'a Meter<'a>,
+    to_client: &'a Meter<'a>,
+    accepted: Instant,
+    proxied: Option<Instant>,
+}
+
+/// Makes the close of a socket a reset unless the connection ended cleanly: every cut,
+/// including one that drops the handler, reaches the peers as a reset.
+struct ResetOnDrop<'a>(Option<&'a TcpStream>);
+
+impl<'a> ResetOnDrop<'a> {
+    fn new(stream: &'a TcpStream) -> Self {
+        ResetOnDrop(Some(stream))
+    }
+
+    /// The stream ended cleanly: close it normally.
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ResetOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(stream) = self.0 {
+            sockets::reset_on_close(stream);
+        }
+    }
+}
+
+/// Counts a connection to a target (total and open) for as long as it lives.
+struct TargetOpen<'a>(&'a TargetState);
+
+impl<'a> TargetOpen<'a> {
+    fn new(target: &'a TargetState) -> Self {
+        target.counters.connections.fetch_add(1, Ordering::Relaxed);
+        target.active.fetch_add(1, Ordering::Relaxed);
+        TargetOpen(target)
+    }
+}
+
+impl Drop for TargetOpen<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -4,12 +4,20 @@
 //!   (`shutdown(SHUT_WR)` on the other socket) and the other direction keeps flowing, so
 //!   protocols that half-close (a client that sends its request and shuts its write side, then
 //!   waits for the whole reply) work.
-//! - An error on either side (a reset, a write to a closed peer) ends both directions at once
-//!   and the caller resets both sockets, so neither peer mistakes a cut stream for a complete
-//!   one: data is never silently truncated.
+//! - An error on one side (a reset, a write to a closed peer) ends the connection, and the
+//!   caller resets both sockets, so neither peer mistakes a cut stream for a complete one: data
+//!   is never silently truncated. Before that, the other direction delivers what it already
+//!   received from its peer (what stickylb holds and what waits in the socket), for at most
+//!   [`DRAIN_GRACE`]: a target's early answer followed by a close (an HTTP 413 during an
+//!   upload) reaches the client.
+//! - `idleTimeout` measures inactivity: every byte written either way counts as it is written,
+//!   so a slow but live transfer is never cut. An idle connection with nothing in flight ends
+//!   with a FIN (as servers close idle keep-alive connections); one whose bytes sit in
+//!   stickylb's pipe or buffer because a peer stopped reading is cut (reset).
 //! - Each direction copies small messages in userspace and splices bulk transfers on Linux
 //!   (unless `zeroCopy` is false), switching per direction as the traffic changes; it keeps
-//!   copying if the kernel refuses splice for these sockets or no fd is left for a pipe.
+//!   copying if the kernel refuses splice for these sockets, no fd is left for a pipe, or the
+//!   pipe it gets is smaller than the copy buffer (the per-user pipe budget is spent).
 
 use std::future::Future;
 use std::io;
@@ -24,48 +32,55 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::copy;
+use super::cut::{Cut, How, Side};
 #[cfg(target_os = "linux")]
 use super::splice;
 
-/// Counts the bytes one direction delivered: into the target's counter (read by the metrics
-/// exporter while the connection runs) and for this connection (its access-log line).
+/// After one direction failed, how long the other may take to deliver what it already
+/// received before both sides are reset. Bounded, because its reader may never read.
+pub(crate) const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
+/// Counts the bytes one direction delivered, as they are written: into the target's counter
+/// (read by the metrics exporter while the connection runs) and for this connection (its
+/// access-log line and the idle timeout).
 #[derive(Debug)]
-pub struct Meter<'a> {
+pub(crate) struct Meter<'a> {
     total: &'a AtomicU64,
     this: AtomicU64,
 }
 
 impl<'a> Meter<'a> {
-    pub fn new(total: &'a AtomicU64) -> Meter<'a> {
+    pub(crate) fn new(total: &'a AtomicU64) -> Meter<'a> {
         Meter {
             total,
             this: AtomicU64::new(0),
         }
     }
 
-    pub fn add(&self, n: usize) {
+    fn add(&self, n: usize) {
         self.total.fetch_add(n as u64, Ordering::Relaxed);
         self.this.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Bytes this connection delivered in this direction.
-    pub fn bytes(&self) -> u64 {
+    pub(crate) fn bytes(&self) -> u64 {
         self.this.load(Ordering::Relaxed)
     }
 }
 
-/// How a relay that did not fail ended.
+/// How a relay that was not cut ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ended {
+pub(crate) enum Ended {
     /// Both directions reached EOF and passed it on.
     Complete,
-    /// No byte moved either way for `idleTimeout`.
+    /// No byte moved either way for `idleTimeout`, and nothing was in flight: both sides can
+    /// be closed with a FIN.
     Idle,
 }
 
-/// Relays `client` ⇄ `server` until both directions have ended cleanly, the first error, or
-/// (with `idle` set) no byte moved either way for that long.
-pub fn relay<'a>(
+/// Relays `client` ⇄ `server` until both directions have ended cleanly, a cut, or (with
+/// `idle` set) no byte moved either way for that long.
+pub(crate) fn relay<'a>(
     client: &'a TcpStream,
     server: &'a TcpStream,
     zero_copy: bool,
@@ -81,6 +96,7 @@ pub fn relay<'a>(
         to_server,
         to_client,
         idle: idle.map(IdleWatch::new),
+        failed: None,
     }
 }
 
@@ -92,7 +108,7 @@ pub fn relay<'a>(
 /// server, the down direction the reverse, which is exactly what `poll_read_ready` and
 /// `poll_write_ready` (one waker each) allow.
 #[derive(Debug)]
-pub struct Relay<'a> {
+pub(crate) struct Relay<'a> {
     client: &'a TcpStream,
     server: &'a TcpStream,
     up: Direction,
@@ -100,42 +116,132 @@ pub struct Relay<'a> {
     to_server: &'a Meter<'a>,
     to_client: &'a Meter<'a>,
     idle: Option<IdleWatch>,
+    /// Set once a direction failed: the cut to report once the other one has delivered what
+    /// it holds.
+    failed: Option<Failed>,
+}
+
+/// A failed direction, and the other one's last chance to deliver.
+#[derive(Debug)]
+struct Failed {
+    cut: Cut,
+    /// The direction that still delivers (`None`: it had ended already).
+    survivor: Option<Which>,
+    /// Boxed so that `Relay` stays `Unpin`; allocated only when a connection fails.
+    grace: Pin<Box<tokio::time::Sleep>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Which {
+    Up,
+    Down,
+}
+
+impl Relay<'_> {
+    /// Direction `which` failed with `fault`: its source failed on a read, its destination on
+    /// a write. The other direction, unless ended, now delivers what it already has.
+    fn fail(&mut self, which: Which, fault: Fault) {
+        let (source, destination, other) = match which {
+            Which::Up => (Side::Client, Side::Target, &self.down),
+            Which::Down => (Side::Target, Side::Client, &self.up),
+        };
+        let side = if fault.on_write { destination } else { source };
+        let survivor = match which {
+            Which::Up => Which::Down,
+            Which::Down => Which::Up,
+        };
+        self.failed = Some(Failed {
+            cut: Cut::io(side, fault.error),
+            survivor: (!other.ended).then_some(survivor),
+            grace: Box::pin(tokio::time::sleep(DRAIN_GRACE)),
+        });
+    }
+
+    /// Whether any byte read from one peer is held by stickylb, not yet written to the other.
+    fn holding(&self) -> bool {
+        self.up.holding() || self.down.holding()
+    }
 }
 
 impl Future for Relay<'_> {
-    type Output = io::Result<Ended>;
+    type Output = Result<Ended, Cut>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<Ended>> {
-        // Every field is Unpin (the idle timer is boxed).
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Ended, Cut>> {
+        // Every field is Unpin (the timers are boxed).
         let this = self.get_mut();
-        let down_ended = this.down.ended;
-        if !this.up.ended {
-            if let Poll::Ready(result) =
-                this.up
-                    .poll(cx, this.client, this.server, this.to_server, down_ended)
-            {
-                result?;
+        if this.failed.is_none() {
+            let down_ended = this.down.ended;
+            if !this.up.ended {
+                let up = this
+                    .up
+                    .poll(cx, this.client, this.server, this.to_server, down_ended);
+                if let Poll::Ready(Err(fault)) = up {
+                    this.fail(Which::Up, fault);
+                }
+            }
+            let up_ended = this.up.ended;
+            if this.failed.is_none() && !this.down.ended {
+                let down = this
+                    .down
+                    .poll(cx, this.server, this.client, this.to_client, up_ended);
+                if let Poll::Ready(Err(fault)) = down {
+                    this.fail(Which::Down, fault);
+                }
             }
         }
-        let up_ended = this.up.ended;
-        if !this.down.ended {
-            if let Poll::Ready(result) =
-                this.down
-                    .poll(cx, this.server, this.client, this.to_client, up_ended)
-            {
-                result?;
+        let Some(failed) = &mut this.failed else {
+            if this.up.ended && this.down.ended {
+                return Poll::Ready(Ok(Ended::Complete));
             }
-        }
-        if this.up.ended && this.down.ended {
-            return Poll::Ready(Ok(Ended::Complete));
-        }
-        if let Some(idle) = &mut this.idle {
-            let moved = this.to_server.bytes() + this.to_client.bytes();
-            if idle.poll_expired(cx, moved) {
-                return Poll::Ready(Ok(Ended::Idle));
+            if let Some(idle) = &mut this.idle {
+                let moved = this.to_server.bytes() + this.to_client.bytes();
+                if idle.poll_expired(cx, moved) {
+                    return Poll::Ready(if this.holding() {
+                        Err(Cut::by_balancer(How::Idle))
+                    } else {
+                        Ok(Ended::Idle)
+                    });
+                }
             }
+            return Poll::Pending;
+        };
+        let delivered = match failed.survivor {
+            Some(Which::Up) => this
+                .up
+                .poll_drain(cx, this.client, this.server, this.to_server),
+            Some(Which::Down) => this
+                .down
+                .poll_drain(cx, this.server, this.client, this.to_client),
+            None => Poll::Ready(()),
+        };
+        if delivered.is_ready() || failed.grace.as_mut().poll(cx).is_ready() {
+            let cut = std::mem::replace(&mut failed.cut, Cut::by_balancer(How::Shutdown));
+            return Poll::Ready(Err(cut));
         }
         Poll::Pending
+    }
+}
+
+/// A direction's failure: its source failed on a read, or its destination on a write.
+#[derive(Debug)]
+struct Fault {
+    on_write: bool,
+    error: io::Error,
+}
+
+impl Fault {
+    fn read(error: io::Error) -> Fault {
+        Fault {
+            on_write: false,
+            error,
+        }
+    }
+
+    fn write(error: io::Error) -> Fault {
+        Fault {
+            on_write: true,
+            error,
+        }
     }
 }
 
@@ -186,8 +292,13 @@ impl Direction {
         }
     }
 
+    /// Bytes read and not yet written.
+    fn holding(&self) -> bool {
+        self.written < self.chunk
+    }
+
     /// Moves bytes from `src` to `dst` until `src` has nothing more now (Pending), or EOF was
-    /// passed on (Ready(Ok)), or an error. `other_ended`: the other direction has already
+    /// passed on (Ready(Ok)), or a fault. `other_ended`: the other direction has already
     /// ended, so the half-close is skipped: both sockets are closed right after, and close(2)
     /// sends the FIN anyway.
     fn poll(
@@ -197,24 +308,23 @@ impl Direction {
         dst: &TcpStream,
         meter: &Meter<'_>,
         other_ended: bool,
-    ) -> Poll<io::Result<()>> {
+    ) -> Poll<Result<(), Fault>> {
         loop {
-            if self.written < self.chunk {
-                ready!(self.poll_write(cx, dst))?;
-                if self.written < self.chunk {
+            if self.holding() {
+                ready!(self.poll_write(cx, dst, meter))?;
+                if self.holding() {
                     continue;
                 }
-                meter.add(self.chunk);
                 self.chunk_delivered();
                 continue;
             }
-            ready!(src.poll_read_ready(cx))?;
-            match self.try_read(src)? {
+            ready!(src.poll_read_ready(cx)).map_err(Fault::read)?;
+            match self.try_read(src, true).map_err(Fault::read)? {
                 Some(0) => {
                     self.release();
                     self.ended = true;
                     if !other_ended {
-                        half_close(dst)?;
+                        half_close(dst).map_err(Fault::write)?;
                     }
                     return Poll::Ready(Ok(()));
                 }
@@ -230,19 +340,60 @@ impl Direction {
         }
     }
 
+    /// The other direction failed: delivers what this one holds and what its source already
+    /// has (read without waiting for readiness, which may not have been reported yet), then
+    /// completes. A failure here ends the delivery too: the connection is being cut either way.
+    fn poll_drain(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &TcpStream,
+        dst: &TcpStream,
+        meter: &Meter<'_>,
+    ) -> Poll<()> {
+        loop {
+            if self.holding() {
+                match ready!(self.poll_write(cx, dst, meter)) {
+                    Ok(()) if self.holding() => continue,
+                    Ok(()) => self.chunk_delivered(),
+                    Err(_) => return Poll::Ready(()),
+                }
+                continue;
+            }
+            match self.try_read(src, false) {
+                Ok(Some(n)) if n > 0 => {
+                    self.chunk = n;
+                    self.written = 0;
+                }
+                // EOF, nothing more for now, or an error: all that had arrived was delivered.
+                _ => return Poll::Ready(()),
+            }
+        }
+    }
+
     /// One read (or splice into the pipe) from `src`: `Some(n)` bytes (0 = EOF), or `None`
-    /// when the socket had nothing (its readiness is cleared).
-    fn try_read(&mut self, src: &TcpStream) -> io::Result<Option<usize>> {
+    /// when the socket had nothing. `gated`: go through tokio's readiness (which then clears
+    /// the read readiness on `None`); otherwise read straight away.
+    fn try_read(&mut self, src: &TcpStream, gated: bool) -> io::Result<Option<usize>> {
         let fd = src.as_raw_fd();
+        let io = |op: &mut dyn FnMut() -> io::Result<usize>| {
+            if gated {
+                src.try_io(Interest::READABLE, op)
+            } else {
+                op()
+            }
+        };
         #[cfg(target_os = "linux")]
         if self.mode == Mode::Splice {
             if self.pipe.is_none() {
                 match splice::take_pipe() {
                     Ok(pipe) => self.pipe = Some(pipe),
-                    // Out of file descriptors: this direction copies in userspace instead.
-                    Err(e) if crate::sockets::is_fd_exhaustion(&e) => {
+                    // Out of file descriptors, or past the per-user pipe budget (the kernel
+                    // gives a pipe smaller than the copy buffer): this direction copies in
+                    // userspace instead.
+                    Err(e) if splice::is_shortage(&e) => {
+                        self.may_splice = false;
                         self.mode = Mode::Copy;
-                        return self.try_read(src);
+                        return self.try_read(src, gated);
                     }
                     Err(e) => return Err(e),
                 }
@@ -251,21 +402,21 @@ impl Direction {
             let (pipe_fd, capacity) = pipe.unwrap_or((-1, 0));
             // The pipe is empty (we only fill an empty pipe), so EAGAIN here means the socket
             // has no data: try_io clears the read readiness.
-            return match src.try_io(Interest::READABLE, || splice::splice(fd, pipe_fd, capacity)) {
+            return match io(&mut || splice::splice(fd, pipe_fd, capacity)) {
                 Ok(n) => Ok(Some(n)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
                 Err(e) if splice::is_unsupported(&e) => {
                     self.release();
                     self.may_splice = false;
                     self.mode = Mode::Copy;
-                    self.try_read(src)
+                    self.try_read(src, gated)
                 }
                 Err(e) => Err(e),
             };
         }
         let buf = self.buf.get_or_insert_with(copy::take_buf);
         let mut short = 0;
-        let read = src.try_io(Interest::READABLE, || match copy::read(fd, buf)? {
+        let read = io(&mut || match copy::read(fd, buf)? {
             copy::Read::Full(n) => Ok(n),
             copy::Read::Short(n) => {
                 short = n;
@@ -280,9 +431,15 @@ impl Direction {
         }
     }
 
-    /// Writes what is in flight to `dst`, as far as its send buffer takes it.
-    fn poll_write(&mut self, cx: &mut Context<'_>, dst: &TcpStream) -> Poll<io::Result<()>> {
-        ready!(dst.poll_write_ready(cx))?;
+    /// Writes what is in flight to `dst`, as far as its send buffer takes it, and counts what
+    /// was written.
+    fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &TcpStream,
+        meter: &Meter<'_>,
+    ) -> Poll<Result<(), Fault>> {
+        ready!(dst.poll_write_ready(cx)).map_err(Fault::write)?;
         let left = self.chunk - self.written;
         #[cfg(target_os = "linux")]
         if self.mode == Mode::Splice {
@@ -294,23 +451,29 @@ impl Direction {
             return match dst.try_io(Interest::WRITABLE, || splice::splice(pipe_fd, dst_fd, left)) {
                 Ok(m) => {
                     self.written += m;
+                    meter.add(m);
+                    splice::count(m);
                     Poll::Ready(Ok(()))
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Ready(Ok(())),
-                Err(e) => Poll::Ready(Err(e)),
+                Err(e) => Poll::Ready(Err(Fault::write(e))),
             };
         }
         let buf = match &self.buf {
             Some(buf) => buf,
-            None => return Poll::Ready(Err(io::Error::other("no buffer in flight"))),
+            None => {
+                let missing = io::Error::other("no buffer in flight");
+                return Poll::Ready(Err(Fault::write(missing)));
+            }
         };
         match dst.try_write(&buf[self.written..self.chunk]) {
             Ok(m) => {
                 self.written += m;
+                meter.add(m);
                 Poll::Ready(Ok(()))
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Ready(Ok(())),
-            Err(e) => Poll::Ready(Err(e)),
+            Err(e) => Poll::Ready(Err(Fault::write(e))),
         }
     }
 
@@ -328,15 +491,12 @@ impl Direction {
                 self.release();
                 self.mode = Mode::Splice;
             }
-            Mode::Splice => {
-                splice::count(self.chunk);
-                if self.chunk < splice::SMALL {
-                    // Small messages again: a read and a write move them more cheaply.
-                    self.release();
-                    self.mode = Mode::Copy;
-                }
+            Mode::Splice if self.chunk < splice::SMALL => {
+                // Small messages again: a read and a write move them more cheaply.
+                self.release();
+                self.mode = Mode::Copy;
             }
-            Mode::Copy => {}
+            _ => {}
         }
         self.chunk = 0;
         self.written = 0;

@@ -18,14 +18,21 @@
 //! bytes are moving: when its source has nothing to read, the pipe goes back to the pool, so
 //! idle connections hold no pipe fds. A pipe left with data in it (the connection failed
 //! mid-transfer) is closed, never pooled.
+//!
+//! Pipes are charged to the user's pipe budget (`fs.pipe-user-pages-soft`) for their full size,
+//! idle or not. Past it the kernel gives 2-page pipes, which would splice 8 KiB at a time: such
+//! a pipe is refused ([`is_shortage`]) and that direction copies in userspace instead, and the
+//! pools together never hold more than a quarter of the budget.
 
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
-/// Pipes kept per worker thread. Beyond it, returned pipes are closed. Small, because each
-/// pooled pipe holds two file descriptors out of the connection budget.
+/// Pipes kept per worker thread. Beyond it (or beyond [`max_pooled`] for all threads), returned
+/// pipes are closed. Small, because each pooled pipe holds two file descriptors out of the
+/// connection budget and its pages out of the per-user pipe budget.
 const POOL_PER_THREAD: usize = 16;
 
 /// Bytes moved by splice in this process, all connections: lets tests (and an operator with a
@@ -74,6 +81,10 @@ impl Pipe {
 }
 
 impl Pipe {
+    /// A new pipe of [`PIPE_SIZE`]. Past the per-user pipe budget (`fs.pipe-user-pages-soft`)
+    /// the kernel refuses to grow a pipe and hands out 2-page ones; a pipe smaller than the
+    /// copy buffer would splice more calls per byte than copying costs, so that is a
+    /// [`is_shortage`] error and the caller copies instead.
     fn new() -> io::Result<Pipe> {
         let mut fds: [RawFd; 2] = [-1, -1];
         // SAFETY: fds is a valid array of two ints for pipe2 to fill.
@@ -90,7 +101,11 @@ impl Pipe {
         if size <= 0 {
             size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
         }
-        let capacity = if size > 0 { size as usize } else { 4096 };
+        let capacity = usize::try_from(size).unwrap_or(0);
+        if capacity < super::copy::BUF_SIZE {
+            budget_spent(capacity);
+            return Err(io::Error::new(io::ErrorKind::OutOfMemory, BUDGET_SPENT));
+        }
         Ok(Pipe {
             read,
             write,
@@ -99,6 +114,48 @@ impl Pipe {
     }
 }
 
+/// The error text of a pipe refused for its size.
+const BUDGET_SPENT: &str = "pipe smaller than the copy buffer (per-user pipe budget spent)";
+
+/// Logs, once a minute at most, that pipes come out too small.
+fn budget_spent(capacity: usize) {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let minute = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 60 + 1);
+    if LAST.swap(minute, Ordering::Relaxed) != minute {
+        tracing::warn!(
+            capacity,
+            "the per-user pipe budget (fs.pipe-user-pages-soft) is spent: new bulk transfers \
+             copy in userspace instead of splicing"
+        );
+    }
+}
+
+/// The kernel is short of what a pipe needs (file descriptors, or pipe pages for this user):
+/// the direction copies instead.
+pub(super) fn is_shortage(e: &io::Error) -> bool {
+    crate::sockets::is_fd_exhaustion(e) || e.kind() == io::ErrorKind::OutOfMemory
+}
+
+/// Pipes kept idle in the pools of all threads together: a quarter of the per-user pipe budget
+/// (`fs.pipe-user-pages-soft`, in pages), so that idle pooled pipes never hold back the bulk
+/// transfers that need one. The budget is read once; without it, Linux's default is assumed.
+fn max_pooled() -> usize {
+    static MAX: OnceLock<usize> = OnceLock::new();
+    *MAX.get_or_init(|| {
+        let pages = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .filter(|&p| p > 0)
+            .unwrap_or(16_384);
+        (pages * 4096 / PIPE_SIZE / 4).max(1)
+    })
+}
+
+/// Pipes in the pools of all threads now.
+static POOLED: AtomicUsize = AtomicUsize::new(0);
+
 thread_local! {
     static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
 }
@@ -106,16 +163,21 @@ thread_local! {
 /// A pipe from this thread's pool, or a new one.
 pub(super) fn take_pipe() -> io::Result<Pipe> {
     match POOL.with(|pool| pool.borrow_mut().pop()) {
-        Some(pipe) => Ok(pipe),
+        Some(pipe) => {
+            POOLED.fetch_sub(1, Ordering::Relaxed);
+            Ok(pipe)
+        }
         None => Pipe::new(),
     }
 }
 
-/// Returns an empty pipe to this thread's pool (closes it when the pool is full).
+/// Returns an empty pipe to this thread's pool (closes it when the pool, or the pools of all
+/// threads together, are full).
 pub(super) fn give_back(pipe: Pipe) {
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
-        if pool.len() < POOL_PER_THREAD {
+        if pool.len() < POOL_PER_THREAD && POOLED.load(Ordering::Relaxed) < max_pooled() {
+            POOLED.fetch_add(1, Ordering::Relaxed);
             pool.push(pipe);
         }
     });
