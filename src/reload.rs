@@ -265,7 +265,18 @@ pub(crate) async fn apply(
         config.downgrade_to_user = running.downgrade_to_user.clone();
     }
     if config.listen != running.listen {
-        let bound = sockets::bind(config.listen).map_err(|source| ReloadError::Bind {
+        let bound = match sockets::bind(config.listen) {
+            // The port is taken, maybe by our own listener (`0.0.0.0:p` → `127.0.0.1:p`): bind
+            // beside it, and it closes once the new one accepts.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && config.listen.port() == running.listen.port() =>
+            {
+                sockets::bind_beside(config.listen)
+            }
+            other => other,
+        }
+        .map_err(|source| ReloadError::Bind {
             addr: config.listen,
             source,
         })?;

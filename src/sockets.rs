@@ -20,16 +20,37 @@ pub const BACKLOG: i32 = 4096;
 /// dual-stack when the address is `::`, non-blocking, with [`BACKLOG`]. The options accepted
 /// sockets inherit are set by [`inherit_to_accepted`] when the listener starts serving,
 /// whoever bound it.
+///
+/// The bind itself is exclusive, so a port that another listener holds is an error naming it
+/// (`EADDRINUSE`). Once listening, the socket gets SO_REUSEPORT, so that stickylb can later
+/// bind a new listener beside it ([`bind_beside`]) when a reload moves `sourceHost` on the
+/// same port (`0.0.0.0` → `127.0.0.1`): the new one accepts before the old one closes.
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = listening(addr, false)?;
+    socket.set_reuse_port(true)?;
+    Ok(socket.into())
+}
+
+/// Binds `addr` beside a listener of ours on the same port that [`bind`] made (SO_REUSEPORT set
+/// before the bind). Only for moving our own listener: another process's listener that also set
+/// SO_REUSEPORT (same user) would be joined rather than reported.
+pub fn bind_beside(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    Ok(listening(addr, true)?.into())
+}
+
+fn listening(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         socket.set_only_v6(false)?;
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
-    Ok(socket.into())
+    Ok(socket)
 }
 
 /// `tcpKeepalive`: TCP keepalive on both sides of every proxied connection, so that a peer
@@ -91,6 +112,20 @@ fn set_keepalive(socket: &SockRef<'_>, keepalive: Option<&Keepalive>) -> io::Res
 /// into a RST, which is how a peer learns that the stream was cut rather than complete.
 pub fn reset_on_close(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+/// Bytes written to `stream` that the kernel has not sent yet (`SIOCOUTQNSD`): a reset now
+/// would discard them. (Bytes sent and not yet acknowledged are with the peer already.)
+pub fn unsent(stream: &TcpStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQNSD on a TCP socket we own writes one int; on failure we report 0.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::SIOCOUTQNSD as _, &mut queued) };
+    if rc == 0 {
+        usize::try_from(queued).unwrap_or(0)
+    } else {
+        0
+    }
 }
 
 /// The balancer's own shortage, not a peer's fault: out of file descriptors or buffers, or out

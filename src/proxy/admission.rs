@@ -20,8 +20,10 @@ use std::sync::Mutex;
 
 use crate::counters::Reject;
 
-/// File descriptors kept out of the connection budget: listeners, the metrics endpoint, the
-/// config watcher, logs, and the pipes pooled per worker thread.
+/// File descriptors kept out of the connection budget (at least; see
+/// [`derived_max_connections`]): listeners, the metrics endpoint, the config watcher, logs, and
+/// the idle pooled pipes (at most `splice::MAX_POOLED` for all threads together, two
+/// descriptors each, however many worker threads `balancerCount` asks for).
 pub const RESERVED_FDS: u64 = 128;
 
 /// The default `maxConnections`: what the fd limit allows. Each proxied connection holds two

@@ -7,9 +7,10 @@
 //! - An error on one side (a reset, a write to a closed peer) ends the connection, and the
 //!   caller resets both sockets, so neither peer mistakes a cut stream for a complete one: data
 //!   is never silently truncated. Before that, the other direction delivers what it already
-//!   received from its peer (what stickylb holds and what waits in the socket), for at most
-//!   [`DRAIN_GRACE`]: a target's early answer followed by a close (an HTTP 413 during an
-//!   upload) reaches the client.
+//!   received from its peer (what stickylb holds, what waits in the socket, and what its own
+//!   send queue has not sent yet, which a reset would discard), for at most [`DRAIN_GRACE`]: a
+//!   target's early answer followed by a close (an HTTP 413 during an upload) reaches the
+//!   client.
 //! - `idleTimeout` measures inactivity: every byte written either way counts as it is written,
 //!   so a slow but live transfer is never cut. An idle connection with nothing in flight ends
 //!   with a FIN (as servers close idle keep-alive connections); one whose bytes sit in
@@ -125,11 +126,18 @@ pub(crate) struct Relay<'a> {
 #[derive(Debug)]
 struct Failed {
     cut: Cut,
-    /// The direction that still delivers (`None`: it had ended already).
+    /// The direction that still delivers (`None`: it had ended already, or has delivered).
     survivor: Option<Which>,
+    /// Where the surviving direction delivers: the reset waits until its send queue is sent.
+    flush: Which,
     /// Boxed so that `Relay` stays `Unpin`; allocated only when a connection fails.
     grace: Pin<Box<tokio::time::Sleep>>,
+    /// The next look at the send queue (the kernel signals no readiness for "all sent").
+    tick: Pin<Box<tokio::time::Sleep>>,
 }
+
+/// How often a failing connection looks whether its last bytes have left.
+const FLUSH_TICK: Duration = Duration::from_millis(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Which {
@@ -153,7 +161,9 @@ impl Relay<'_> {
         self.failed = Some(Failed {
             cut: Cut::io(side, fault.error),
             survivor: (!other.ended).then_some(survivor),
+            flush: survivor,
             grace: Box::pin(tokio::time::sleep(DRAIN_GRACE)),
+            tick: Box::pin(tokio::time::sleep(Duration::ZERO)),
         });
     }
 
@@ -205,6 +215,9 @@ impl Future for Relay<'_> {
             }
             return Poll::Pending;
         };
+        if failed.grace.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(failed.take_cut()));
+        }
         let delivered = match failed.survivor {
             Some(Which::Up) => this
                 .up
@@ -214,11 +227,29 @@ impl Future for Relay<'_> {
                 .poll_drain(cx, this.server, this.client, this.to_client),
             None => Poll::Ready(()),
         };
-        if delivered.is_ready() || failed.grace.as_mut().poll(cx).is_ready() {
-            let cut = std::mem::replace(&mut failed.cut, Cut::by_balancer(How::Shutdown));
-            return Poll::Ready(Err(cut));
+        if delivered.is_pending() {
+            return Poll::Pending;
         }
-        Poll::Pending
+        failed.survivor = None;
+        // What stickylb wrote must also have left its send queue: the reset would discard it.
+        let flush = match failed.flush {
+            Which::Up => this.server,
+            Which::Down => this.client,
+        };
+        loop {
+            if crate::sockets::unsent(flush) == 0 {
+                return Poll::Ready(Err(failed.take_cut()));
+            }
+            ready!(failed.tick.as_mut().poll(cx));
+            let next = tokio::time::Instant::now() + FLUSH_TICK;
+            failed.tick.as_mut().reset(next);
+        }
+    }
+}
+
+impl Failed {
+    fn take_cut(&mut self) -> Cut {
+        std::mem::replace(&mut self.cut, Cut::by_balancer(How::Shutdown))
     }
 }
 
@@ -561,5 +592,100 @@ fn half_close(stream: &TcpStream) -> io::Result<()> {
     match socket2::SockRef::from(stream).shutdown(Shutdown::Write) {
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpSocket};
+
+    /// A connected pair on loopback: (the side the relay owns, the far side), with `rcvbuf`
+    /// set on the far side before it connects (which caps the window it advertises).
+    async fn pair(far_rcvbuf: Option<u32>) -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let socket = TcpSocket::new_v4().unwrap();
+        if let Some(size) = far_rcvbuf {
+            socket.set_recv_buffer_size(size).unwrap();
+        }
+        let far = socket
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (near, _) = listener.accept().await.unwrap();
+        (near, far)
+    }
+
+    /// The idle timeout counts progress, not completed chunks: a download whose reader takes
+    /// far longer than `idleTimeout` to drain one pipe's worth (256 KiB) but keeps reading is
+    /// never cut, and the byte counter is never behind what the reader has received. The
+    /// buffers the relay writes into are small (its SO_SNDBUF, the reader's SO_RCVBUF), so a
+    /// chunk can only leave as the reader reads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_reader_that_keeps_reading_is_never_idle_and_is_counted_as_it_reads() {
+        const LEN: usize = 768 * 1024;
+        const IDLE: Duration = Duration::from_millis(500);
+        let (client, mut reader) = pair(Some(4096)).await;
+        let (server, mut writer) = pair(None).await;
+        socket2::SockRef::from(&client)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        // The download: LEN bytes, then FIN. The reader sends nothing: it half-closes at once.
+        let source = tokio::spawn(async move {
+            writer.write_all(&vec![7u8; LEN]).await.unwrap();
+            writer.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            writer.read_to_end(&mut rest).await.unwrap();
+        });
+        reader.shutdown().await.unwrap();
+        let total_to_client = AtomicU64::new(0);
+        let total_to_server = AtomicU64::new(0);
+        let to_client = Meter::new(&total_to_client);
+        let to_server = Meter::new(&total_to_server);
+        // Like the handler, close both sockets when the relay ends (the last FIN comes with the
+        // close when the other direction had already ended).
+        let relay = async {
+            let ended = relay(&client, &server, true, Some(IDLE), &to_server, &to_client).await;
+            drop((client, server));
+            ended
+        };
+        // Reads 4 KiB every 40 ms (about 100 KB/s): one 256 KiB chunk takes ~2.5 s, five
+        // times the idle timeout. After each read, the counter must already hold what arrived.
+        let read = async {
+            let mut got = 0;
+            let mut buf = [0u8; 4096];
+            let mut behind = Vec::new();
+            loop {
+                tokio::time::sleep(Duration::from_millis(40)).await;
+                let n = reader.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got += n;
+                let counted = to_client.bytes() as usize;
+                if counted < got {
+                    behind.push((got, counted));
+                }
+            }
+            (got, behind)
+        };
+        let (ended, (got, behind)) =
+            tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(relay, read) })
+                .await
+                .expect("the download finishes");
+        assert!(
+            matches!(ended, Ok(Ended::Complete)),
+            "a live transfer was ended: {ended:?}"
+        );
+        assert_eq!(got, LEN, "every byte arrived");
+        assert!(
+            behind.is_empty(),
+            "the counter was behind what the reader had ({} times; first: {:?})",
+            behind.len(),
+            behind.first()
+        );
+        assert_eq!(to_client.bytes() as usize, LEN);
+        source.await.unwrap();
     }
 }

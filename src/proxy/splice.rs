@@ -140,7 +140,9 @@ pub(super) fn is_shortage(e: &io::Error) -> bool {
 
 /// Pipes kept idle in the pools of all threads together: a quarter of the per-user pipe budget
 /// (`fs.pipe-user-pages-soft`, in pages), so that idle pooled pipes never hold back the bulk
-/// transfers that need one. The budget is read once; without it, Linux's default is assumed.
+/// transfers that need one, and at most [`MAX_POOLED`], so that their descriptors fit in the
+/// reserve of [`super::admission::RESERVED_FDS`] whatever `balancerCount` is. The budget is read
+/// once; without it (or with 0, no limit), Linux's default is assumed.
 fn max_pooled() -> usize {
     static MAX: OnceLock<usize> = OnceLock::new();
     *MAX.get_or_init(|| {
@@ -149,9 +151,12 @@ fn max_pooled() -> usize {
             .and_then(|s| s.trim().parse::<usize>().ok())
             .filter(|&p| p > 0)
             .unwrap_or(16_384);
-        (pages * 4096 / PIPE_SIZE / 4).max(1)
+        (pages * 4096 / PIPE_SIZE / 4).clamp(1, MAX_POOLED)
     })
 }
+
+/// The most pipes kept idle by all threads together (two descriptors each).
+pub(super) const MAX_POOLED: usize = 32;
 
 /// Pipes in the pools of all threads now.
 static POOLED: AtomicUsize = AtomicUsize::new(0);
