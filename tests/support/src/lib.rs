@@ -15,6 +15,8 @@
 //!   ([`Balancer`], with its stderr lines, CPU time, memory and descriptors), and a
 //!   [`Backend`] in a process of its own.
 //! - [`temp`]: temporary directories, removed on drop.
+//! - [`tools`]: outside tools a test runs (promtool, prometheus, ...): required under
+//!   `scripts/test`, skipped with a line that says so under a plain `cargo test`.
 //! - here: [`PATIENCE`], the bound of every wait, and [`env_or`], a bench's settings.
 //!
 //! # Why a crate
@@ -32,6 +34,7 @@ pub mod client;
 pub mod inproc;
 pub mod pattern;
 pub mod temp;
+pub mod tools;
 
 pub use backend::{dead_port, Backend, Mode, Sink};
 pub use child::{backend_process, serve_backend_process_if_asked, Balancer, Process};
@@ -39,6 +42,7 @@ pub use client::{client_ip, connect_from, first_read, offer, open_many, served, 
 pub use inproc::{config, config_text, start, start_from_file, wait_drained};
 pub use pattern::{check_pattern, echo_exact, send_pattern, Pattern, Rng};
 pub use temp::TempDir;
+pub use tools::require_tool;
 
 /// Upper bound for any single wait in a test: a liveness bound, not a performance assertion.
 pub const PATIENCE: Duration = Duration::from_secs(20);
