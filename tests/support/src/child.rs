@@ -186,6 +186,7 @@ impl Balancer {
         }
     }
 
+    /// Every stderr line so far.
     pub fn lines(&self) -> Vec<String> {
         self.lines.lock().expect("lines").clone()
     }
@@ -257,7 +258,7 @@ impl Balancer {
 }
 
 /// A `kB` field of /proc/PID/status.
-pub fn status_kib(pid: u32, field: &str) -> u64 {
+fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     status
         .lines()
