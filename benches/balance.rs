@@ -22,6 +22,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use stickylb::balance::hash::{target_seed, Table};
 use stickylb::balance::{Balancer, Shared};
 use stickylb::config::Config;
+use stickylb_testkit::Rng;
 
 const CLIENTS: usize = 4096;
 
@@ -48,14 +49,9 @@ fn config(targets: usize) -> Config {
 
 /// Fixed pseudo-random client addresses.
 fn clients() -> Vec<IpAddr> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
     (0..CLIENTS)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            IpAddr::V4(Ipv4Addr::from(x as u32))
-        })
+        .map(|_| IpAddr::V4(Ipv4Addr::from(rng.next_u64() as u32)))
         .collect()
 }
 

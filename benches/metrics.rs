@@ -12,34 +12,20 @@
 //! Run: `cargo bench --bench metrics` (`BENCH_CONNS`, default 20000 per round; `BENCH_ROUNDS`,
 //! default 4 per setting).
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stickylb::config::Config;
-use stickylb::server;
-use stickylb::server::Server;
-use support::{client_ip, connect_from, dead_port};
+use stickylb_testkit::{client_ip, connect_from, dead_port, env_or, start, Backend, Mode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const REQUEST: [u8; 32] = *b"GET /ping 0123456789abcdefghijk\n";
 /// Connections in flight at once.
 const CONCURRENCY: u32 = 32;
-
-fn env_or(name: &str, default: u32) -> u32 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() {
     if std::env::args().any(|a| a == "--load-generator") {
@@ -78,9 +64,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn balancer() {
-    let conns = env_or("BENCH_CONNS", 20_000);
-    let rounds = env_or("BENCH_ROUNDS", 4);
-    let workers = env_or("BENCH_WORKERS", 1) as usize;
+    let conns: u32 = env_or("BENCH_CONNS", 20_000);
+    let rounds: u32 = env_or("BENCH_ROUNDS", 4);
+    let workers: usize = env_or("BENCH_WORKERS", 1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
@@ -118,16 +104,10 @@ fn balancer() {
         } else {
             serde_json::Value::Null
         };
-        let text = serde_json::json!({
-            "sourceHost": "127.0.0.1",
-            "sourcePort": 1,
-            "metricsHost": "127.0.0.1",
-            "metricsPort": metrics_port,
-            "targets": [{"host": "127.0.0.1", "port": backend.port()}],
-        });
-        let config = Config::parse(Path::new("bench.json"), &text.to_string()).expect("config");
-        let bound = server::bind("127.0.0.1:0".parse().unwrap()).expect("bind");
-        let server = std::sync::Arc::new(Server::start(config, bound).expect("start"));
+        let server = start(
+            &[backend],
+            serde_json::json!({"metricsHost": "127.0.0.1", "metricsPort": metrics_port}),
+        );
         let exporter =
             stickylb::admin::install(server.config().metrics, server.clone()).expect("metrics");
         let scrape = exporter
@@ -203,8 +183,9 @@ fn load_generator() {
         .enable_all()
         .build()
         .expect("runtime");
-    let backend = runtime.block_on(echo_backend());
-    println!("backend {backend}");
+    // Kept to the end: dropping it closes its listener.
+    let backend = runtime.block_on(Backend::start("echo", Mode::Echo));
+    println!("backend {}", backend.addr);
     let stdin = std::io::stdin();
     for line in stdin.lock().lines() {
         let line = line.expect("command");
@@ -220,24 +201,6 @@ fn load_generator() {
             _ => return,
         }
     }
-}
-
-async fn echo_backend() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("backend");
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let (mut r, mut w) = stream.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
 }
 
 /// Makes `count` short connections through `lb`, `CONCURRENCY` at a time, scraping `scrape`

@@ -10,19 +10,15 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use stickylb::balance::hash::{client_key, random_u64, target_seed, Table};
+use stickylb_testkit::Rng;
 
 const KEYS: usize = 4096;
 
 /// Client keys of `KEYS` pseudo-random IPv4 addresses (fixed seed, reproducible).
 fn keys() -> Vec<u64> {
-    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut rng = Rng::new(0x2545_f491_4f6c_dd1d);
     (0..KEYS)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            client_key(IpAddr::V4(Ipv4Addr::from(x as u32)))
-        })
+        .map(|_| client_key(IpAddr::V4(Ipv4Addr::from(rng.next_u64() as u32))))
         .collect()
 }
 

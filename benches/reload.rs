@@ -7,20 +7,13 @@
 //!
 //! Run: `cargo bench --bench reload`
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stickylb::config::Config;
 use stickylb::reload::Reloader;
-use stickylb::server;
-use stickylb::server::Server;
-use support::{client_ip, config_text, connect_from};
+use stickylb_testkit::{client_ip, config_text, connect_from, start_from_file, TempDir};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -80,14 +73,9 @@ async fn run() {
         vec![backend(0).await, backend(0).await],
         vec![backend(1).await, backend(1).await],
     ];
-    let dir = std::env::temp_dir().join(format!("stickylb-reload-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("config.json");
-    std::fs::write(&path, config_for(&sets[0])).unwrap();
-    let config = Config::load(Path::new(&path)).unwrap();
-    let listener = server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let server = Arc::new(Server::start(config, listener).unwrap());
+    let dir = TempDir::new("reload-bench");
+    let path = dir.file("config.json", &config_for(&sets[0]));
+    let server = start_from_file(&path, false);
     let lb = server.local_addr();
     let _watcher = Reloader::new(server.clone()).watch().unwrap();
 
@@ -143,7 +131,6 @@ async fn run() {
         let _ = c.await;
     }
     let elapsed = started.elapsed();
-    let _ = std::fs::remove_dir_all(&dir);
 
     delays.sort();
     let stats = server.snapshot();

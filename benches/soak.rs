@@ -21,20 +21,16 @@
 //! The run exits non-zero unless both are 0. It reports connections made, failed (by class),
 //! bytes verified, reloads, kills, and the balancer's RSS and descriptors at start and end.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
-use std::io::{BufRead, BufReader as StdBufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{
-    check_pattern, client_ip, config_text, connect_from, dead_port, send_pattern, TempDir,
+use stickylb_testkit::{
+    backend_process, check_pattern, client_ip, config_text, connect_from, dead_port, env_or,
+    send_pattern, serve_backend_process_if_asked, Balancer, Mode, Process, Rng,
 };
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stickylb");
 const TARGETS: usize = 4;
@@ -44,13 +40,8 @@ const DOWN_FOR: Duration = Duration::from_secs(3);
 const RELOAD_EVERY: Duration = Duration::from_secs(3);
 
 fn main() {
-    if std::env::var("STICKYLB_SOAK_ROLE").as_deref() == Ok("target") {
-        return target_role();
-    }
-    let secs: u64 = std::env::var("STICKYLB_SOAK_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(600);
+    serve_backend_process_if_asked();
+    let secs: u64 = env_or("STICKYLB_SOAK_SECS", 600);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -60,132 +51,31 @@ fn main() {
     std::process::exit(if ok { 0 } else { 1 });
 }
 
-/// The target role: an echo server on `STICKYLB_SOAK_PORT` that first sends its name and a
-/// newline. Prints "ready" once listening; runs until killed.
-fn target_role() {
-    let port: u16 = std::env::var("STICKYLB_SOAK_PORT")
-        .expect("port")
-        .parse()
-        .expect("port");
-    let name = std::env::var("STICKYLB_SOAK_NAME").expect("name");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async move {
-        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-        socket.set_reuseaddr(true).expect("reuseaddr");
-        socket
-            .bind(SocketAddr::from(([127, 0, 0, 1], port)))
-            .expect("bind target port");
-        let listener = socket.listen(1024).expect("listen");
-        println!("ready");
-        let _ = std::io::stdout().flush();
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let name = name.clone();
-            tokio::spawn(async move {
-                if stream
-                    .write_all(format!("{name}\n").as_bytes())
-                    .await
-                    .is_ok()
-                {
-                    let (mut r, mut w) = stream.split();
-                    if tokio::io::copy(&mut r, &mut w).await.is_ok() {
-                        let _ = w.shutdown().await;
-                    }
-                }
-            });
-        }
-    });
-}
-
 /// One target process, and how often it has been killed (to classify failures).
 struct Target {
     name: String,
     addr: SocketAddr,
-    process: Mutex<Option<Child>>,
+    process: Mutex<Option<Process>>,
     kills: AtomicU64,
 }
 
 impl Target {
+    /// Starts the target's process: a [`Mode::Named`] backend on its port (this program again,
+    /// see `stickylb_testkit::backend_process`).
     fn start(&self) {
-        let mut child = Command::new(std::env::current_exe().expect("own path"))
-            .env("STICKYLB_SOAK_ROLE", "target")
-            .env("STICKYLB_SOAK_PORT", self.addr.port().to_string())
-            .env("STICKYLB_SOAK_NAME", &self.name)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn target");
-        let mut line = String::new();
-        StdBufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("target ready line");
-        assert_eq!(line.trim(), "ready", "{} did not start", self.name);
-        *self.process.lock().expect("process") = Some(child);
+        let process = backend_process(&self.name, Mode::Named, self.addr);
+        *self.process.lock().expect("process") = Some(process);
     }
 
     /// Kills the process. `kills` goes up by one before (odd: a kill is under way) and by one
     /// after, so a connection that read the name while the kill was under way, or that saw
     /// the count change, knows it may have died of it.
     fn kill(&self) {
-        if let Some(mut child) = self.process.lock().expect("process").take() {
+        if let Some(process) = self.process.lock().expect("process").take() {
             self.kills.fetch_add(1, Relaxed);
-            let _ = child.kill();
-            let _ = child.wait();
+            drop(process); // SIGKILL, and reaped
             self.kills.fetch_add(1, Relaxed);
         }
-    }
-}
-
-/// The balancer process, with its stderr lines.
-struct Balancer {
-    child: Child,
-    addr: SocketAddr,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Balancer {
-    fn count(&self, needle: &str) -> usize {
-        self.lines
-            .lock()
-            .expect("lines")
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
-    }
-
-    fn status_kib(&self, field: &str) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with(field))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|n| n.parse().ok())
-            })
-            .unwrap_or(0)
-    }
-
-    fn rss_kib(&self) -> u64 {
-        self.status_kib("VmRSS:")
-    }
-
-    fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Balancer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -365,26 +255,14 @@ async fn exchange(world: &World, len: usize, hold: Option<Duration>) -> Outcome 
     }
 }
 
-/// A small deterministic generator for sizes and durations.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 /// `STICKYLB_SOAK_ACCESS_LOG=1`: the balancer logs each connection, and a failure's sample
 /// shows the balancer's line for it (bytes each way, outcome).
 fn access_log() -> bool {
     std::env::var("STICKYLB_SOAK_ACCESS_LOG").as_deref() == Ok("1")
 }
 
-fn config_variant(world: &World, port: u16, n: u64) -> String {
-    let t: Vec<SocketAddr> = world.targets.iter().map(|t| t.addr).collect();
+fn config_variant(targets: &[Target], port: u16, n: u64) -> String {
+    let t: Vec<SocketAddr> = targets.iter().map(|t| t.addr).collect();
     let (list, weights): (Vec<SocketAddr>, Vec<u32>) = match n % 5 {
         0 => (vec![t[0], t[1], t[2]], vec![1, 1, 1]),
         1 => (vec![t[2], t[0], t[1]], vec![1, 1, 1]),
@@ -415,7 +293,6 @@ fn config_variant(world: &World, port: u16, n: u64) -> String {
 }
 
 async fn soak(length: Duration) -> bool {
-    let dir = TempDir::new("soak");
     let targets: Vec<Target> = (0..TARGETS)
         .map(|i| Target {
             name: format!("t{i}"),
@@ -427,10 +304,13 @@ async fn soak(length: Duration) -> bool {
     for t in &targets {
         t.start();
     }
-    let port = dead_port().port();
-    let path = dir.path("config.json");
+    let first = serde_json::from_str(&config_variant(&targets, 1, 0)).expect("json");
+    let lb = Balancer::launch(BIN, "soak", &[], first, None);
+    // The config the balancer watches, rewritten by the reload task.
+    let path = lb.dir.path("config.json");
+    let port = lb.addr.port();
     let world = Arc::new(World {
-        lb: SocketAddr::from(([127, 0, 0, 1], port)),
+        lb: lb.addr,
         started: Instant::now(),
         events: Mutex::new(Vec::new()),
         targets,
@@ -439,53 +319,12 @@ async fn soak(length: Duration) -> bool {
         next_ip: AtomicU64::new(0),
         idle_open: AtomicU64::new(0),
     });
-    std::fs::write(&path, config_variant(&world, port, 0)).expect("config");
-
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn stickylb (release)");
-    let stderr = child.stderr.take().expect("stderr");
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    {
-        let lines = lines.clone();
-        std::thread::spawn(move || {
-            for line in StdBufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("listening") {
-                    let _ = ready_tx.send(());
-                }
-                // Keep what is counted, not every per-connection warning.
-                if line.contains("reload")
-                    || line.contains("stickylb::access")
-                    || line.contains("panicked")
-                    || line.contains("listening")
-                    || line.contains("ERROR")
-                {
-                    lines.lock().expect("lines").push(line);
-                }
-            }
-        });
-    }
-    let lb = Balancer {
-        child,
-        addr: world.lb,
-        lines,
-    };
-    ready_rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the balancer is listening");
     let rss_start = lb.rss_kib();
     let fds_start = lb.fds();
     println!(
         "soak: {} s, balancer pid {} on {}, RSS {rss_start} KiB, {fds_start} fds",
         length.as_secs(),
-        lb.child.id(),
+        lb.pid(),
         lb.addr
     );
     let started = Instant::now();
@@ -495,7 +334,7 @@ async fn soak(length: Duration) -> bool {
     for k in 0..2u64 {
         let world = world.clone();
         tasks.spawn(async move {
-            let mut rng = Rng(0x1234_5678 + k);
+            let mut rng = Rng::new(0x1234_5678 + k);
             while !world.stop.load(Relaxed) {
                 let len = (1 + rng.below(8) as usize) << 20;
                 let outcome = exchange(&world, len, None).await;
@@ -508,7 +347,7 @@ async fn soak(length: Duration) -> bool {
     for k in 0..4u64 {
         let world = world.clone();
         tasks.spawn(async move {
-            let mut rng = Rng(0x9abc_def0 + k);
+            let mut rng = Rng::new(0x9abc_def0 + k);
             while !world.stop.load(Relaxed) {
                 let len = 1024 + rng.below(3 * 1024) as usize;
                 let outcome = exchange(&world, len, None).await;
@@ -523,7 +362,7 @@ async fn soak(length: Duration) -> bool {
         let world = world.clone();
         let deadline = started + length;
         tasks.spawn(async move {
-            let mut rng = Rng(0x0bad_cafe);
+            let mut rng = Rng::new(0x0bad_cafe);
             let mut idle = tokio::task::JoinSet::new();
             while !world.stop.load(Relaxed) {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -587,7 +426,7 @@ async fn soak(length: Duration) -> bool {
                 if world.stop.load(Relaxed) {
                     break;
                 }
-                let text = config_variant(&world, port, n);
+                let text = config_variant(&world.targets, port, n);
                 world.event(format!("config write {n} (variant {})", n % 5));
                 if n % 5 == 0 {
                     std::fs::write(&path, &text[..text.len() / 2]).expect("write broken");
@@ -673,15 +512,15 @@ async fn soak(length: Duration) -> bool {
     println!(
         "  targets killed {kills} (and restarted); config writes {reloads_written} good + \
          {broken_written} broken; balancer log: {} reloads applied, {} rejected",
-        lb.count("config reloaded"),
-        lb.count("reload rejected")
+        lb.count_lines("config reloaded"),
+        lb.count_lines("reload rejected")
     );
     println!(
         "  balancer RSS: {rss_start} KiB at start, {rss_max} KiB max under load, {rss_loaded} \
          KiB at the end of the load, {rss_end} KiB after it closed; fds {fds_start} at start, \
          {fds_end} at the end"
     );
-    let panics = lb.count("panicked");
+    let panics = lb.count_lines("panicked");
     if panics > 0 {
         println!("  PANICS in the balancer log: {panics}");
     }
@@ -702,7 +541,7 @@ async fn soak(length: Duration) -> bool {
         }
         if let Some(client) = s.split_whitespace().find(|w| w.starts_with("127.")) {
             let client = client.trim_end_matches(':');
-            for line in lb.lines.lock().expect("lines").iter() {
+            for line in &lb.lines() {
                 if line.contains(&format!("client={client} ")) {
                     println!("      balancer: {line}");
                 }

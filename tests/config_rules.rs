@@ -6,38 +6,9 @@
 //! wrong usage exits 2. Each test writes its files to its own directory under the system temp
 //! directory and removes it afterwards.
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-/// A directory of its own for one test, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!(
-            "stickylb-config-rules-{}-{n}-{test}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-
-    /// Writes `text` to `name` in the directory and returns its path.
-    fn file(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).expect("write config");
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use stickylb_testkit::TempDir;
 
 fn stickylb(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_stickylb"))
@@ -201,7 +172,7 @@ fn balancer_controller_path_exits_1_pointing_to_allow_and_deny() {
 #[test]
 fn missing_file_exits_1_naming_it() {
     let dir = TempDir::new("missing");
-    let path = dir.0.join("absent.json");
+    let path = dir.path("absent.json");
     let stderr = failed(&check(&path), 1);
     assert!(stderr.contains("error: "), "{stderr}");
     assert!(stderr.contains(&path.display().to_string()), "{stderr}");

@@ -1,11 +1,9 @@
 //! The data path over real loopback TCP: byte-exact forwarding on both the splice and the copy
 //! path, half-close, reset propagation, many concurrent connections.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use stickylb_testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MIB: usize = 1024 * 1024;
@@ -194,9 +192,7 @@ async fn serves_1000_concurrent_connections_from_1000_addresses() {
     }
     assert_eq!(server.active(), u64::from(N), "all are open at once");
     drop(open);
-    tokio::time::timeout(PATIENCE, server.drained())
-        .await
-        .expect("all closed");
+    wait_drained(&server).await;
 }
 
 /// A target that accepts and never reads: the client's writes must stall once the kernel

@@ -11,69 +11,19 @@
 //! figure), the connections opened before the flood keep flowing byte for byte, and new
 //! connections are served again once the flood lets go.
 
-mod child;
-mod support;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use child::{ticks_per_second, Balancer};
-use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use stickylb_testkit::child::ticks_per_second;
+use stickylb_testkit::*;
 use tokio::task::JoinSet;
+
+const BIN: &str = env!("CARGO_BIN_EXE_stickylb");
 
 const NOFILE: u64 = 256;
 const HELD: u32 = 8;
 const FLOOD: u32 = 400;
 const QUIET: Duration = Duration::from_secs(2);
-
-/// Connects from `ip`, sends a line and expects it echoed.
-async fn served(ip: std::net::Ipv4Addr, lb: SocketAddr) -> Option<TcpStream> {
-    let mut s = tokio::time::timeout(PATIENCE, connect_from(ip, lb))
-        .await
-        .ok()?
-        .ok()?;
-    s.write_all(b"ping\n").await.ok()?;
-    let mut buf = [0u8; 5];
-    match tokio::time::timeout(PATIENCE, s.read_exact(&mut buf)).await {
-        Ok(Ok(_)) if &buf == b"ping\n" => Some(s),
-        _ => None,
-    }
-}
-
-/// Sends `len` pattern bytes on `stream` and checks the echo byte for byte.
-async fn echo_exact(stream: TcpStream, seed: u64, len: usize) -> usize {
-    let (mut r, mut w) = stream.into_split();
-    let writer = tokio::spawn(async move {
-        let mut pattern = Pattern::new(seed);
-        let mut chunk = vec![0u8; 16 * 1024];
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(chunk.len());
-            pattern.fill(&mut chunk[..n]);
-            w.write_all(&chunk[..n]).await.expect("write");
-            left -= n;
-        }
-        w
-    });
-    let mut pattern = Pattern::new(seed);
-    let mut got = vec![0u8; 16 * 1024];
-    let mut want = vec![0u8; 16 * 1024];
-    let mut total = 0;
-    while total < len {
-        let n = tokio::time::timeout(PATIENCE, r.read(&mut got))
-            .await
-            .expect("echo within the patience bound")
-            .expect("read");
-        assert!(n > 0, "EOF after {total} of {len} bytes");
-        pattern.fill(&mut want[..n]);
-        assert_eq!(got[..n], want[..n], "bytes differ after {total}");
-        total += n;
-    }
-    writer.await.expect("writer");
-    total
-}
 
 /// What one flood run measured.
 struct Flood {
@@ -214,6 +164,7 @@ async fn flood_then_recover(lb: &mut Balancer, backend: &Backend) -> Flood {
 async fn with_the_derived_limit_a_flood_is_refused_and_the_process_keeps_serving() {
     let backend = Backend::start("echo", Mode::Echo).await;
     let mut lb = Balancer::spawn(
+        BIN,
         "fd-derived",
         &[backend.addr],
         serde_json::json!({}),
@@ -247,6 +198,7 @@ async fn with_the_derived_limit_a_flood_is_refused_and_the_process_keeps_serving
 async fn past_the_fd_limit_the_process_neither_dies_nor_spins_and_recovers() {
     let backend = Backend::start("echo", Mode::Echo).await;
     let mut lb = Balancer::spawn(
+        BIN,
         "fd-emfile",
         &[backend.addr],
         serde_json::json!({"maxConnections": 10000}),
@@ -288,6 +240,7 @@ async fn running_out_of_descriptors_is_not_blamed_on_a_target() {
     let b = Backend::start("b", Mode::Named).await;
     let targets = [a.addr, b.addr];
     let lb = Balancer::spawn(
+        BIN,
         "fd-blame",
         &targets,
         serde_json::json!({"maxConnections": 10000}),

@@ -7,14 +7,12 @@
 //! not fail a test by itself (tokio catches it), so a panic hook counts every panic raised
 //! outside this file's own code, and each test asserts that none happened.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
-use support::*;
+use stickylb_testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -53,52 +51,9 @@ fn assert_no_foreign_panic() {
     );
 }
 
-/// A small deterministic generator (xorshift64*): reproducible "random" choices.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// Makes the close of `stream` a reset (SO_LINGER 0), as a crashing peer's would be.
 fn abort_on_drop(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
-}
-
-/// Waits until the balancer has no open client connection: nothing leaked.
-async fn wait_drained(server: &stickylb::server::Server) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while server.active() > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} connections still open after every peer went away",
-            server.active()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Sends `len` pattern bytes from `seed` and checks the echo byte for byte, both directions
-/// at once (so a transfer larger than the socket buffers cannot deadlock).
-async fn echo_exact(ip: std::net::Ipv4Addr, lb: SocketAddr, seed: u64, len: usize) -> usize {
-    let stream = connect_from(ip, lb).await.expect("connect");
-    let (mut r, mut w) = stream.into_split();
-    let writer = tokio::spawn(async move { send_pattern(&mut w, seed, len).await });
-    let got = tokio::time::timeout(PATIENCE, check_pattern(&mut r, seed, len))
-        .await
-        .expect("echo within the patience bound")
-        .expect("echo matches byte for byte");
-    writer.await.expect("writer").expect("send");
-    got
 }
 
 /// What one hostile client does.
@@ -132,12 +87,12 @@ async fn hostile(
     lb: SocketAddr,
     seed: u64,
 ) -> Option<TcpStream> {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let mut stream = connect_from(ip, lb).await.ok()?;
     match kind {
         Hostile::RandomThenClose => {
             let mut bytes = vec![0u8; rng.below(32 * 1024) as usize + 1];
-            Pattern::new(rng.next()).fill(&mut bytes);
+            Pattern::new(rng.next_u64()).fill(&mut bytes);
             let _ = stream.write_all(&bytes).await;
             // Read a little of the echo, or nothing, then go.
             if rng.below(2) == 0 {
@@ -153,7 +108,7 @@ async fn hostile(
         }
         Hostile::ResetMidTransfer => {
             let mut chunk = vec![0u8; 64 * 1024];
-            Pattern::new(rng.next()).fill(&mut chunk);
+            Pattern::new(rng.next_u64()).fill(&mut chunk);
             for _ in 0..rng.below(16) + 1 {
                 if stream.write_all(&chunk).await.is_err() {
                     break;
@@ -216,7 +171,8 @@ async fn hostile_clients_next_to_normal_ones(zero_copy: bool) {
     let mut normal_tasks = JoinSet::new();
     for i in 0..NORMAL {
         normal_tasks.spawn(async move {
-            echo_exact(client_ip(i), lb, 1000 + u64::from(i), NORMAL_LEN).await
+            let stream = connect_from(client_ip(i), lb).await.expect("connect");
+            echo_exact(stream, 1000 + u64::from(i), NORMAL_LEN).await
         });
     }
     let mut verified = 0usize;
@@ -255,7 +211,8 @@ async fn hostile_clients_next_to_normal_ones(zero_copy: bool) {
         }
     }
     // Still serving, with the silent ones open.
-    assert_eq!(echo_exact(client_ip(NORMAL), lb, 7, 4096).await, 4096);
+    let stream = connect_from(client_ip(NORMAL), lb).await.expect("connect");
+    assert_eq!(echo_exact(stream, 7, 4096).await, 4096);
     for (_, stream) in &mut held {
         let _ = stream.shutdown().await;
     }

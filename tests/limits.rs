@@ -2,24 +2,11 @@
 //! `maxConnectionsPerClient`, `idleTimeout`, and `connectTimeout` against a target whose accept
 //! queue is full.
 
-mod support;
-
 use std::time::Duration;
 
 use stickylb::Reject;
-use support::*;
+use stickylb_testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// Connects from `ip`, sends a line and expects it echoed: true when served.
-async fn served(ip: std::net::Ipv4Addr, lb: std::net::SocketAddr) -> Option<tokio::net::TcpStream> {
-    let mut s = connect_from(ip, lb).await.ok()?;
-    s.write_all(b"ping\n").await.ok()?;
-    let mut buf = [0u8; 5];
-    match tokio::time::timeout(PATIENCE, s.read_exact(&mut buf)).await {
-        Ok(Ok(_)) if &buf == b"ping\n" => Some(s),
-        _ => None,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_max_connections_new_clients_are_refused_at_once_and_counted() {

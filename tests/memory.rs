@@ -14,140 +14,25 @@
 //! Moderate sizes: the test process holds both ends of every proxied connection (client and
 //! backend), within its 20,000-descriptor limit alongside the other tests of this file.
 
-mod child;
-mod support;
-
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use child::Balancer;
-use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
+use stickylb_testkit::*;
 
+const BIN: &str = env!("CARGO_BIN_EXE_stickylb");
 const KIB: u64 = 1024;
+/// A stream whose writes are not accepted for this long has stalled (see [`offer`]).
+const STALLED: Duration = Duration::from_millis(100);
 
 /// RSS in KiB once it has stopped moving (two readings 100 ms apart within 64 KiB; bounded).
 async fn settled_rss(lb: &Balancer) -> u64 {
     lb.settled_rss_kib(Duration::from_millis(100)).await
 }
 
-/// Connects from `ip` and checks one echoed line: the connection is proxied end to end.
-async fn proxied(ip: std::net::Ipv4Addr, lb: SocketAddr) -> TcpStream {
-    let mut s = connect_from(ip, lb).await.expect("connect");
-    s.write_all(b"ping\n").await.expect("write");
-    let mut buf = [0u8; 5];
-    tokio::time::timeout(PATIENCE, s.read_exact(&mut buf))
-        .await
-        .expect("echo within the patience bound")
-        .expect("echo");
-    assert_eq!(&buf, b"ping\n");
-    s
-}
-
-/// Opens `n` connections from addresses `first..first + n`, 64 at a time; `check` says
-/// whether each is to be checked with an echo.
-async fn open_many(lb: SocketAddr, first: u32, n: u32, echo: bool) -> Vec<TcpStream> {
-    let gate = Arc::new(Semaphore::new(64));
-    let mut tasks = JoinSet::new();
-    for i in first..first + n {
-        let gate = gate.clone();
-        tasks.spawn(async move {
-            let _permit = gate.acquire_owned().await.expect("semaphore");
-            if echo {
-                proxied(client_ip(i), lb).await
-            } else {
-                connect_from(client_ip(i), lb).await.expect("connect")
-            }
-        });
-    }
-    let mut streams = Vec::with_capacity(n as usize);
-    while let Some(s) = tasks.join_next().await {
-        streams.push(s.expect("connect task"));
-    }
-    streams
-}
-
-/// Writes up to `cap` bytes on each stream, each stopping early when its writes stall
-/// (nothing accepted for 100 ms: the bytes have backed up to it). Returns the bytes offered.
-async fn offer(streams: &[TcpStream], cap: usize) -> u64 {
-    let offered = AtomicUsize::new(0);
-    // All at once: the stalls overlap, so this takes about one stall, not one per stream.
-    futures_join_all(streams.iter().map(|s| offer_one(s, cap, &offered))).await;
-    offered.load(Ordering::Relaxed) as u64
-}
-
-async fn offer_one(s: &TcpStream, cap: usize, offered: &AtomicUsize) {
-    let chunk = [0x5au8; 16 * 1024];
-    let mut sent = 0;
-    while sent < cap {
-        match tokio::time::timeout(Duration::from_millis(100), s.writable()).await {
-            Ok(Ok(())) => {}
-            Err(_) | Ok(Err(_)) => break, // stalled (or gone)
-        }
-        match s.try_write(&chunk[..chunk.len().min(cap - sent)]) {
-            Ok(n) => sent += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(_) => break,
-        }
-    }
-    offered.fetch_add(sent, Ordering::Relaxed);
-}
-
-/// Polls the futures together to completion (a tiny `join_all`, to need no extra crate).
-async fn futures_join_all<F: std::future::Future<Output = ()>>(futures: impl Iterator<Item = F>) {
-    let mut futures: Vec<_> = futures.map(Box::pin).collect();
-    std::future::poll_fn(|cx| {
-        futures.retain_mut(|f| f.as_mut().poll(cx).is_pending());
-        if futures.is_empty() {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await
-}
-
-/// A target that accepts and never reads (nor writes, nor closes): its receive buffer fills.
-/// Its connections close when the returned task is aborted.
-async fn sink() -> (SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
-    // A backlog for all of them at once: the balancer connects the 1,000 in a burst, and past
-    // a full backlog the kernel answers with SYN cookies and may drop the final ACK, leaving
-    // connections the balancer thinks open and the target never sees.
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket
-        .bind("127.0.0.1:0".parse().expect("addr"))
-        .expect("bind");
-    let listener = socket.listen(4096).expect("listen");
-    let addr = listener.local_addr().expect("addr");
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    let task = tokio::spawn(async move {
-        let mut held = Vec::new();
-        // Bounded: one accept per connection the test makes, and an error (a connection
-        // aborted before it was accepted) ends nothing.
-        for _ in 0..100_000 {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    count.fetch_add(1, Ordering::Relaxed);
-                    held.push(stream);
-                }
-                Err(e) => eprintln!("sink: accept: {e}"),
-            }
-        }
-    });
-    (addr, accepted, task)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_cost_a_bounded_amount_each_and_nothing_more_over_time() {
     const IDLE: u32 = 4_000;
     let echo = Backend::start("echo", Mode::Echo).await;
-    let lb = Balancer::spawn("mem-idle", &[echo.addr], serde_json::json!({}), None);
+    let lb = Balancer::spawn(BIN, "mem-idle", &[echo.addr], serde_json::json!({}), None);
     // Warm up: buffers, pools and the allocator's arenas, then let those connections close.
     drop(open_many(lb.addr, 50_000, 256, true).await);
     let rss0 = settled_rss(&lb).await;
@@ -196,12 +81,13 @@ struct Run {
 /// more bytes on each.
 async fn backed_up(stall: Stall, zero_copy: bool, clients: u32, caps: [usize; 2]) -> Run {
     let echo = Backend::start("echo", Mode::Echo).await;
-    let (sink, sunk, sink_task) = sink().await;
+    let sink = Sink::start();
     let target = match stall {
         Stall::ClientsNeverRead => echo.addr,
-        Stall::TargetNeverReads => sink,
+        Stall::TargetNeverReads => sink.addr,
     };
     let lb = Balancer::spawn(
+        BIN,
         "mem-stall",
         &[target],
         serde_json::json!({"zeroCopy": zero_copy}),
@@ -221,11 +107,11 @@ async fn backed_up(stall: Stall, zero_copy: bool, clients: u32, caps: [usize; 2]
     if let Stall::TargetNeverReads = stall {
         // Every connection reached the target (bounded wait).
         let deadline = Instant::now() + PATIENCE;
-        while sunk.load(Ordering::Relaxed) < clients as usize {
+        while sink.accepted() < clients as usize {
             assert!(
                 Instant::now() < deadline,
                 "the target accepted {} of {clients}; balancer: {:?}",
-                sunk.load(Ordering::Relaxed),
+                sink.accepted(),
                 lb.lines().iter().rev().take(5).collect::<Vec<_>>()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -236,9 +122,9 @@ async fn backed_up(stall: Stall, zero_copy: bool, clients: u32, caps: [usize; 2]
         let _ = socket2::SockRef::from(s).set_recv_buffer_size(16 * 1024);
     }
     let rss0 = settled_rss(&lb).await;
-    let offered1 = offer(&streams, caps[0]).await;
+    let offered1 = offer(&streams, caps[0], STALLED).await;
     let rss1 = settled_rss(&lb).await;
-    let offered2 = offer(&streams, caps[1]).await;
+    let offered2 = offer(&streams, caps[1], STALLED).await;
     let rss2 = settled_rss(&lb).await;
     assert!(
         lb.count_lines("panicked") == 0,
@@ -247,7 +133,7 @@ async fn backed_up(stall: Stall, zero_copy: bool, clients: u32, caps: [usize; 2]
     );
     // Free what the kernel holds for these connections before the next run.
     drop(streams);
-    sink_task.abort();
+    drop(sink);
     drop(lb);
     Run {
         clients,

@@ -1,24 +1,25 @@
 //! The Prometheus endpoint as Prometheus sees it: real HTTP scrapes of `/metrics` after real
 //! traffic, exact counter movements, the whole exposition checked by `promtool check metrics`,
 //! and a real Prometheus server scraping a balancer. `promtool` and `prometheus` come from the
-//! Debian package `prometheus`, which `.ci/run` installs; without them these tests fail rather
-//! than skip.
-
-mod support;
+//! Debian package `prometheus`, which `scripts/test` installs and requires (without them those
+//! checks fail there); a plain `cargo test` without them skips those checks and says so (see
+//! `stickylb_testkit::tools`).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader as StdBufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use stickylb::admin::{self, Admin};
 use stickylb::reload::{Reloader, Trigger};
 use stickylb::server::Server;
-use support::*;
+use stickylb_testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+const BIN: &str = env!("CARGO_BIN_EXE_stickylb");
 
 /// Every metric of design §6 and its type.
 const METRICS: [(&str, &str); 17] = [
@@ -219,13 +220,16 @@ fn id(addr: SocketAddr) -> String {
 
 /// Runs `promtool check metrics` on `text`; panics with its findings unless it is clean.
 fn promtool_check(text: &str) {
+    if !require_tool("promtool") {
+        return;
+    }
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("promtool (Debian package `prometheus`, installed by .ci/run)");
+        .expect("promtool (Debian package `prometheus`, installed by scripts/test)");
     child
         .stdin
         .take()
@@ -245,32 +249,13 @@ fn promtool_check(text: &str) {
     );
 }
 
-/// One short connection from `ip`: sends `ping\n`, reads the echo, closes.
+/// One short connection from `ip` to an echo backend: sends `ping\n`, reads the echo, closes,
+/// and waits for the balancer's close in turn.
 async fn ping(ip: std::net::Ipv4Addr, lb: SocketAddr) {
-    let mut stream = connect_from(ip, lb).await.expect("connect");
-    stream.write_all(b"ping\n").await.unwrap();
-    let mut echo = [0u8; 5];
-    tokio::time::timeout(PATIENCE, stream.read_exact(&mut echo))
-        .await
-        .expect("echo in time")
-        .expect("echo");
-    assert_eq!(&echo, b"ping\n");
+    let mut stream = served(ip, lb).await.expect("ping echoed in time");
     stream.shutdown().await.unwrap();
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest)).await;
-}
-
-/// A connection the balancer accepts and then resets: the reset can even beat the end of
-/// connect(2) on loopback, so any outcome but a hang will do.
-async fn refused(ip: std::net::Ipv4Addr, lb: SocketAddr) {
-    let attempt = async {
-        let mut stream = connect_from(ip, lb).await?;
-        let mut buf = Vec::new();
-        stream.read_to_end(&mut buf).await
-    };
-    let _ = tokio::time::timeout(PATIENCE, attempt)
-        .await
-        .expect("closed in time");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -386,7 +371,7 @@ async fn n_connections_move_every_counter_by_exactly_n() {
         ping(client_ip(n), lb).await;
     }
     for n in 0..DENIED {
-        refused([127, 99, 0, 1 + n as u8].into(), lb).await;
+        let _ = first_read([127, 99, 0, 1 + n as u8].into(), lb).await;
     }
     let after = settled(&exporter).await;
 
@@ -612,7 +597,7 @@ async fn no_reachable_target_counts_a_no_target_reject() {
     let dead = dead_port();
     let server = start(&[dead], serde_json::json!({}));
     let exporter = export(&server);
-    refused(client_ip(3), server.local_addr()).await;
+    let _ = first_read(client_ip(3), server.local_addr()).await;
     let s = settled(&exporter).await;
     let no_target = [("reason", "no_target")];
     assert_eq!(
@@ -648,7 +633,7 @@ async fn connection_limits_count_their_reasons() {
         .unwrap();
     held.write_all(b"x").await.unwrap();
     held.read_exact(&mut [0u8; 1]).await.unwrap();
-    refused(client_ip(5), per_client.local_addr()).await;
+    let _ = first_read(client_ip(5), per_client.local_addr()).await;
     let s = scrape(&per_client_metrics).await;
     let client_limit = [("reason", "client_limit")];
     assert_eq!(
@@ -662,7 +647,7 @@ async fn connection_limits_count_their_reasons() {
         .unwrap();
     held.write_all(b"x").await.unwrap();
     held.read_exact(&mut [0u8; 1]).await.unwrap();
-    refused(client_ip(7), total.local_addr()).await;
+    let _ = first_read(client_ip(7), total.local_addr()).await;
     let s = scrape(&total_metrics).await;
     let limit = [("reason", "limit")];
     assert_eq!(s.value("stickylb_connections_rejected_total", &limit), 1.0);
@@ -790,75 +775,26 @@ async fn a_removed_target_is_not_up_and_its_counters_go_on_if_it_comes_back() {
 // ---------------------------------------------------------------------------------------------
 // The binary, and a real Prometheus.
 
-/// A child process ended (by its PID) when dropped.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts the binary with `config`; returns it and its stderr lines.
-fn spawn_binary(dir: &TempDir, config: &str) -> (Process, std::sync::mpsc::Receiver<String>) {
-    let path = dir.path("config.json");
-    std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stickylb"))
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in StdBufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (Process(child), rx)
-}
-
-fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, needle: &str) -> String {
-    let deadline = std::time::Instant::now() + PATIENCE;
-    let mut seen = Vec::new();
-    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-        match lines.recv_timeout(left) {
-            Ok(line) if line.contains(needle) => return line,
-            Ok(line) => seen.push(line),
-            Err(_) => break,
-        }
-    }
-    panic!("no line with {needle:?}; saw:\n{}", seen.join("\n"));
-}
-
-fn binary_config(port: u16, metrics_port: u16, target: SocketAddr) -> String {
-    serde_json::json!({
-        "sourceHost": "127.0.0.1",
-        "sourcePort": port,
-        "metricsHost": "127.0.0.1",
-        "metricsPort": metrics_port,
-        "targets": [{"host": "127.0.0.1", "port": target.port()}],
-    })
-    .to_string()
+/// The config keys that turn metrics on, on 127.0.0.1:`port`.
+fn metrics_on(port: u16) -> serde_json::Value {
+    serde_json::json!({"metricsHost": "127.0.0.1", "metricsPort": port})
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_serves_metrics_on_metrics_port_and_logs_the_url() {
     let backend = Backend::start("a", Mode::Echo).await;
-    let dir = TempDir::new("metrics-binary");
-    let (port, metrics_port) = (dead_port().port(), dead_port().port());
-    let (mut process, lines) = spawn_binary(&dir, &binary_config(port, metrics_port, backend.addr));
+    let metrics_port = dead_port().port();
+    let mut lb = Balancer::spawn(
+        BIN,
+        "metrics-binary",
+        &[backend.addr],
+        metrics_on(metrics_port),
+        None,
+    );
     let url = format!("http://127.0.0.1:{metrics_port}/metrics");
-    wait_for_line(&lines, &url);
-    wait_for_line(&lines, "listening");
-    ping(client_ip(4), SocketAddr::from(([127, 0, 0, 1], port))).await;
+    lb.wait_for_line(&url);
+    lb.wait_for_line("listening");
+    ping(client_ip(4), lb.addr).await;
     let metrics_addr = SocketAddr::from(([127, 0, 0, 1], metrics_port));
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
@@ -872,45 +808,25 @@ async fn the_binary_serves_metrics_on_metrics_port_and_logs_the_url() {
         assert!(tokio::time::Instant::now() < deadline, "{}", s.text);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // SAFETY: signalling our own child.
-    assert_eq!(
-        unsafe { libc::kill(process.0.id() as i32, libc::SIGTERM) },
-        0
-    );
-    assert_eq!(exit_code(&mut process).await, Some(0));
+    lb.signal(libc::SIGTERM);
+    assert_eq!(lb.exit_code(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_taken_metrics_port_stops_the_binary_with_exit_1() {
     let backend = Backend::start("a", Mode::Echo).await;
-    let dir = TempDir::new("metrics-taken");
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let metrics_port = taken.local_addr().unwrap().port();
-    let (mut process, lines) = spawn_binary(
-        &dir,
-        &binary_config(dead_port().port(), metrics_port, backend.addr),
-    );
-    let line = wait_for_line(&lines, "cannot serve metrics");
+    let config = config_text(&[backend.addr], metrics_on(metrics_port));
+    let config = serde_json::from_str(&config).unwrap();
+    // Not `launch`: this process never listens.
+    let mut lb = Balancer::start(BIN, "metrics-taken", &[], config, None).unwrap();
+    let line = lb.wait_for_line("cannot serve metrics");
     assert!(
         line.contains(&format!("127.0.0.1:{metrics_port}")),
         "{line}"
     );
-    assert_eq!(exit_code(&mut process).await, Some(1));
-}
-
-/// Waits (bounded) for the process to exit and returns its exit code.
-async fn exit_code(process: &mut Process) -> Option<i32> {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(status) = process.0.try_wait().expect("wait") {
-            return status.code();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "stickylb did not exit"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert_eq!(lb.exit_code(), 1);
 }
 
 /// Percent-encodes a PromQL query for a URL.
@@ -952,6 +868,9 @@ async fn prometheus_query(prometheus: SocketAddr, query: &str) -> Option<String>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_scrapes_stickylb() {
     const N: u32 = 7;
+    if !require_tool("prometheus") {
+        return;
+    }
     let backend = Backend::start("a", Mode::Echo).await;
     let server = start(&[backend.addr], serde_json::json!({}));
     let exporter = export(&server);
@@ -985,7 +904,7 @@ async fn a_real_prometheus_scrapes_stickylb() {
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .expect("prometheus (Debian package `prometheus`, installed by .ci/run)"),
+            .expect("prometheus (Debian package `prometheus`, installed by scripts/test)"),
     );
 
     // Prometheus starts, scrapes every second: a bounded wait for the first scrape to land.

@@ -1,25 +1,19 @@
 //! The binary as an operator runs it: start-up, the demo, signals and graceful shutdown, exit
 //! codes. Real processes, real signals, real TCP.
 
-mod child;
-mod support;
-
 use std::process::Command;
 use std::time::Duration;
 
-use child::{Balancer, BIN};
-use support::*;
+use stickylb_testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A free loopback port (bound, then released).
-fn free_port() -> u16 {
-    dead_port().port()
-}
+const BIN: &str = env!("CARGO_BIN_EXE_stickylb");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_refuses_new_connections_and_lets_an_in_flight_transfer_finish() {
     let backend = Backend::start("echo", Mode::Echo).await;
-    let mut lb = Balancer::spawn_with_args("sigterm", &[], &[backend.addr], serde_json::json!({}));
+    let mut lb =
+        Balancer::spawn_with_args(BIN, "sigterm", &[], &[backend.addr], serde_json::json!({}));
     let len = 8 * 1024 * 1024;
     let stream = connect_from(client_ip(1), lb.addr).await.unwrap();
     let (mut r, mut w) = stream.into_split();
@@ -59,6 +53,7 @@ async fn sigterm_refuses_new_connections_and_lets_an_in_flight_transfer_finish()
 async fn a_second_signal_exits_at_once() {
     let backend = Backend::start("echo", Mode::Echo).await;
     let mut lb = Balancer::spawn_with_args(
+        BIN,
         "second-signal",
         &[],
         &[backend.addr],
@@ -77,7 +72,7 @@ async fn a_second_signal_exits_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_targets_answer_with_their_names_over_http_and_raw_tcp() {
     let targets = [dead_port(), dead_port(), dead_port()];
-    let lb = Balancer::spawn_with_args("demo", &["demo"], &targets, serde_json::json!({}));
+    let lb = Balancer::spawn_with_args(BIN, "demo", &["demo"], &targets, serde_json::json!({}));
     let mut http = connect_from(client_ip(3), lb.addr).await.unwrap();
     http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -132,8 +127,7 @@ fn a_taken_port_is_a_startup_error_that_names_the_address() {
 /// returns what it printed on stderr.
 fn startup_error(text: &str) -> String {
     let dir = TempDir::new("startup");
-    let path = dir.0.join("config.json");
-    std::fs::write(&path, text).unwrap();
+    let path = dir.file("config.json", text);
     let out = Command::new(BIN)
         .arg("--config")
         .arg(&path)
@@ -179,13 +173,14 @@ async fn downgrade_to_user_drops_root_after_binding() {
     }
     let backend = Backend::start("echo", Mode::Echo).await;
     let lb = Balancer::spawn_with_args(
+        BIN,
         "downgrade",
         &[],
         &[backend.addr],
         serde_json::json!({"downgradeToUser": "nobody"}),
     );
     // `spawn` waited for the "listening" line, which comes after the switch.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", lb.child.id())).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", lb.pid())).unwrap();
     let uid_line = status
         .lines()
         .find(|l| l.starts_with("Uid:"))
@@ -219,7 +214,7 @@ async fn downgrade_to_user_drops_root_after_binding() {
 
 #[test]
 fn an_unknown_user_is_a_startup_error() {
-    let port = free_port();
+    let port = dead_port().port();
     let stderr = startup_error(&format!(
         r#"{{"sourceHost": "127.0.0.1", "sourcePort": {port}, "metricsPort": null, "downgradeToUser": "no-such-user-xyz", "targets": [{{"host": "127.0.0.1", "port": 9}}]}}"#
     ));
@@ -232,9 +227,15 @@ fn an_unknown_user_is_a_startup_error() {
 async fn sighup_reloads_and_a_bad_file_changes_nothing() {
     let a = Backend::start("a", Mode::Named).await;
     let b = Backend::start("b", Mode::Named).await;
-    let lb = Balancer::spawn_with_args("sighup", &["--no-watch"], &[a.addr], serde_json::json!({}));
+    let lb = Balancer::spawn_with_args(
+        BIN,
+        "sighup",
+        &["--no-watch"],
+        &[a.addr],
+        serde_json::json!({}),
+    );
     assert_eq!(which(client_ip(1), lb.addr).await.unwrap().0, "a");
-    let path = lb.dir.0.join("config.json");
+    let path = lb.dir.path("config.json");
 
     std::fs::write(&path, "{ \"sourcePort\": ").unwrap();
     lb.signal(libc::SIGHUP);

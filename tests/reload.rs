@@ -2,21 +2,14 @@
 //! SIGHUP, bad edits that change nothing, connections that are never cut, a moving listener,
 //! and a stress run alternating between two target sets.
 
-mod support;
-
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
 use stickylb::reload::{Outcome, Reloader, Trigger};
 use stickylb::server::Server;
-use support::*;
+use stickylb_testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn text(targets: &[SocketAddr], extra: serde_json::Value) -> String {
-    config_text(targets, extra)
-}
 
 /// Polls (bounded) until a fresh client reaches a target named in `names`. Fresh client
 /// addresses each time, so that no session pins the probe.
@@ -76,12 +69,16 @@ async fn fixture(tag: &str) -> Fixture {
 async fn an_in_place_write_is_applied() {
     let f = fixture("inplace").await;
     let path = f.dir.path("config.json");
-    std::fs::write(&path, text(&[f.a.addr, f.b.addr], serde_json::json!({}))).unwrap();
+    std::fs::write(
+        &path,
+        config_text(&[f.a.addr, f.b.addr], serde_json::json!({})),
+    )
+    .unwrap();
     let server = start_from_file(&path, false);
     let _watcher = Reloader::new(server.clone()).watch().unwrap();
     wait_for_target(&server, &["a", "b"], 0).await;
 
-    std::fs::write(&path, text(&[f.c.addr], serde_json::json!({}))).unwrap();
+    std::fs::write(&path, config_text(&[f.c.addr], serde_json::json!({}))).unwrap();
     wait_for_target(&server, &["c"], 1000).await;
     wait_for_reloads(&server, 1, 0).await;
 }
@@ -90,17 +87,17 @@ async fn an_in_place_write_is_applied() {
 async fn an_editors_write_to_temp_then_rename_is_applied() {
     let f = fixture("rename").await;
     let path = f.dir.path("config.json");
-    std::fs::write(&path, text(&[f.a.addr], serde_json::json!({}))).unwrap();
+    std::fs::write(&path, config_text(&[f.a.addr], serde_json::json!({}))).unwrap();
     let server = start_from_file(&path, false);
     let _watcher = Reloader::new(server.clone()).watch().unwrap();
     wait_for_target(&server, &["a"], 0).await;
 
     let temp = f.dir.path(".config.json.swp");
-    std::fs::write(&temp, text(&[f.b.addr], serde_json::json!({}))).unwrap();
+    std::fs::write(&temp, config_text(&[f.b.addr], serde_json::json!({}))).unwrap();
     std::fs::rename(&temp, &path).unwrap();
     wait_for_target(&server, &["b"], 1000).await;
     // A second save the same way: the watch survives the first rename.
-    std::fs::write(&temp, text(&[f.c.addr], serde_json::json!({}))).unwrap();
+    std::fs::write(&temp, config_text(&[f.c.addr], serde_json::json!({}))).unwrap();
     std::fs::rename(&temp, &path).unwrap();
     wait_for_target(&server, &["c"], 2000).await;
 }
@@ -114,7 +111,7 @@ async fn a_kubernetes_configmap_symlink_swap_is_applied() {
     std::fs::create_dir(&first).unwrap();
     std::fs::write(
         first.join("config.json"),
-        text(&[f.a.addr], serde_json::json!({})),
+        config_text(&[f.a.addr], serde_json::json!({})),
     )
     .unwrap();
     symlink("..2026_11_22_00_00_00.1", f.dir.path("..data")).unwrap();
@@ -130,7 +127,7 @@ async fn a_kubernetes_configmap_symlink_swap_is_applied() {
     std::fs::create_dir(&second).unwrap();
     std::fs::write(
         second.join("config.json"),
-        text(&[f.b.addr, f.c.addr], serde_json::json!({})),
+        config_text(&[f.b.addr, f.c.addr], serde_json::json!({})),
     )
     .unwrap();
     symlink("..2026_11_22_00_01_00.2", f.dir.path("..data_tmp")).unwrap();
@@ -144,7 +141,7 @@ async fn a_kubernetes_configmap_symlink_swap_is_applied() {
 async fn bad_edits_leave_the_running_config_serving() {
     let f = fixture("bad").await;
     let path = f.dir.path("config.json");
-    let good = text(&[f.a.addr], serde_json::json!({}));
+    let good = config_text(&[f.a.addr], serde_json::json!({}));
     std::fs::write(&path, &good).unwrap();
     let server = start_from_file(&path, false);
     let reloader = Reloader::new(server.clone());
@@ -154,7 +151,7 @@ async fn bad_edits_leave_the_running_config_serving() {
         ("invalid JSON", "{\"sourcePort\": 1,, }".to_string()),
         (
             "invalid value",
-            text(&[f.b.addr], serde_json::json!({"sessionExpiry": -5})),
+            config_text(&[f.b.addr], serde_json::json!({"sessionExpiry": -5})),
         ),
         ("truncated file", good[..good.len() / 2].to_string()),
         (
@@ -163,7 +160,7 @@ async fn bad_edits_leave_the_running_config_serving() {
         ),
         (
             "port already taken",
-            text(
+            config_text(
                 &[f.b.addr],
                 serde_json::json!({"sourcePort": taken.local_addr().unwrap().port()}),
             ),
@@ -181,7 +178,7 @@ async fn bad_edits_leave_the_running_config_serving() {
     // The same bad text again changes nothing (not even a count); SIGHUP re-reads regardless.
     assert!(reloader.reload(Trigger::Signal).await.is_err());
     // A good edit after all that is applied.
-    std::fs::write(&path, text(&[f.c.addr], serde_json::json!({}))).unwrap();
+    std::fs::write(&path, config_text(&[f.c.addr], serde_json::json!({}))).unwrap();
     wait_for_target(&server, &["c"], 1000).await;
     assert!(!server.snapshot().last_reload_failed);
 }
@@ -190,10 +187,10 @@ async fn bad_edits_leave_the_running_config_serving() {
 async fn a_half_written_file_is_never_applied_and_the_complete_one_is() {
     let f = fixture("half").await;
     let path = f.dir.path("config.json");
-    std::fs::write(&path, text(&[f.a.addr], serde_json::json!({}))).unwrap();
+    std::fs::write(&path, config_text(&[f.a.addr], serde_json::json!({}))).unwrap();
     let server = start_from_file(&path, false);
     let reloader = Reloader::new(server.clone());
-    let full = text(&[f.b.addr], serde_json::json!({}));
+    let full = config_text(&[f.b.addr], serde_json::json!({}));
     let (head, tail) = full.split_at(full.len() / 2);
     // Written in two steps, with a reload in between: the half is rejected...
     std::fs::write(&path, head).unwrap();
@@ -225,7 +222,7 @@ async fn an_open_connection_keeps_flowing_across_20_reloads() {
     let other = Backend::start("other", Mode::Named).await;
     let dir = TempDir::new("flowing");
     let path = dir.path("config.json");
-    std::fs::write(&path, text(&[echo.addr], serde_json::json!({}))).unwrap();
+    std::fs::write(&path, config_text(&[echo.addr], serde_json::json!({}))).unwrap();
     let server = start_from_file(&path, false);
     let reloader = Reloader::new(server.clone());
     let mut open = connect_from(client_ip(1), server.local_addr())
@@ -238,7 +235,7 @@ async fn an_open_connection_keeps_flowing_across_20_reloads() {
         } else {
             vec![echo.addr, other.addr]
         };
-        std::fs::write(&path, text(&targets, serde_json::json!({}))).unwrap();
+        std::fs::write(&path, config_text(&targets, serde_json::json!({}))).unwrap();
         assert!(matches!(
             reloader.reload(Trigger::Signal).await,
             Ok(Outcome::Applied { .. })
@@ -259,13 +256,13 @@ async fn an_open_connection_keeps_flowing_across_20_reloads() {
 async fn a_removed_targets_open_connection_finishes_while_new_clients_go_elsewhere() {
     let f = fixture("removed").await;
     let path = f.dir.path("config.json");
-    std::fs::write(&path, text(&[f.a.addr], serde_json::json!({}))).unwrap();
+    std::fs::write(&path, config_text(&[f.a.addr], serde_json::json!({}))).unwrap();
     let server = start_from_file(&path, false);
     let reloader = Reloader::new(server.clone());
     let (name, mut open) = which(client_ip(1), server.local_addr()).await.unwrap();
     assert_eq!(name, "a");
 
-    std::fs::write(&path, text(&[f.b.addr], serde_json::json!({}))).unwrap();
+    std::fs::write(&path, config_text(&[f.b.addr], serde_json::json!({}))).unwrap();
     reloader.reload(Trigger::Signal).await.unwrap();
     // The same client, and others, now reach b: its session on the removed a moved.
     assert_eq!(
@@ -295,7 +292,7 @@ async fn a_port_change_moves_the_listener_and_old_connections_go_on() {
     let old_port = dead_port().port();
     std::fs::write(
         &path,
-        text(&[f.a.addr], serde_json::json!({"sourcePort": old_port})),
+        config_text(&[f.a.addr], serde_json::json!({"sourcePort": old_port})),
     )
     .unwrap();
     let server = start_from_file(&path, true);
@@ -307,7 +304,7 @@ async fn a_port_change_moves_the_listener_and_old_connections_go_on() {
     let new_port = dead_port().port();
     std::fs::write(
         &path,
-        text(&[f.a.addr], serde_json::json!({"sourcePort": new_port})),
+        config_text(&[f.a.addr], serde_json::json!({"sourcePort": new_port})),
     )
     .unwrap();
     reloader.reload(Trigger::Signal).await.unwrap();
@@ -332,14 +329,14 @@ async fn restart_only_keys_are_kept_and_named_while_the_rest_applies() {
     let path = f.dir.path("config.json");
     std::fs::write(
         &path,
-        text(&[f.a.addr], serde_json::json!({"balancerCount": 2})),
+        config_text(&[f.a.addr], serde_json::json!({"balancerCount": 2})),
     )
     .unwrap();
     let server = start_from_file(&path, false);
     let reloader = Reloader::new(server.clone());
     std::fs::write(
         &path,
-        text(
+        config_text(
             &[f.b.addr],
             serde_json::json!({"balancerCount": 3, "metricsPort": 19999}),
         ),
@@ -372,7 +369,7 @@ async fn stress_50_alternating_reloads_under_continuous_connections() {
     let set_b = [backends[2].addr, backends[3].addr];
     let dir = TempDir::new("stress");
     let path = dir.path("config.json");
-    std::fs::write(&path, text(&set_a, serde_json::json!({}))).unwrap();
+    std::fs::write(&path, config_text(&set_a, serde_json::json!({}))).unwrap();
     let server = start_from_file(&path, false);
     let reloader = Reloader::new(server.clone());
     let lb = server.local_addr();
@@ -400,7 +397,7 @@ async fn stress_50_alternating_reloads_under_continuous_connections() {
     }
     for i in 0..50 {
         let set = if i % 2 == 0 { &set_b } else { &set_a };
-        std::fs::write(&path, text(set, serde_json::json!({}))).unwrap();
+        std::fs::write(&path, config_text(set, serde_json::json!({}))).unwrap();
         reloader.reload(Trigger::Signal).await.unwrap();
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -8,14 +8,12 @@
 //! a different order, are asked for 2,000 client addresses. Sessions are off
 //! (`"sessionExpiry": 0`) so that only the hash decides.
 
-mod child;
-mod support;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use child::Balancer;
-use support::*;
+use stickylb_testkit::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_stickylb");
 
 /// Client addresses asked of every instance.
 const CLIENTS: u32 = 2000;
@@ -23,7 +21,7 @@ const CLIENTS: u32 = 2000;
 /// Connections in flight at once while mapping the clients.
 const PARALLEL: u32 = 50;
 
-/// Starts a `stickylb` process (see [`child::Balancer`]) with `targets`, sessions off.
+/// Starts a `stickylb` process (see [`Balancer`]) with `targets`, sessions off.
 fn instance(tag: &str, targets: serde_json::Value) -> Balancer {
     let config = serde_json::json!({
         "sourceHost": "127.0.0.1",
@@ -32,7 +30,7 @@ fn instance(tag: &str, targets: serde_json::Value) -> Balancer {
         "sessionExpiry": 0,
         "targets": targets,
     });
-    Balancer::launch(&format!("scale-{tag}"), &[], config, None)
+    Balancer::launch(BIN, &format!("scale-{tag}"), &[], config, None)
 }
 
 /// SIGTERM, then the exit code once it has drained (nothing is open by then).

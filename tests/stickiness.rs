@@ -2,27 +2,11 @@
 //! a stopped target costs clients nothing and moves no one else, its window ends, sessions
 //! hold moved clients, and a fleet that is all down closes clients promptly.
 
-mod support;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
 use stickylb::Reject;
-use support::*;
-use tokio::io::AsyncReadExt;
-
-/// Connects from `ip` and reads once: what a client of a balancer that cannot serve it sees.
-/// The reset can land before the client's connect completes, or on its first read; either way
-/// it must come within the test's patience, never leave the client hanging.
-async fn first_read(ip: std::net::Ipv4Addr, lb: std::net::SocketAddr) -> std::io::Result<usize> {
-    tokio::time::timeout(PATIENCE, async {
-        let mut stream = connect_from(ip, lb).await?;
-        let mut buf = [0u8; 1];
-        stream.read(&mut buf).await
-    })
-    .await
-    .expect("client is closed, not left hanging")
-}
+use stickylb_testkit::*;
 
 async fn three_backends() -> Vec<Backend> {
     vec![

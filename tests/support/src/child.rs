@@ -1,80 +1,130 @@
-//! The `stickylb` binary as a child process, for tests that measure the process itself: its
-//! CPU time and resident memory from `/proc/PID/stat` and `/proc/PID/status`, its open file
-//! descriptors, and its stderr lines. A file-descriptor limit can be set for the child alone
-//! (setrlimit between fork and exec), which is what `prlimit --nofile=N:N` does.
+//! Processes a test starts, each ended by its own PID when dropped ([`Process`]):
+//! - the `stickylb` binary ([`Balancer`]), for tests that measure the process itself: its CPU
+//!   time and resident memory from `/proc/PID/stat` and `/proc/PID/status`, its open file
+//!   descriptors, its stderr lines, its signals and exit code. A file-descriptor limit can be
+//!   set for the child alone (setrlimit between fork and exec), which is what
+//!   `prlimit --nofile=N:N` does;
+//! - a [`Backend`] in a process of its own ([`backend_process`]), for benches that keep the
+//!   targets' sockets and CPU out of their own process, or kill a target with SIGKILL.
+//!
+//! # Which binary
+//! The caller passes the binary's path, as `env!("CARGO_BIN_EXE_stickylb")`. Cargo sets that
+//! variable only when it compiles the root package's integration tests and benches (not this
+//! crate), and it names the very binary cargo built for them: the release one under
+//! `cargo bench`, the debug one under `cargo test`, wherever `--target-dir`, `CARGO_TARGET_DIR`
+//! or `--target` put it. Deriving it from `std::env::current_exe()` (`target/debug/deps/x-HASH`
+//! → `target/debug/stickylb`) would rely on cargo's directory layout, which is no stable
+//! interface, and breaks where test binaries run from elsewhere (test archives, coverage
+//! tools' own target directories).
 
-#![allow(dead_code)]
-
-use std::io::{BufRead, BufReader};
+use std::io::{self, BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::support::{config_text, dead_port, TempDir, PATIENCE};
+use crate::backend::{dead_port, Backend, Mode};
+use crate::inproc::config_text;
+use crate::temp::TempDir;
+use crate::PATIENCE;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_stickylb");
+/// A child process, killed (by its own PID) and reaped when dropped.
+pub struct Process(pub Child);
 
-/// A running balancer process. Killed (by its own PID) when dropped.
+impl Process {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A running `stickylb` process, with every stderr line it wrote. Killed (by its own PID) when
+/// dropped.
 pub struct Balancer {
-    pub child: Child,
+    process: Process,
+    /// Where it listens: a free loopback port put in its config as `sourcePort`.
     pub addr: SocketAddr,
+    /// Holds its `config.json`, which a test may rewrite to reload it.
     pub dir: TempDir,
     /// Every stderr line so far.
     lines: Arc<Mutex<Vec<String>>>,
 }
 
 impl Balancer {
-    /// Starts the binary on a free loopback port with a config for `targets` plus `extra` keys, and
-    /// waits for its "listening" line. `nofile`: the soft and hard RLIMIT_NOFILE of the child.
+    /// Starts the binary `bin` on a free loopback port with a config for `targets` plus `extra`
+    /// keys, and waits for its "listening" line. `nofile`: the soft and hard RLIMIT_NOFILE of
+    /// the child.
     pub fn spawn(
+        bin: &str,
         tag: &str,
         targets: &[SocketAddr],
         extra: serde_json::Value,
         nofile: Option<u64>,
     ) -> Balancer {
         let config = serde_json::from_str(&config_text(targets, extra)).expect("json");
-        Balancer::launch(tag, &[], config, nofile)
+        Balancer::launch(bin, tag, &[], config, nofile)
     }
 
     /// As [`Balancer::spawn`], with extra command-line arguments (`demo`, `--no-watch`, ...).
     pub fn spawn_with_args(
+        bin: &str,
         tag: &str,
         args: &[&str],
         targets: &[SocketAddr],
         extra: serde_json::Value,
     ) -> Balancer {
         let config = serde_json::from_str(&config_text(targets, extra)).expect("json");
-        Balancer::launch(tag, args, config, None)
+        Balancer::launch(bin, tag, args, config, None)
     }
 
-    /// Starts `stickylb ARGS --config DIR/config.json` with `config` (its `sourcePort` replaced
-    /// by a free loopback port) and waits for its "listening" line.
+    /// Starts `bin ARGS --config DIR/config.json` with `config` (its `sourcePort` replaced by a
+    /// free loopback port) and waits for its "listening" line.
     pub fn launch(
+        bin: &str,
         tag: &str,
         args: &[&str],
         config: serde_json::Value,
         nofile: Option<u64>,
     ) -> Balancer {
-        Balancer::try_launch(tag, args, config, nofile).expect("spawn stickylb")
+        Balancer::try_launch(bin, tag, args, config, nofile).expect("spawn stickylb")
     }
 
     /// As [`Balancer::launch`], but a process that cannot be started (for example because
     /// `nofile` is above the hard limit and raising it is not permitted) is an error rather than
     /// a panic.
     pub fn try_launch(
+        bin: &str,
+        tag: &str,
+        args: &[&str],
+        config: serde_json::Value,
+        nofile: Option<u64>,
+    ) -> io::Result<Balancer> {
+        let balancer = Balancer::start(bin, tag, args, config, nofile)?;
+        balancer.wait_for_line("listening");
+        Ok(balancer)
+    }
+
+    /// As [`Balancer::try_launch`], but returns as soon as the process runs, without waiting
+    /// for it to listen: for a start that is meant to fail.
+    pub fn start(
+        bin: &str,
         tag: &str,
         args: &[&str],
         mut config: serde_json::Value,
         nofile: Option<u64>,
-    ) -> std::io::Result<Balancer> {
+    ) -> io::Result<Balancer> {
         let dir = TempDir::new(tag);
         let port = dead_port().port();
         config["sourcePort"] = port.into();
-        let path = dir.0.join("config.json");
-        std::fs::write(&path, config.to_string()).expect("write config");
-        let mut command = Command::new(BIN);
+        let path = dir.file("config.json", &config.to_string());
+        let mut command = Command::new(bin);
         command
             .args(args)
             .arg("--config")
@@ -93,7 +143,7 @@ impl Balancer {
                         rlim_max: n as libc::rlim_t,
                     };
                     if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                        return Err(std::io::Error::last_os_error());
+                        return Err(io::Error::last_os_error());
                     }
                     Ok(())
                 });
@@ -108,18 +158,16 @@ impl Balancer {
                 sink.lock().expect("lines").push(line);
             }
         });
-        let balancer = Balancer {
-            child,
+        Ok(Balancer {
+            process: Process(child),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             dir,
             lines,
-        };
-        balancer.wait_for_line("listening");
-        Ok(balancer)
+        })
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// Waits (bounded) for a stderr line containing `needle`.
@@ -138,6 +186,7 @@ impl Balancer {
         }
     }
 
+    /// Every stderr line so far.
     pub fn lines(&self) -> Vec<String> {
         self.lines.lock().expect("lines").clone()
     }
@@ -157,7 +206,7 @@ impl Balancer {
     pub fn exit_code(&mut self) -> i32 {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
+            if let Some(status) = self.process.0.try_wait().expect("wait") {
                 return status.code().unwrap_or(-1);
             }
             assert!(Instant::now() < deadline, "stickylb did not exit");
@@ -167,7 +216,7 @@ impl Balancer {
 
     /// True while the process has not exited.
     pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        matches!(self.process.0.try_wait(), Ok(None))
     }
 
     /// User + system CPU time so far, in clock ticks (fields 14 and 15 of /proc/PID/stat).
@@ -209,7 +258,7 @@ impl Balancer {
 }
 
 /// A `kB` field of /proc/PID/status.
-pub fn status_kib(pid: u32, field: &str) -> u64 {
+fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     status
         .lines()
@@ -230,9 +279,56 @@ pub fn ticks_per_second() -> u64 {
     }
 }
 
-impl Drop for Balancer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The variable that makes a process started by [`backend_process`] serve its backend:
+/// `NAME MODE ADDRESS`.
+const BACKEND_PROCESS: &str = "STICKYLB_TESTKIT_BACKEND";
+
+/// Runs a [`Backend`] on `addr` in a process of its own: this same executable started again,
+/// whose `main` calls [`serve_backend_process_if_asked`] first. Returns once it listens.
+pub fn backend_process(name: &str, mode: Mode, addr: SocketAddr) -> Process {
+    let mut child = Command::new(std::env::current_exe().expect("own path"))
+        .env(BACKEND_PROCESS, format!("{name} {mode:?} {addr}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn backend process");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready line");
+    assert_eq!(
+        line.trim(),
+        "ready",
+        "backend {name} on {addr} did not start"
+    );
+    Process(child)
+}
+
+/// The first call in the `main` of a program that uses [`backend_process`]: in a process it
+/// started, serves the backend until killed (and never returns); anywhere else, returns at once.
+pub fn serve_backend_process_if_asked() {
+    let Ok(spec) = std::env::var(BACKEND_PROCESS) else {
+        return;
+    };
+    let words: Vec<&str> = spec.split(' ').collect();
+    let [name, mode, addr] = words[..] else {
+        panic!("{BACKEND_PROCESS}={spec:?}: expected NAME MODE ADDRESS");
+    };
+    let mode = match mode {
+        "Named" => Mode::Named,
+        "Echo" => Mode::Echo,
+        other => panic!("{BACKEND_PROCESS}: unknown mode {other:?}"),
+    };
+    let addr: SocketAddr = addr.parse().expect("backend address");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let _backend = Backend::start_on(name, mode, addr);
+        println!("ready");
+        let _ = std::io::stdout().flush();
+        std::future::pending::<()>().await
+    });
 }

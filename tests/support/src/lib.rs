@@ -1,0 +1,57 @@
+//! The test kit: the helpers stickylb's black-box tests (`tests/*.rs`) and benches
+//! (`benches/*.rs`) share, one helper per job. Everything is real TCP over loopback; nothing is
+//! mocked.
+//!
+//! # Layout
+//! - [`client`]: clients, each from its own 127.x.y.z address, and what they see: which target
+//!   answered, an echoed line, a refusal; many connections at once, and bytes offered on them.
+//! - [`backend`]: targets on loopback: named or echoing [`Backend`]s that stop and restart on
+//!   the same port, a [`Sink`] that never reads, [`dead_port`]s.
+//! - [`pattern`]: a deterministic generator ([`Rng`]) and the byte [`Pattern`] made from it, so
+//!   a transfer is checked byte for byte without keeping a copy of what was sent.
+//! - [`inproc`]: balancers started in the test's own runtime on `127.0.0.1:0`, and the JSON of
+//!   their configs.
+//! - [`child`]: processes a test starts and ends by their PID: the `stickylb` binary
+//!   ([`Balancer`], with its stderr lines, CPU time, memory and descriptors), and a
+//!   [`Backend`] in a process of its own.
+//! - [`temp`]: temporary directories, removed on drop.
+//! - [`tools`]: outside tools a test runs (promtool, prometheus, ...): required under
+//!   `scripts/test`, skipped with a line that says so under a plain `cargo test`.
+//! - here: [`PATIENCE`], the bound of every wait, and [`env_or`], a bench's settings.
+//!
+//! # Why a crate
+//! Each test file is its own binary and uses only part of the kit. As a module compiled into
+//! every test (`mod support;`), the unused part was dead code in each of them and had to be
+//! allowed as such; as a library its items are public, so nothing is dead and no allowance
+//! hides what really is. Tests and benches `use stickylb_testkit::*` (or name what they use).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+pub mod backend;
+pub mod child;
+pub mod client;
+pub mod inproc;
+pub mod pattern;
+pub mod temp;
+pub mod tools;
+
+pub use backend::{dead_port, Backend, Mode, Sink};
+pub use child::{backend_process, serve_backend_process_if_asked, Balancer, Process};
+pub use client::{client_ip, connect_from, first_read, offer, open_many, served, which};
+pub use inproc::{config, config_text, start, start_from_file, wait_drained};
+pub use pattern::{check_pattern, echo_exact, send_pattern, Pattern, Rng};
+pub use temp::TempDir;
+pub use tools::require_tool;
+
+/// Upper bound for any single wait in a test: a liveness bound, not a performance assertion.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A setting from the environment (a bench's `STICKYLB_SOAK_SECS`, `BENCH_ROUNDS`, ...): its
+/// value parsed, or `default` when it is unset or does not parse.
+pub fn env_or<T: FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
