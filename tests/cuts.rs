@@ -3,16 +3,15 @@
 //! received; connect attempts are bounded; keepalive finds dead peers in minutes; a listener
 //! moves on the same port; removed targets are forgotten once drained.
 
-mod child;
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use stickylb::Reject;
-use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_stickylb");
+use stickylb_testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -149,7 +148,8 @@ async fn a_download_open_at_the_shutdown_deadline_is_reset_on_both_sides() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_resets_a_download_still_open_at_the_shutdown_deadline() {
     let mut target = download(BIG).await;
-    let lb = child::Balancer::spawn(
+    let lb = Balancer::spawn(
+        BIN,
         "cut-at-deadline",
         &[target.addr],
         serde_json::json!({"shutdownTimeout": 300}),
@@ -599,14 +599,13 @@ fn spend_nobodys_pipe_budget() -> Vec<std::os::fd::OwnedFd> {
 /// arrives. (Root is exempt from the budget, so stickylb runs as `nobody` here.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_pipe_budget_bulk_transfers_copy_and_stay_byte_exact() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        require_root("the pipe budget test runs stickylb as nobody");
+    if !require_root("the pipe budget test (it runs stickylb as nobody)") {
         return;
     }
     let _spent = spend_nobodys_pipe_budget();
     let echo = Backend::start("echo", Mode::Echo).await;
-    let lb = child::Balancer::spawn(
+    let lb = Balancer::spawn(
+        BIN,
         "pipe-budget",
         &[echo.addr],
         serde_json::json!({"downgradeToUser": "nobody"}),
@@ -631,13 +630,4 @@ async fn past_the_pipe_budget_bulk_transfers_copy_and_stay_byte_exact() {
         assert_eq!(t.await.unwrap(), 8 << 20, "every byte came back");
     }
     lb.wait_for_line("pipe budget");
-}
-
-/// Without root the test cannot run: fail when the test command requires every test, else say
-/// so and pass.
-fn require_root(what: &str) {
-    if std::env::var_os("STICKYLB_REQUIRE_TOOLS").is_some() {
-        panic!("{what}: needs root");
-    }
-    eprintln!("skipped: {what}: needs root");
 }

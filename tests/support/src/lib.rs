@@ -42,7 +42,7 @@ pub use client::{client_ip, connect_from, first_read, offer, open_many, served, 
 pub use inproc::{config, config_text, start, start_from_file, wait_drained};
 pub use pattern::{check_pattern, echo_exact, send_pattern, Pattern, Rng};
 pub use temp::TempDir;
-pub use tools::require_tool;
+pub use tools::{require_root, require_tool};
 
 /// Upper bound for any single wait in a test: a liveness bound, not a performance assertion.
 pub const PATIENCE: Duration = Duration::from_secs(20);

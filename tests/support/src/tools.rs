@@ -45,3 +45,19 @@ fn executable(path: &Path) -> bool {
     path.metadata()
         .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
+
+/// Whether this process runs as root, which some checks need (running stickylb as another
+/// user, the per-user pipe budget). When it does not: with `STICKYLB_REQUIRE_TOOLS=1` this
+/// panics; otherwise it prints `skipped: <what> needs root` and returns false.
+#[track_caller]
+pub fn require_root(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var(REQUIRE_TOOLS).as_deref() == Ok("1") {
+        panic!("{what} needs root ({REQUIRE_TOOLS}=1)");
+    }
+    let _ = writeln!(std::io::stderr(), "skipped: {what} needs root");
+    false
+}
