@@ -20,11 +20,13 @@ pub enum Reject {
     ClientLimit,
     /// No target could be connected.
     NoTarget,
+    /// A trusted upstream (`acceptProxyProtocol`) sent no valid PROXY header in time.
+    ProxyHeader,
 }
 
 impl Reject {
     /// How many reasons there are (the size of per-reason arrays).
-    pub const COUNT: usize = 4;
+    pub const COUNT: usize = 5;
 
     /// Every reason, in the order of their counters.
     pub const ALL: [Reject; Reject::COUNT] = [
@@ -32,6 +34,7 @@ impl Reject {
         Reject::Limit,
         Reject::ClientLimit,
         Reject::NoTarget,
+        Reject::ProxyHeader,
     ];
 
     /// The `reason` label value.
@@ -41,6 +44,7 @@ impl Reject {
             Reject::Limit => "limit",
             Reject::ClientLimit => "client_limit",
             Reject::NoTarget => "no_target",
+            Reject::ProxyHeader => "proxy_header",
         }
     }
 }

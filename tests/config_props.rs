@@ -172,6 +172,15 @@ fn optional_keys() -> impl Strategy<Value = Vec<(&'static str, Value)>> {
         ]
         .prop_map(|v| ("tcpKeepalive", v))
         .boxed(),
+        prop_oneof![Just(json!(false)), Just(json!("v1")), Just(json!("v2"))]
+            .prop_map(|v| ("proxyProtocol", v))
+            .boxed(),
+        proptest::collection::vec(cidr(), 0..5)
+            .prop_map(|c| ("acceptProxyProtocol", json!(c)))
+            .boxed(),
+        millis(1)
+            .prop_map(|n| ("proxyHeaderTimeout", json!(n)))
+            .boxed(),
     ];
     keys.into_iter()
         .map(proptest::option::of)
@@ -264,7 +273,9 @@ fn invalid_value(key: &str) -> Vec<Value> {
             json!({"count": 128}),
             json!({"period": 1000}),
         ],
-        "allow" | "deny" => vec![
+        "proxyProtocol" => vec![json!(true), json!("v3"), json!(1), json!(null)],
+        "proxyHeaderTimeout" => vec![json!(0), json!(-1), json!("3s")],
+        "allow" | "deny" | "acceptProxyProtocol" => vec![
             json!("10.0.0.0/8"),
             json!(["10.1.0.0/8"]),
             json!(["x"]),
@@ -314,14 +325,18 @@ proptest! {
                         prop_assert_eq!(metrics.ip(), ip_of(value));
                     }
                 }
-                "allow" | "deny" => {
+                "allow" | "deny" | "acceptProxyProtocol" => {
                     let given: Vec<Cidr> = value
                         .as_array()
                         .expect("array")
                         .iter()
                         .map(|c| c.as_str().expect("string").parse().expect("valid CIDR"))
                         .collect();
-                    let parsed = if key == "allow" { &config.allow } else { &config.deny };
+                    let parsed = match key.as_str() {
+                        "allow" => &config.allow,
+                        "deny" => &config.deny,
+                        _ => &config.accept_proxy_protocol,
+                    };
                     prop_assert_eq!(parsed, &given, "key {}", key);
                 }
                 "metricsPort" if value.is_null() => prop_assert!(shown.is_null()),
@@ -354,6 +369,7 @@ proptest! {
             "downgradeToUser", "metricsHost", "metricsPort", "connectTimeout", "idleTimeout",
             "shutdownTimeout", "maxConnections", "maxConnectionsPerClient", "maxSessions",
             "allow", "deny", "zeroCopy", "accessLog", "maxConnectAttempts", "tcpKeepalive",
+            "proxyProtocol", "acceptProxyProtocol", "proxyHeaderTimeout",
         ]),
         pick in any::<prop::sample::Index>(),
     ) {

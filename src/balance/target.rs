@@ -155,6 +155,7 @@ mod tests {
             port: 1,
             weight: 1,
             addr: "127.0.0.1:1".parse().unwrap(),
+            proxy_protocol: None,
         }
     }
 

@@ -20,6 +20,7 @@ mod cidr;
 mod error;
 mod parse;
 
+pub use crate::proxy_protocol::Version as ProxyVersion;
 pub use crate::sockets::Keepalive;
 pub use crate::sys::UserSpec;
 pub use cidr::{Cidr, ParseCidrError};
@@ -38,6 +39,9 @@ pub struct TargetSpec {
     pub weight: u32,
     /// The address connected to: the first address `host` resolved to.
     pub addr: SocketAddr,
+    /// `proxyProtocol` of the target, or else the top level's: the PROXY header sent to it
+    /// before the client's bytes (`None`: none).
+    pub proxy_protocol: Option<ProxyVersion>,
 }
 
 /// A validated, resolved config. Field docs give the JSON key and the default.
@@ -90,6 +94,15 @@ pub struct Config {
     pub max_connect_attempts: u32,
     /// `tcpKeepalive` (default idle 60 s, interval 10 s, 6 probes; `false` = `None`: off).
     pub tcp_keepalive: Option<Keepalive>,
+    /// `proxyProtocol` at the top level (default `false` = `None`): the default of every
+    /// target's.
+    pub proxy_protocol: Option<ProxyVersion>,
+    /// `acceptProxyProtocol` (default empty): the upstreams trusted to send a PROXY header.
+    /// From them a header is required; from anyone else none is parsed.
+    pub accept_proxy_protocol: Vec<Cidr>,
+    /// `proxyHeaderTimeout` (default 3 000 ms, > 0): a trusted upstream's header must be
+    /// complete within it.
+    pub proxy_header_timeout: Duration,
     /// Things worth telling the operator at start-up or reload that are not errors
     /// (`schedulingPolicy` ignored, `maxBufferSize` has no effect, ...).
     pub warnings: Vec<String>,
@@ -111,6 +124,13 @@ impl Config {
     /// own key names (what `stickylb check` prints).
     pub fn effective_json(&self) -> serde_json::Value {
         parse::effective_json(self)
+    }
+
+    /// True when the PROXY protocol header is required from (and parsed on) connections from
+    /// `ip`: it is in `acceptProxyProtocol`.
+    pub fn trusts_proxy_header(&self, ip: IpAddr) -> bool {
+        let ip = crate::addr::canonical_ip(ip);
+        self.accept_proxy_protocol.iter().any(|c| c.contains(ip))
     }
 
     /// True when `ip` may connect: not in `deny`, and in `allow` if `allow` is not empty.

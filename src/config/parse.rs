@@ -16,6 +16,7 @@
 //!   target that is the listener itself (it would connect to itself, without end);
 //! - a host name that resolves to several addresses: the first one is used.
 use super::{Cidr, Config, ConfigError, Keepalive, TargetSpec, UserSpec};
+use crate::proxy_protocol::Version as ProxyVersion;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
@@ -176,6 +177,18 @@ const KEYS: &[(&str, Apply)] = &[
         Ok(())
     }),
     ("tcpKeepalive", read_keepalive),
+    ("proxyProtocol", |b, f| {
+        b.proxy_protocol = f.proxy_version()?;
+        Ok(())
+    }),
+    ("acceptProxyProtocol", |b, f| {
+        b.accept_proxy_protocol = f.cidrs()?;
+        Ok(())
+    }),
+    ("proxyHeaderTimeout", |b, f| {
+        b.proxy_header_timeout = f.millis(1)?;
+        Ok(())
+    }),
 ];
 
 /// The keys of `tcpKeepalive`.
@@ -233,7 +246,7 @@ fn read_keepalive(b: &mut Builder, f: &Field<'_>) -> Result<(), ConfigError> {
 }
 
 /// The keys of one element of `targets`.
-const TARGET_KEYS: &[&str] = &["host", "port", "weight", "id"];
+const TARGET_KEYS: &[&str] = &["host", "port", "weight", "id", "proxyProtocol"];
 
 /// Reads the file at `path` and parses it.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -322,6 +335,9 @@ struct Builder {
     access_log: bool,
     max_connect_attempts: u32,
     tcp_keepalive: Option<Keepalive>,
+    proxy_protocol: Option<ProxyVersion>,
+    accept_proxy_protocol: Vec<Cidr>,
+    proxy_header_timeout: Duration,
     warnings: Vec<String>,
 }
 
@@ -331,6 +347,8 @@ struct Target {
     host: String,
     port: u16,
     weight: u32,
+    /// `proxyProtocol` of this target, if given (else the top-level one applies).
+    proxy_protocol: Option<Option<ProxyVersion>>,
 }
 
 impl Builder {
@@ -361,6 +379,9 @@ impl Builder {
             access_log: false,
             max_connect_attempts: 3, // as HAProxy's `retries`
             tcp_keepalive: Some(Keepalive::default()),
+            proxy_protocol: None,              // send no PROXY header
+            accept_proxy_protocol: Vec::new(), // parse no PROXY header
+            proxy_header_timeout: Duration::from_millis(3_000),
             warnings: Vec::new(),
         }
     }
@@ -429,6 +450,7 @@ impl Builder {
                 port: t.port,
                 weight: t.weight,
                 addr,
+                proxy_protocol: t.proxy_protocol.unwrap_or(self.proxy_protocol),
             });
         }
 
@@ -456,6 +478,9 @@ impl Builder {
             access_log: self.access_log,
             max_connect_attempts: self.max_connect_attempts,
             tcp_keepalive: self.tcp_keepalive,
+            proxy_protocol: self.proxy_protocol,
+            accept_proxy_protocol: self.accept_proxy_protocol,
+            proxy_header_timeout: self.proxy_header_timeout,
             warnings: self.warnings,
         })
     }
@@ -548,11 +573,16 @@ fn read_target(b: &mut Builder, f: &Field<'_>) -> Result<Target, ConfigError> {
         None => format!("{host}:{port}"),
         Some(v) => f.child("id", v).non_empty_string()?,
     };
+    let proxy_protocol = match map.get("proxyProtocol") {
+        None => None,
+        Some(v) => Some(f.child("proxyProtocol", v).proxy_version()?),
+    };
     Ok(Target {
         id,
         host,
         port,
         weight,
+        proxy_protocol,
     })
 }
 
@@ -756,6 +786,16 @@ impl<'a> Field<'a> {
             .ok_or_else(|| self.expected(&format!("an IP address such as {example}")))
     }
 
+    /// `proxyProtocol`: `"v1"`, `"v2"` or `false` (none).
+    fn proxy_version(&self) -> Result<Option<ProxyVersion>, ConfigError> {
+        match self.value {
+            Value::Bool(false) => Ok(None),
+            Value::String(s) if s == "v1" => Ok(Some(ProxyVersion::V1)),
+            Value::String(s) if s == "v2" => Ok(Some(ProxyVersion::V2)),
+            _ => Err(self.expected("\"v1\", \"v2\" or false")),
+        }
+    }
+
     /// An array of CIDR strings, such as `["10.0.0.0/8", "::1"]`.
     fn cidrs(&self) -> Result<Vec<Cidr>, ConfigError> {
         let Value::Array(items) = self.value else {
@@ -776,6 +816,14 @@ impl<'a> Field<'a> {
     }
 }
 
+fn proxy_version_json(version: Option<ProxyVersion>) -> Value {
+    match version {
+        None => Value::Bool(false),
+        Some(ProxyVersion::V1) => Value::from("v1"),
+        Some(ProxyVersion::V2) => Value::from("v2"),
+    }
+}
+
 /// The effective config in the file's own key names, as `stickylb check` prints it.
 pub fn effective_json(c: &Config) -> Value {
     let ms = crate::clock::duration_ms;
@@ -788,6 +836,7 @@ pub fn effective_json(c: &Config) -> Value {
                 "host": t.host,
                 "port": t.port,
                 "weight": t.weight,
+                "proxyProtocol": proxy_version_json(t.proxy_protocol),
             })
         })
         .collect();
@@ -822,6 +871,9 @@ pub fn effective_json(c: &Config) -> Value {
         "zeroCopy": c.zero_copy,
         "accessLog": c.access_log,
         "maxConnectAttempts": c.max_connect_attempts,
+        "proxyProtocol": proxy_version_json(c.proxy_protocol),
+        "acceptProxyProtocol": cidrs(&c.accept_proxy_protocol),
+        "proxyHeaderTimeout": ms(c.proxy_header_timeout),
         "tcpKeepalive": match c.tcp_keepalive {
             None => Value::Bool(false),
             Some(k) => json!({
@@ -1464,6 +1516,47 @@ mod tests {
     }
 
     #[test]
+    fn proxy_protocol_is_v1_v2_or_false_and_a_target_overrides_the_top_level() {
+        let text = r#""proxyProtocol": "v2", "targets": [
+            {"host": "127.0.0.1", "port": 9000},
+            {"host": "127.0.0.1", "port": 9001, "proxyProtocol": "v1"},
+            {"host": "127.0.0.1", "port": 9002, "proxyProtocol": false}]"#;
+        let c = ok(text);
+        let sent: Vec<_> = c.targets.iter().map(|t| t.proxy_protocol).collect();
+        assert_eq!(sent, [Some(ProxyVersion::V2), Some(ProxyVersion::V1), None]);
+        assert_eq!(ok("").proxy_protocol, None);
+        rejects(
+            r#""proxyProtocol": true"#,
+            &["proxyProtocol", "\"v1\", \"v2\" or false", "found true"],
+        );
+        rejects(
+            r#""targets": [{"host": "127.0.0.1", "port": 1, "proxyProtocol": "v3"}]"#,
+            &["targets[0].proxyProtocol", "found \"v3\""],
+        );
+    }
+
+    #[test]
+    fn accepted_proxy_headers_come_from_listed_upstreams_within_a_timeout() {
+        let c = ok(r#""acceptProxyProtocol": ["10.0.0.0/8", "::1"], "proxyHeaderTimeout": 500"#);
+        assert!(c.trusts_proxy_header("10.1.2.3".parse().expect("ip")));
+        assert!(c.trusts_proxy_header("::ffff:10.1.2.3".parse().expect("ip")));
+        assert!(c.trusts_proxy_header("::1".parse().expect("ip")));
+        assert!(!c.trusts_proxy_header("192.0.2.1".parse().expect("ip")));
+        assert_eq!(c.proxy_header_timeout, Duration::from_millis(500));
+        let default = ok("");
+        assert!(!default.trusts_proxy_header("127.0.0.1".parse().expect("ip")));
+        assert_eq!(default.proxy_header_timeout, Duration::from_secs(3));
+        rejects(
+            r#""acceptProxyProtocol": ["10.1.0.0/8"]"#,
+            &["acceptProxyProtocol[0]", "10.0.0.0/8"],
+        );
+        rejects(
+            r#""proxyHeaderTimeout": 0"#,
+            &["proxyHeaderTimeout", "from 1"],
+        );
+    }
+
+    #[test]
     fn tcp_keepalive_is_false_true_or_whole_seconds() {
         assert_eq!(ok(r#""tcpKeepalive": false"#).tcp_keepalive, None);
         assert_eq!(
@@ -1636,7 +1729,8 @@ mod tests {
         assert_eq!(v["allow"], json!(["10.0.0.0/8"]));
         assert_eq!(
             v["targets"],
-            json!([{"id": "127.0.0.1:9000", "host": "127.0.0.1", "port": 9000, "weight": 1}])
+            json!([{"id": "127.0.0.1:9000", "host": "127.0.0.1", "port": 9000, "weight": 1,
+                    "proxyProtocol": false}])
         );
         let v = effective_json(&ok(r#""downgradeToUser": "www""#));
         assert_eq!(v["metricsHost"], "127.0.0.1");

@@ -112,7 +112,9 @@ pub struct RefusalLog {
 }
 
 impl RefusalLog {
-    pub fn refused(&self, reason: Reject, client: IpAddr, now_ms: u64) {
+    /// Logs a refusal (at most once a second per reason); `detail` says more where the
+    /// reason alone does not (why a PROXY header was refused).
+    pub fn refused(&self, reason: Reject, detail: &'static str, client: IpAddr, now_ms: u64) {
         let i = reason as usize;
         let second = now_ms / 1000 + 1;
         let last = self.last_second[i].load(Ordering::Relaxed);
@@ -127,6 +129,7 @@ impl RefusalLog {
         let suppressed = self.suppressed[i].swap(0, Ordering::Relaxed);
         tracing::warn!(
             reason = reason.label(),
+            detail,
             %client,
             similar_in_the_last_second = suppressed,
             "connection refused"

@@ -23,6 +23,7 @@ pub(crate) mod admission;
 pub(crate) mod connect;
 pub(crate) mod copy;
 pub(crate) mod cut;
+mod header;
 pub(crate) mod listener;
 pub(crate) mod relay;
 mod snapshot;
@@ -44,6 +45,7 @@ use crate::balance::target::TargetState;
 use crate::balance::{Balancer, Route, Shared};
 use crate::config::Config;
 use crate::counters::Reject;
+use crate::proxy_protocol::Header;
 use crate::sockets;
 use admission::{derived_max_connections, ClientCounts, ClientSlot, RefusalLog};
 use cut::{Cut, CutSignal};
@@ -128,9 +130,9 @@ impl Proxy {
         self.cut.cut();
     }
 
-    /// Serves one accepted client connection to the end: admit → identify → route → connect
-    /// → relay → account. Each step that can refuse the client resets it at once and counts
-    /// the reason.
+    /// Serves one accepted client connection to the end: limit → identify → admit → route →
+    /// connect → relay → account. Each step that can refuse the client resets it at once and
+    /// counts the reason.
     pub(crate) async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
         let _open = OpenGuard::new(&self);
         // Until the connection ends cleanly, dropping the handler (a panic, the runtime shutting
@@ -139,10 +141,22 @@ impl Proxy {
         let accepted = Instant::now();
         let generation = self.store.load_full();
         let config = &generation.config;
-        let client_ip = self.identify(peer);
+        if self.active() > self.max_connections(config) {
+            return self.refuse(Reject::Limit, "", peer.ip());
+        }
+        let identified = tokio::select! {
+            biased;
+            _ = self.cut.wait() => return,
+            identified = self.identify(config, &client, peer) => identified,
+        };
+        let who = match identified {
+            Ok(who) => who,
+            Err(error) => return self.refuse(Reject::ProxyHeader, error.reason(), peer.ip()),
+        };
+        let client_ip = who.client.ip();
         let _slot = match self.admit(config, client_ip) {
             Ok(slot) => slot,
-            Err(reason) => return self.refuse(reason, client_ip),
+            Err(reason) => return self.refuse(reason, "", client_ip),
         };
         let mut route = generation.route(&self.shared, client_ip);
         let connected = tokio::select! {
@@ -152,9 +166,15 @@ impl Proxy {
         };
         let server = match connected {
             Ok(server) => server,
-            Err(reason) => return self.refuse(reason, client_ip),
+            Err(reason) => return self.refuse(reason, "", client_ip),
         };
         let mut server_guard = ResetOnDrop::new(&server);
+        if let Some(version) = route.target().proxy_protocol {
+            if let Err(error) = self.send_header(&client, &server, version, &who).await {
+                tracing::debug!(client = %who.client, %error, "cannot send the PROXY header");
+                return;
+            }
+        }
         let target = route.state();
         let _on_target = TargetOpen::new(target);
         let to_target = Meter::new(&target.counters.bytes_to_target);
@@ -184,7 +204,7 @@ impl Proxy {
         drop(_on_target);
         self.account(Account {
             config,
-            peer,
+            peer: who.client,
             target,
             result: &result,
             to_target: &to_target,
@@ -194,19 +214,62 @@ impl Proxy {
         });
     }
 
-    /// The client's address: the peer's, as the hash, sessions and limits know it.
-    fn identify(&self, peer: SocketAddr) -> IpAddr {
-        crate::addr::canonical_ip(peer.ip())
+    /// Who the client is: the peer, or, on a connection from a trusted upstream
+    /// (`acceptProxyProtocol`), the client its PROXY header names (the header is required
+    /// there, within `proxyHeaderTimeout`, and consumed; nothing after it is read). That client
+    /// is the one for the hash, sessions, `allow`/`deny`, the per-client limit, the access log
+    /// and the header sent on.
+    async fn identify(
+        &self,
+        config: &Config,
+        client: &TcpStream,
+        peer: SocketAddr,
+    ) -> Result<Identity, header::HeaderError> {
+        let canonical = SocketAddr::new(crate::addr::canonical_ip(peer.ip()), peer.port());
+        let own = Identity {
+            client: canonical,
+            destination: None,
+        };
+        if !config.trusts_proxy_header(peer.ip()) {
+            return Ok(own);
+        }
+        let timeout = config.proxy_header_timeout;
+        match tokio::time::timeout(timeout, header::read(client)).await {
+            Ok(Ok(Header::Proxied { client, server })) => Ok(Identity {
+                client,
+                destination: Some(server),
+            }),
+            // The upstream's own connection (its health check): its own address.
+            Ok(Ok(Header::Local)) => Ok(own),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(header::HeaderError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no complete PROXY header within proxyHeaderTimeout",
+            ))),
+        }
     }
 
-    /// Checks `allow`/`deny`, `maxConnections` and `maxConnectionsPerClient` (see
-    /// [`admission`]). The open-connection count already includes this connection.
+    /// Writes the PROXY header to a fresh target connection: the client, and the address it
+    /// connected to (the one an accepted header named, else this connection's own).
+    async fn send_header(
+        &self,
+        client: &TcpStream,
+        server: &TcpStream,
+        version: crate::proxy_protocol::Version,
+        who: &Identity,
+    ) -> std::io::Result<()> {
+        let destination = match who.destination {
+            Some(destination) => destination,
+            None => client.local_addr()?,
+        };
+        header::write(server, version, who.client, destination).await
+    }
+
+    /// Checks `allow`/`deny` and `maxConnectionsPerClient` (see [`admission`]) for the
+    /// identified client.
     fn admit(&self, config: &Config, ip: IpAddr) -> Result<ClientSlot<'_>, Reject> {
         if !config.admits(ip) {
             return Err(Reject::Denied);
-        }
-        if self.active() > self.max_connections(config) {
-            return Err(Reject::Limit);
         }
         match config.max_connections_per_client {
             0 => Ok(ClientSlot::none()),
@@ -246,12 +309,13 @@ impl Proxy {
         }
     }
 
-    /// Counts a refused client and logs it (rate-limited). The handler then returns, and its
-    /// guard closes the client with a reset at once.
-    fn refuse(&self, reason: Reject, ip: IpAddr) {
+    /// Counts a refused client and logs it (rate-limited), with `detail` where the reason
+    /// alone does not say enough. The handler then returns, and its guard closes the client
+    /// with a reset at once.
+    fn refuse(&self, reason: Reject, detail: &'static str, ip: IpAddr) {
         self.shared.stats.reject(reason);
         self.refusals
-            .refused(reason, ip, self.shared.clock.now_ms());
+            .refused(reason, detail, ip, self.shared.clock.now_ms());
     }
 
     /// The end of a proxied connection: its duration, a debug line for a cut, and the access
@@ -281,6 +345,14 @@ impl Proxy {
             );
         }
     }
+}
+
+/// Who a connection is for.
+struct Identity {
+    /// The client: the peer, or the one a trusted upstream's PROXY header named.
+    client: SocketAddr,
+    /// The address the client connected to, when a PROXY header said so.
+    destination: Option<SocketAddr>,
 }
 
 /// What [`Proxy::account`] reports of one connection.
