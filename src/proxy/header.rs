@@ -59,11 +59,17 @@ pub(crate) async fn read(stream: &TcpStream) -> Result<Header, HeaderError> {
     let fd = stream.as_raw_fd();
     let mut seen = 0;
     loop {
-        stream.readable().await.map_err(HeaderError::Io)?;
+        let ready = stream
+            .ready(Interest::READABLE)
+            .await
+            .map_err(HeaderError::Io)?;
+        // The upstream sent its FIN: every byte it will send is there to peek, and readiness
+        // stays set, so an incomplete header now is a truncated one.
+        let closed = ready.is_read_closed();
         let step = stream.try_io(Interest::READABLE, || {
             let mut buf = [0u8; MAX_HEADER];
             let n = recv(fd, &mut buf, libc::MSG_PEEK)?;
-            if n == 0 {
+            if n == 0 || (n == seen && closed) {
                 return Ok(Err(HeaderError::Eof));
             }
             if n == seen {
