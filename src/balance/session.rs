@@ -116,6 +116,12 @@ impl ShardGuard<'_> {
         self.guard.get_mut(ip)
     }
 
+    /// Whether [`ShardGuard::insert`] of `ip` would pin it now: it has an entry, or the table
+    /// has room for one more (other shards may fill it meanwhile; then `insert` says no).
+    pub fn can_pin(&self, ip: &IpAddr, max: usize) -> bool {
+        self.guard.contains_key(ip) || self.len.load(Ordering::Relaxed) < max
+    }
+
     /// Pins `ip` to `target` with one more open connection. A session already there (expired,
     /// or live on a target this connection cannot use) is re-pinned to `target`. Returns false (and pins nothing) when the table already holds `max` sessions.
     pub fn insert(&mut self, ip: IpAddr, target: Arc<TargetState>, max: usize) -> bool {

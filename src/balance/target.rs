@@ -33,6 +33,12 @@ pub struct TargetState {
     present: AtomicBool,
     /// Connections open to this target now (power-of-two-choices compares these).
     pub active: AtomicU64,
+    /// Connections routed to this target and not closed yet, whether still connecting or
+    /// open: the load that `hashBalanceFactor` bounds. Kept by [`super::Route`] from the
+    /// moment it chooses the target, so a burst of new clients sees each other's choices
+    /// before any connect completes (as HAProxy counts a server's connections from the
+    /// moment it is assigned).
+    pub assigned: AtomicU64,
     pub counters: TargetCounters,
     /// `target_connect_duration_seconds{target}`: successful connects.
     pub connect_duration: Histogram,
@@ -47,6 +53,7 @@ impl TargetState {
             deactivated_until: AtomicU64::new(0),
             present: AtomicBool::new(true),
             active: AtomicU64::new(0),
+            assigned: AtomicU64::new(0),
             counters: TargetCounters::default(),
             connect_duration: Histogram::new(&CONNECT_BUCKETS_US),
         }

@@ -47,7 +47,8 @@ pub struct Proxy {
     pub shared: Shared,
     /// Woken when the last open connection closes (graceful shutdown waits on it).
     drained: Notify,
-    /// Open connections per client address, for `maxConnectionsPerClient`.
+    /// Open connections per client (address masked to `clientPrefix`), for
+    /// `maxConnectionsPerClient`.
     pub clients: ClientCounts,
     /// Rate limit for the log lines of refused connections.
     refusals: RefusalLog,
@@ -108,8 +109,10 @@ impl Proxy {
         }
     }
 
-    /// Checks `allow`/`deny`, `maxConnections` and `maxConnectionsPerClient` (see
-    /// [`admission`]). The open-connection count already includes this connection.
+    /// Checks `allow`/`deny` (on the full address `ip`), `maxConnections` and
+    /// `maxConnectionsPerClient` (per client: `ip` masked to `clientPrefix`, as the hash and
+    /// the sessions count clients) (see [`admission`]). The open-connection count already
+    /// includes this connection.
     fn admit(&self, config: &Config, ip: std::net::IpAddr) -> Result<ClientSlot<'_>, Reject> {
         if !config.admits(ip) {
             return Err(Reject::Denied);
@@ -119,8 +122,14 @@ impl Proxy {
         }
         match config.max_connections_per_client {
             0 => Ok(ClientSlot::none()),
-            max if self.clients.try_open(ip, max) => Ok(ClientSlot::held(&self.clients, ip)),
-            _ => Err(Reject::ClientLimit),
+            max => {
+                let client = config.client_prefix.client(ip);
+                if self.clients.try_open(client, max) {
+                    Ok(ClientSlot::held(&self.clients, client))
+                } else {
+                    Err(Reject::ClientLimit)
+                }
+            }
         }
     }
 
