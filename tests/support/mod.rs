@@ -66,7 +66,16 @@ pub fn config(targets: &[SocketAddr], extra: serde_json::Value) -> Config {
 
 /// Starts a balancer in this runtime on a fresh loopback port.
 pub fn start(targets: &[SocketAddr], extra: serde_json::Value) -> Arc<Server> {
-    let listener = server::bind("127.0.0.1:0".parse().unwrap()).expect("bind balancer");
+    start_at("127.0.0.1:0".parse().unwrap(), targets, extra)
+}
+
+/// Starts a balancer in this runtime listening on `listen` (`[::1]:0`, say).
+pub fn start_at(
+    listen: SocketAddr,
+    targets: &[SocketAddr],
+    extra: serde_json::Value,
+) -> Arc<Server> {
+    let listener = server::bind(listen).expect("bind balancer");
     Arc::new(Server::start(config(targets, extra), listener).expect("start balancer"))
 }
 
@@ -168,7 +177,12 @@ async fn serve_one(mut stream: TcpStream, name: &str, mode: Mode) -> io::Result<
 /// Connects from `ip` through the balancer at `lb` and returns the name of the backend that
 /// answered (a [`Mode::Named`] backend), keeping the connection open in the second value.
 pub async fn which(ip: Ipv4Addr, lb: SocketAddr) -> io::Result<(String, TcpStream)> {
-    let stream = connect_from(ip, lb).await?;
+    name_of(connect_from(ip, lb).await?).await
+}
+
+/// Reads the name a [`Mode::Named`] backend sends first on `stream`, a client connection
+/// through a balancer; returns it with the connection, still open.
+pub async fn name_of(stream: TcpStream) -> io::Result<(String, TcpStream)> {
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     tokio::time::timeout(PATIENCE, reader.read_line(&mut line))
