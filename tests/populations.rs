@@ -288,15 +288,7 @@ async fn with_weights_a_factor_of_100_gives_each_target_its_weighted_share() {
     // 200 clients, one connection each, all held: a target takes a new client only while its
     // load is under its weighted share of the total counting that client, so the shares end
     // exact: 150 and 50.
-    let mut held = Vec::new();
-    let mut load = [0usize; 2];
-    for n in 1..=200 {
-        let (name, stream) = which(client_ip(n), server.local_addr())
-            .await
-            .expect("served");
-        load[index(&name)] += 1;
-        held.push(stream);
-    }
+    let (load, _held) = spread((1..=200).map(client_ip), server.local_addr(), 2).await;
     assert_eq!(load, [150, 50]);
 }
 
@@ -310,15 +302,7 @@ async fn a_stopped_target_takes_no_client_and_the_others_share_within_the_bound(
     );
     // The stopped target's clients fail over to their next-ranked target under the bound;
     // the bound is over the usable targets only, so the two left share 90 clients exactly.
-    let mut held = Vec::new();
-    let mut load = [0usize; 3];
-    for n in 1..=90 {
-        let (name, stream) = which(client_ip(n), server.local_addr())
-            .await
-            .expect("served");
-        load[index(&name)] += 1;
-        held.push(stream);
-    }
+    let (load, _held) = spread((1..=90).map(client_ip), server.local_addr(), 3).await;
     assert_eq!(load, [45, 0, 45]);
     assert_eq!(backends[1].accepted(), 0);
     let s = server.snapshot();
@@ -335,18 +319,29 @@ async fn without_stickiness_the_factor_has_no_effect() {
     );
     // One client's 30 connections spread by two choices, as without the factor; nothing is
     // bounded, nothing is counted.
-    let mut held = Vec::new();
-    let mut load = [0usize; 3];
-    for _ in 0..30 {
-        let (name, stream) = which(client_ip(1), server.local_addr())
-            .await
-            .expect("served");
-        load[index(&name)] += 1;
-        held.push(stream);
-    }
+    let one_client = std::iter::repeat_n(client_ip(1), 30);
+    let (load, _held) = spread(one_client, server.local_addr(), 3).await;
     assert!(load.iter().all(|&n| n > 0), "{load:?}");
     assert_eq!(server.snapshot().hash_overflows, 0);
     assert_eq!(server.snapshot().sessions, 0);
+}
+
+/// Connects once from each of `clients` in turn through `lb`, keeping every connection open
+/// (so each placement sees the ones before it); returns the connections per target (of
+/// `targets`) and the connections.
+async fn spread(
+    clients: impl IntoIterator<Item = std::net::Ipv4Addr>,
+    lb: SocketAddr,
+    targets: usize,
+) -> (Vec<usize>, Vec<TcpStream>) {
+    let mut load = vec![0; targets];
+    let mut held = Vec::new();
+    for ip in clients {
+        let (name, stream) = which(ip, lb).await.expect("served");
+        load[index(&name)] += 1;
+        held.push(stream);
+    }
+    (load, held)
 }
 
 /// Opens `n` connections from `ip` through `lb` and keeps them open; returns them and the

@@ -140,6 +140,8 @@ pub struct Figures {
     /// Client 0's own open connections over the mean per target: the floor of
     /// `busiest_over_mean` for any policy that keeps one client on one target.
     pub hot_over_mean: f64,
+    /// The busiest of the targets that hold none of client 0's connections, over the mean.
+    pub others_over_mean: f64,
     /// Clients with an open connection.
     pub clients: usize,
     /// Of those, the share not on their first-ranked target.
@@ -160,9 +162,11 @@ impl Figures {
         // Client → (its first connection's target, whether another is elsewhere).
         let mut clients: HashMap<usize, (usize, bool)> = HashMap::new();
         let mut hot = 0;
+        let mut holds_hot = vec![false; targets];
         for (client, target) in open {
             load[target] += 1;
             hot += usize::from(client == 0);
+            holds_hot[target] |= client == 0;
             let entry = clients.entry(client).or_insert((target, false));
             entry.1 |= entry.0 != target;
         }
@@ -176,6 +180,12 @@ impl Figures {
             connections,
             busiest_over_mean: load.iter().copied().max().unwrap_or(0) as f64 / mean,
             hot_over_mean: hot as f64 / mean,
+            others_over_mean: (0..targets)
+                .filter(|&t| !holds_hot[t])
+                .map(|t| load[t])
+                .max()
+                .unwrap_or(0) as f64
+                / mean,
             clients: clients.len(),
             off_first: off as f64 / clients.len().max(1) as f64,
             split: clients.values().filter(|(_, split)| *split).count(),
