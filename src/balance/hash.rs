@@ -328,9 +328,11 @@ impl Table {
     /// bound" always exists. (Loads read twice may change under concurrent connections; if no
     /// target is under the bound on the second read, the best-ranked usable one is returned.)
     ///
-    /// Cost: the pick of [`Table::pick`], one pass summing the loads and weights of the
-    /// usable targets and, only when the first choice is at the bound, a second pick with the
-    /// bound as part of `usable`. No allocation, no sort.
+    /// Cost: the pick of [`Table::pick`], one pass asking `usable` and `load` about every
+    /// target to sum the loads and weights of the usable ones and, only when the first choice
+    /// is at the bound, a second pick with the bound as part of `usable`. No allocation, no
+    /// sort. The pass is what the bound costs (`benches/pick.rs`, `bounded_125_*`; figures
+    /// in docs/benchmarks.md): the mean over the usable targets is not known without it.
     pub fn pick_bounded(
         &self,
         key: u64,
@@ -339,15 +341,18 @@ impl Table {
         load: impl Fn(usize) -> u64,
     ) -> Option<BoundedPick> {
         let first = self.pick(key, &usable)?;
-        // T + 1 and W over the usable targets, in u128 so that no sum can overflow.
-        let (mut total, mut weights) = (1u128, 0u128);
+        // T and W over the usable targets, without a branch per target. The sums fit in u64:
+        // loads are connection counts, weights at most 1,000,000 each. (Summing inside the
+        // pick's own pass instead measured no faster: the cost is reading every target.)
+        let (mut total, mut weights) = (0u64, 0u64);
         for (i, slot) in self.slots.iter().enumerate() {
-            if usable(i) {
-                total += u128::from(load(i));
-                weights += u128::from(slot.weight);
-            }
+            let on = u64::from(usable(i));
+            total += load(i) * on;
+            weights += u64::from(slot.weight) * on;
         }
-        let scale = total * u128::from(factor);
+        // The test in u128: `load · 100 · W < factor · (T + 1) · w` cannot overflow there.
+        let scale = (u128::from(total) + 1) * u128::from(factor);
+        let weights = u128::from(weights);
         let under = |i: usize| {
             u128::from(load(i)) * 100 * weights < scale * u128::from(self.slots[i].weight)
         };
