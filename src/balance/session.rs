@@ -1,4 +1,5 @@
-//! The session table: which target each client IP is pinned to, shared by all worker threads.
+//! The session table: which target each client is pinned to (a client is its address masked
+//! to `clientPrefix`, see `addr.rs`), shared by all worker threads.
 //!
 //! LoadBalancer.js semantics: a client with an open connection, or whose last connection
 //! closed less than `sessionExpiry` ago, stays on the target it is on even if the hash now says
