@@ -8,6 +8,8 @@
 //!   once over the same clients and shards and reports the time per route on each thread, so
 //!   contention on the shard locks and on the targets' shared reference counts shows.
 //!   `route_existing/1024_targets` shows the cost of finding a session's target among many.
+//!   `route_new/64_targets/factor_{0,125}` shows what `hashBalanceFactor` adds to placing a new
+//!   client: one pass over the 64 targets' health and load under the shard lock.
 //! - `config/*`: parsing and validating a 1,024-target config, and building the generation a
 //!   reload swaps in (`Balancer::new`: adopt target states by identity, build the table).
 //!
@@ -27,6 +29,11 @@ use stickylb_testkit::Rng;
 const CLIENTS: usize = 4096;
 
 fn config_text(targets: usize) -> String {
+    config_text_with(targets, "")
+}
+
+/// The config text of `targets` targets with `extra` top-level keys (`, "key": value`).
+fn config_text_with(targets: usize, extra: &str) -> String {
     let list: Vec<String> = (0..targets)
         .map(|i| {
             format!(
@@ -38,7 +45,7 @@ fn config_text(targets: usize) -> String {
         })
         .collect();
     format!(
-        r#"{{"sourcePort": 8080, "metricsPort": null, "targets": [{}]}}"#,
+        r#"{{"sourcePort": 8080, "metricsPort": null, "targets": [{}] {extra}}}"#,
         list.join(", ")
     )
 }
@@ -119,6 +126,25 @@ fn bench_sessions(c: &mut Criterion) {
                 drop(balancer);
                 drop(shared);
                 d
+            })
+        });
+    }
+    // New clients among 64 targets, without and with bounded loads: what the factor adds.
+    for factor in [0, 125] {
+        let extra = format!(r#", "hashBalanceFactor": {factor}"#);
+        let text = config_text_with(64, &extra);
+        let config = Config::parse(Path::new("bench.json"), &text).expect("valid config");
+        group.bench_function(format!("route_new/64_targets/factor_{factor}"), |b| {
+            b.iter_custom(|iters| {
+                let shared = Shared::new();
+                let balancer = Balancer::new(config.clone(), &shared);
+                let start = Instant::now();
+                for k in 0..iters {
+                    let ip = IpAddr::V4(Ipv4Addr::from((k as u32).wrapping_mul(0x9e37_79b1)));
+                    let route = balancer.route(&shared, black_box(ip));
+                    black_box(route.current());
+                }
+                start.elapsed()
             })
         });
     }

@@ -1,6 +1,12 @@
 //! The cost of choosing a target: `Table::pick` over 2, 8, 64 and 1,024 equal-weight targets and
-//! 64 weighted ones (the design's bound: ≤ 100 ns at 64 targets), plus the client hash, the
-//! fail-over order and the non-sticky two-choices pick for context.
+//! 64 weighted ones (the design's bound: ≤ 100 ns at 64 targets), `Table::pick_bounded`
+//! (`hashBalanceFactor` 125) over 64 targets, plus the client hash, the fail-over order and the
+//! non-sticky two-choices pick for context.
+//!
+//! The bounded picks read loads around a mean of 100: in `bounded_125_even/64` no target is at
+//! the bound (the pick plus one pass summing the usable targets' loads); in
+//! `bounded_125_hot/64` every eighth target carries twice the mean, so about one pick in eight
+//! finds its first choice at the bound and picks again with the bound applied.
 //!
 //! Each iteration hashes for a different client (a ring of 4,096 precomputed keys read through
 //! `black_box`), so nothing is constant-folded, and `usable` reads a per-target flag as the real
@@ -58,6 +64,28 @@ fn bench_pick(c: &mut Criterion) {
             })
         });
     }
+    let t64 = table(64, |_| 1);
+    let up = vec![true; 64];
+    let even: Vec<u64> = (0..64).map(|i| 90 + (i * 7919) % 21).collect();
+    let hot: Vec<u64> = (0..64)
+        .map(|i| {
+            if i % 8 == 0 {
+                200
+            } else {
+                90 + (i * 7919) % 21
+            }
+        })
+        .collect();
+    for (name, loads) in [("bounded_125_even/64", &even), ("bounded_125_hot/64", &hot)] {
+        group.bench_function(name, |b| {
+            let (up, loads) = (black_box(&up), black_box(loads));
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) % KEYS;
+                t64.pick_bounded(black_box(keys[i]), 125, |t| up[t], |t| loads[t])
+            })
+        });
+    }
     group.finish();
 
     let mut group = c.benchmark_group("other");
@@ -68,7 +96,6 @@ fn bench_pick(c: &mut Criterion) {
             client_key(black_box(IpAddr::V4(Ipv4Addr::from(x))))
         })
     });
-    let t64 = table(64, |_| 1);
     let loads: Vec<u64> = (0..64).map(|i| (i * 7919) % 101).collect();
     group.bench_function("two_choices/64", |b| {
         let loads = black_box(&loads);

@@ -58,6 +58,9 @@ pub struct Stats {
     rejected: [AtomicU64; Reject::COUNT],
     /// Connect attempts after the first for one client connection.
     pub retries: AtomicU64,
+    /// New clients sent past their best-ranked usable target because it was at the
+    /// `hashBalanceFactor` bound.
+    pub hash_overflows: AtomicU64,
     /// accept(2) failed with EMFILE/ENFILE (out of file descriptors).
     pub accept_errors_fd_limit: AtomicU64,
     /// accept(2) failed otherwise.
@@ -78,6 +81,7 @@ impl Default for Stats {
             active: AtomicU64::new(0),
             rejected: Default::default(),
             retries: AtomicU64::new(0),
+            hash_overflows: AtomicU64::new(0),
             accept_errors_fd_limit: AtomicU64::new(0),
             accept_errors_other: AtomicU64::new(0),
             reloads_success: AtomicU64::new(0),

@@ -32,9 +32,10 @@
 //!    [`config::Config`]; every error names the file, the JSON path and, for syntax errors,
 //!    the line and column.
 //! 0. `addr`, `clock`, `counters`, [`proxy_protocol`], `sockets`, `sys`: leaves: what a client
-//!    address is, the millisecond clock, the atomic counters and histograms, the PROXY protocol
-//!    header (v1 and v2, bytes and addresses only), socket set-up and OS error classes, and the
-//!    OS calls for the fd limit and dropping privileges.
+//!    address is and which addresses make one client (`clientPrefix`), the millisecond clock,
+//!    the atomic counters and histograms, the PROXY protocol header (v1 and v2, bytes and
+//!    addresses only), socket set-up and OS error classes, and the OS calls for the fd limit
+//!    and dropping privileges.
 //!
 //! The public surface is what the binary, the tests and the benches use: the modules linked
 //! above and the re-exports below. Everything else is private to the crate.

@@ -181,6 +181,13 @@ fn optional_keys() -> impl Strategy<Value = Vec<(&'static str, Value)>> {
         millis(1)
             .prop_map(|n| ("proxyHeaderTimeout", json!(n)))
             .boxed(),
+        // Both families: the effective config always shows both.
+        (0u8..=32, 0u8..=128)
+            .prop_map(|(v4, v6)| ("clientPrefix", json!({"ipv4": v4, "ipv6": v6})))
+            .boxed(),
+        prop_oneof![Just(0u32), 100u32..=1_000_000]
+            .prop_map(|f| ("hashBalanceFactor", json!(f)))
+            .boxed(),
     ];
     keys.into_iter()
         .map(proptest::option::of)
@@ -281,6 +288,23 @@ fn invalid_value(key: &str) -> Vec<Value> {
             json!(["x"]),
             json!([1]),
         ],
+        "clientPrefix" => vec![
+            json!(64),
+            json!({"ipv4": 33}),
+            json!({"ipv6": 129}),
+            json!({"ipv6": -1}),
+            json!({"ipv6": "64"}),
+            json!({"ipv5": 24}),
+            json!(null),
+        ],
+        "hashBalanceFactor" => vec![
+            json!(1),
+            json!(99),
+            json!(1_000_001),
+            json!(-125),
+            json!(1.25),
+            json!("125"),
+        ],
         _ => vec![],
     }
 }
@@ -369,7 +393,8 @@ proptest! {
             "downgradeToUser", "metricsHost", "metricsPort", "connectTimeout", "idleTimeout",
             "shutdownTimeout", "maxConnections", "maxConnectionsPerClient", "maxSessions",
             "allow", "deny", "zeroCopy", "accessLog", "maxConnectAttempts", "tcpKeepalive",
-            "proxyProtocol", "acceptProxyProtocol", "proxyHeaderTimeout",
+            "proxyProtocol", "acceptProxyProtocol", "proxyHeaderTimeout", "clientPrefix",
+            "hashBalanceFactor",
         ]),
         pick in any::<prop::sample::Index>(),
     ) {

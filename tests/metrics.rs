@@ -21,8 +21,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stickylb");
 
-/// Every metric of design §6 and its type.
-const METRICS: [(&str, &str); 17] = [
+/// Every metric of design §6 (and §14's `hash_overflows_total`) and its type.
+const METRICS: [(&str, &str); 18] = [
     ("stickylb_connections_accepted_total", "counter"),
     ("stickylb_connections_active", "gauge"),
     ("stickylb_connections_rejected_total", "counter"),
@@ -35,6 +35,7 @@ const METRICS: [(&str, &str); 17] = [
     ("stickylb_target_connect_duration_seconds", "histogram"),
     ("stickylb_connection_duration_seconds", "histogram"),
     ("stickylb_retries_total", "counter"),
+    ("stickylb_hash_overflows_total", "counter"),
     ("stickylb_sessions", "gauge"),
     ("stickylb_config_reloads_total", "counter"),
     ("stickylb_config_last_reload_success", "gauge"),
@@ -688,6 +689,45 @@ impl FromFile {
     fn write(&self, text: &str) {
         std::fs::write(self.dir.path("config.json"), text).unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_overflows_count_each_new_client_sent_past_a_target_at_the_bound() {
+    use stickylb::balance::hash::{client_key, target_seed, Table};
+    let a = Backend::start("a", Mode::Echo).await;
+    let b = Backend::start("b", Mode::Echo).await;
+    let addrs = [a.addr, b.addr];
+    let server = start(&addrs, serde_json::json!({"hashBalanceFactor": 100}));
+    let exporter = export(&server);
+    let lb = server.local_addr();
+    let table = Table::new(&addrs.map(|t| (target_seed(&id(t)), 1)));
+    let first_ranked = |n: u32| table.pick(client_key(client_ip(n).into()), |_| true);
+    // A hot client holds 4 connections open on its target: at 100 % of the mean (counting
+    // the next connection, at most (4 + 1 + 1) / 2 = 3), every new client that ranks that
+    // target first is sent to the other one, and counted.
+    let mut hot = Vec::new();
+    for _ in 0..4 {
+        let mut stream = connect_from(client_ip(0), lb).await.expect("connect");
+        stream.write_all(b"ping\n").await.unwrap();
+        let mut echo = [0u8; 5];
+        stream.read_exact(&mut echo).await.expect("echo");
+        hot.push(stream);
+    }
+    for n in 1..=20 {
+        ping(client_ip(n), lb).await;
+    }
+    let expected = (1..=20)
+        .filter(|&n| first_ranked(n) == first_ranked(0))
+        .count();
+    assert!(expected > 0, "some new client ranks the hot target first");
+    let s = scrape(&exporter).await;
+    assert_eq!(
+        s.value("stickylb_hash_overflows_total", &[]),
+        expected as f64,
+        "{}",
+        s.text
+    );
+    drop(hot);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,6 +32,7 @@ pub mod names {
     pub const TARGET_CONNECT_DURATION: &str = "stickylb_target_connect_duration_seconds";
     pub const CONNECTION_DURATION: &str = "stickylb_connection_duration_seconds";
     pub const RETRIES: &str = "stickylb_retries_total";
+    pub const HASH_OVERFLOWS: &str = "stickylb_hash_overflows_total";
     pub const SESSIONS: &str = "stickylb_sessions";
     pub const CONFIG_RELOADS: &str = "stickylb_config_reloads_total";
     pub const CONFIG_LAST_RELOAD_SUCCESS: &str = "stickylb_config_last_reload_success";
@@ -75,6 +76,13 @@ pub fn render(s: &Snapshot) -> String {
         "Connect attempts after the first one of a client connection.",
     );
     o.sample(RETRIES, &[], s.retries);
+    o.head(
+        HASH_OVERFLOWS,
+        "counter",
+        "New clients sent past their first-ranked target because it was at the \
+         hashBalanceFactor bound.",
+    );
+    o.sample(HASH_OVERFLOWS, &[], s.hash_overflows);
     o.head(SESSIONS, "gauge", "Sticky sessions in the session table.");
     o.sample(SESSIONS, &[], s.sessions);
     o.head(CONFIG_RELOADS, "counter", "Config reloads, by result.");

@@ -38,6 +38,15 @@
 //! - [`client_key`]`(ip) = fmix64(fnv1a64(octets))` where `octets` are the 4 or 16 bytes of
 //!   `canonical_ip(ip)` (`src/addr.rs`) in network order, so `::ffff:a.b.c.d` hashes as
 //!   `a.b.c.d`.
+//! - The `ip` a connection is hashed by is the *client*: its address masked to `clientPrefix`
+//!   (`ClientPrefix::client` in `src/addr.rs`: canonical form, then every bit after the
+//!   family's prefix cleared; an IPv4-mapped address is IPv4 and takes the IPv4 prefix). With
+//!   the default, IPv4 /32 and IPv6 /64, an IPv4 client's key is `client_key` of its full
+//!   address, exactly as before `clientPrefix` existed; an IPv6 client's key is `client_key`
+//!   of its /64 network address (`2001:db8::42` and `2001:db8::ffff:1:2:3` both hash as
+//!   `2001:db8::`). **This changed the mapping of IPv6 clients once**, in the version that
+//!   introduced `clientPrefix` (issue 16): an IPv6 client reached its old target after the
+//!   upgrade only by chance. The golden vectors pin both families from that version on.
 //! - [`target_seed`]`(id) = fmix64(fnv1a64(id as UTF-8))`.
 //! - [`score`]`(key, seed) = fmix64(key ^ seed)`. FNV-1a alone mixes poorly; each of key and seed
 //!   has already been through `fmix64`, and a second `fmix64` of their XOR decorrelates the
@@ -65,6 +74,15 @@
 //! - Ties: by rank, then raw score, then seed, so the result never depends on list order. As
 //!   `fmix64` is a bijection, two targets tie on raw score only if their seeds are equal, which
 //!   the config prevents (ids are unique); if it happens anyway, the earlier index wins.
+//!
+//! # Bounded loads
+//!
+//! With `hashBalanceFactor` a new client goes to its best-ranked usable target *under the
+//! bound* ([`Table::pick_bounded`]): one whose load is below factor % of its weighted share of
+//! the load, counting the connection being placed. The rank order is the one above; the loads
+//! are the balancer's own (so two instances with different loads may place one new client
+//! differently, which is why the bound is not part of the mapping contract: it is a policy on
+//! top of it, applied only where the hash's first choice is overloaded).
 //!
 //! # Not sticky: power of two choices
 //!
@@ -293,6 +311,69 @@ impl Table {
         }
     }
 
+    /// [`Table::pick`] with bounded loads (`hashBalanceFactor`, Mirrokni, Thorup and
+    /// Zadimoghaddam's consistent hashing with bounded loads, as HAProxy's
+    /// `hash-balance-factor`): the best-ranked usable target whose load is under the bound.
+    ///
+    /// `load(i)` is the number of connections target `i` carries now, not counting the one
+    /// being placed; `factor` is a percent (≥ 100). With `T` the total load and `W` the total
+    /// weight of the usable targets, target `i` (weight `w_i`) is *under the bound* when
+    /// `load(i) < factor/100 × (T + 1) × w_i / W`: its load is below `factor` percent of its
+    /// weighted share of the load counting this connection. Computed exactly in integers
+    /// (`load(i) · 100 · W < factor · (T + 1) · w_i` in `u128`), so the result is the same on
+    /// every platform for the same loads.
+    ///
+    /// Some usable target is always under the bound, because the bounds add up to
+    /// `factor/100 × (T + 1) > T`, the sum of the loads; so "the next-ranked target under the
+    /// bound" always exists. (Loads read twice may change under concurrent connections; if no
+    /// target is under the bound on the second read, the best-ranked usable one is returned.)
+    ///
+    /// Cost: the pick of [`Table::pick`], one pass asking `usable` and `load` about every
+    /// target to sum the loads and weights of the usable ones and, only when the first choice
+    /// is at the bound, a second pick with the bound as part of `usable`. No allocation, no
+    /// sort. The pass is what the bound costs (`benches/pick.rs`, `bounded_125_*`; figures
+    /// in docs/benchmarks.md): the mean over the usable targets is not known without it.
+    pub fn pick_bounded(
+        &self,
+        key: u64,
+        factor: u32,
+        usable: impl Fn(usize) -> bool,
+        load: impl Fn(usize) -> u64,
+    ) -> Option<BoundedPick> {
+        let first = self.pick(key, &usable)?;
+        // T and W over the usable targets, without a branch per target. The sums fit in u64:
+        // loads are connection counts, weights at most 1,000,000 each. (Summing inside the
+        // pick's own pass instead measured no faster: the cost is reading every target.)
+        let (mut total, mut weights) = (0u64, 0u64);
+        for (i, slot) in self.slots.iter().enumerate() {
+            let on = u64::from(usable(i));
+            total += load(i) * on;
+            weights += u64::from(slot.weight) * on;
+        }
+        // The test in u128: `load · 100 · W < factor · (T + 1) · w` cannot overflow there.
+        let scale = (u128::from(total) + 1) * u128::from(factor);
+        let weights = u128::from(weights);
+        let under = |i: usize| {
+            u128::from(load(i)) * 100 * weights < scale * u128::from(self.slots[i].weight)
+        };
+        if under(first) {
+            return Some(BoundedPick {
+                index: first,
+                overflowed: false,
+            });
+        }
+        Some(match self.pick(key, |i| usable(i) && under(i)) {
+            Some(index) => BoundedPick {
+                index,
+                overflowed: true,
+            },
+            None => BoundedPick {
+                index: first,
+                overflowed: false,
+            },
+        })
+    }
+
     #[inline]
     fn pick_equal(&self, key: u64, usable: impl Fn(usize) -> bool) -> Option<usize> {
         let first = self.best_equal(key)?;
@@ -467,6 +548,15 @@ impl Table {
             a
         }
     }
+}
+
+/// What [`Table::pick_bounded`] chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BoundedPick {
+    /// The target (an index into the table).
+    pub index: usize,
+    /// The best-ranked usable target was at the bound, so this is a later-ranked one.
+    pub overflowed: bool,
 }
 
 /// Two distinct indices below `n` (≥ 2), uniform, from one random `u64`: the high half of
@@ -650,6 +740,58 @@ mod tests {
         let key = client_key("10.1.2.3".parse().unwrap());
         let rank = weighted_rank(score(key, target_seed("c:1")), 3);
         assert_eq!(rank.to_bits(), 0xbfc4_5f5d_69c5_c544, "{rank:e}");
+    }
+
+    #[test]
+    fn golden_ipv6_clients_are_keyed_by_their_64_under_the_default_prefix() {
+        // The client is the address masked to `clientPrefix` (src/addr.rs) before it is
+        // hashed: with the default (IPv4 /32, IPv6 /64), IPv4 keys are those above, and every
+        // address of one IPv6 /64 has the key of the /64's network address.
+        let prefix = crate::addr::ClientPrefix::DEFAULT;
+        let equal = equal_table(&ids(5));
+        let weighted = Table::new(&[
+            (target_seed("a:1"), 1),
+            (target_seed("b:1"), 2),
+            (target_seed("c:1"), 3),
+            (target_seed("d:1"), 4),
+        ]);
+        let cases: [(&str, &str, u64, usize, usize); 8] = [
+            ("2001:db8::42", "2001:db8::", 0x5d20_b828_001d_10e2, 3, 3),
+            (
+                "2001:db8::ffff:1:2:3",
+                "2001:db8::",
+                0x5d20_b828_001d_10e2,
+                3,
+                3,
+            ),
+            (
+                "2001:db8:0:1:aaaa:bbbb:cccc:dddd",
+                "2001:db8:0:1::",
+                0x10ce_a5f0_f553_96e9,
+                3,
+                2,
+            ),
+            (
+                "2001:db8:abcd:12::1",
+                "2001:db8:abcd:12::",
+                0xc0aa_474b_70d2_2530,
+                0,
+                2,
+            ),
+            ("fe80::1", "fe80::", 0xcf46_56d1_8825_0a1e, 4, 1),
+            ("::1", "::", 0xa5e0_dba6_c385_580a, 2, 2),
+            // IPv4-mapped stays IPv4, with the IPv4 prefix: the IPv4 golden key.
+            ("::ffff:10.1.2.3", "10.1.2.3", 0xb8b3_87fa_0a1c_d4e9, 3, 3),
+            ("10.1.2.3", "10.1.2.3", 0xb8b3_87fa_0a1c_d4e9, 3, 3),
+        ];
+        for (ip, network, want_key, want_equal, want_weighted) in cases {
+            let client = prefix.client(ip.parse().unwrap());
+            assert_eq!(client, network.parse::<IpAddr>().unwrap(), "{ip}");
+            let key = client_key(client);
+            assert_eq!(key, want_key, "key of {ip} = {key:#018x}");
+            let got = (equal.pick(key, |_| true), weighted.pick(key, |_| true));
+            assert_eq!(got, (Some(want_equal), Some(want_weighted)), "{ip}");
+        }
     }
 
     #[test]
@@ -1117,6 +1259,157 @@ mod tests {
             .iter()
             .enumerate()
             .all(|(i, &c)| i == 5 || i == 7 || c > 0));
+    }
+
+    /// Whether target `i` is under the bound of `factor` (the definition in `pick_bounded`'s
+    /// doc, `loads[i] / (factor/100 × (T + 1) × w_i / W) < 1`, cross-multiplied into exact
+    /// integers: a float would round a load exactly at the bound either way).
+    fn under_bound(table: &Table, i: usize, loads: &[u64], usable: &[bool], factor: u32) -> bool {
+        let total: u64 = (0..table.len())
+            .filter(|&j| usable[j])
+            .map(|j| loads[j])
+            .sum();
+        let weights: u64 = (0..table.len())
+            .filter(|&j| usable[j])
+            .map(|j| u64::from(table.slots[j].weight))
+            .sum();
+        let lhs = u128::from(loads[i]) * 100 * u128::from(weights);
+        let rhs = u128::from(factor) * u128::from(total + 1) * u128::from(table.slots[i].weight);
+        lhs < rhs
+    }
+
+    #[test]
+    fn bounded_pick_is_the_first_ranked_target_under_the_bound() {
+        // Brute force: walk the full ranking and take the first usable target under the
+        // bound, for random loads, health and factors, equal and unequal weights.
+        let mut rng = TestRng(73);
+        let equal = equal_table(&ids(9));
+        let weighted = Table::new(
+            &(0..9)
+                .map(|i| (target_seed(&format!("w{i}")), 1 + i % 4))
+                .collect::<Vec<_>>(),
+        );
+        let mut ranked = Vec::new();
+        let mut overflows = 0;
+        for table in [&equal, &weighted] {
+            for key in client_keys(20_000, 79) {
+                let factor = [100, 101, 125, 150, 200][rng.below(5)];
+                let loads: Vec<u64> = (0..9).map(|_| rng.below(40) as u64).collect();
+                let usable: Vec<bool> = (0..9).map(|_| rng.below(8) != 0).collect();
+                let got = table.pick_bounded(key, factor, |i| usable[i], |i| loads[i]);
+                table.ranked(key, &mut ranked);
+                let first = ranked.iter().copied().find(|&i| usable[i]);
+                let want = ranked
+                    .iter()
+                    .copied()
+                    .find(|&i| usable[i] && under_bound(table, i, &loads, &usable, factor));
+                match (got, first) {
+                    (None, None) => {}
+                    (Some(got), Some(first)) => {
+                        let want = want.expect("some usable target is under the bound");
+                        assert_eq!(got.index, want, "key {key:#x} loads {loads:?} {usable:?}");
+                        assert_eq!(got.overflowed, want != first);
+                        overflows += usize::from(got.overflowed);
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        eprintln!("bounded pick: {overflows} of 40000 random cases overflowed");
+        assert!(
+            overflows > 1000,
+            "the cases exercise the bound: {overflows}"
+        );
+    }
+
+    #[test]
+    fn bounded_pick_with_light_loads_is_the_plain_pick() {
+        for table in [
+            &equal_table(&ids(8)),
+            &Table::new(&[(1, 1), (2, 5), (3, 2)]),
+        ] {
+            for key in client_keys(5_000, 83) {
+                let got = table.pick_bounded(key, 100, |_| true, |_| 0);
+                let plain = table.pick(key, |_| true).unwrap();
+                assert_eq!(
+                    got,
+                    Some(BoundedPick {
+                        index: plain,
+                        overflowed: false
+                    })
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn at_the_bound_is_over_it() {
+        // Four equal targets at loads 3, 3, 3, 2: counting this connection the mean is 12/4
+        // = 3, so with factor 100 a target at 3 is at the bound, and only the one at 2 is
+        // under it; every client lands there, the others' first choices overflow.
+        let table = equal_table(&ids(4));
+        let loads = [3, 3, 3, 2];
+        for key in client_keys(1_000, 89) {
+            let first = table.pick(key, |_| true).unwrap();
+            let got = table
+                .pick_bounded(key, 100, |_| true, |i| loads[i])
+                .unwrap();
+            assert_eq!(got.index, 3);
+            assert_eq!(got.overflowed, first != 3);
+            // At 134 %, 3 < 1.34 × 3 = 4.02: everyone is under the bound.
+            let got = table
+                .pick_bounded(key, 134, |_| true, |i| loads[i])
+                .unwrap();
+            assert_eq!(
+                got,
+                BoundedPick {
+                    index: first,
+                    overflowed: false
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn the_bound_is_a_share_of_the_weighted_mean() {
+        // Weights 3 and 1, loads 5 and 2: counting this connection, 8 connections over weight
+        // 4; the bounds at 100 % are 6 and 2. The weight-3 target (5 < 6) is under its bound
+        // with more than twice the other's load; the weight-1 target (2, not < 2) is at it.
+        let table = Table::new(&[(target_seed("heavy"), 3), (target_seed("light"), 1)]);
+        for key in client_keys(1_000, 97) {
+            let got = table
+                .pick_bounded(key, 100, |_| true, |i| [5, 2][i])
+                .unwrap();
+            assert_eq!(got.index, 0);
+            // Loads 6 and 1: now the heavy one is at its bound (6 of 6) and the light one
+            // under (1 < 2).
+            let got = table
+                .pick_bounded(key, 100, |_| true, |i| [6, 1][i])
+                .unwrap();
+            assert_eq!(got.index, 1);
+        }
+    }
+
+    #[test]
+    fn unusable_targets_are_never_under_the_bound_nor_in_the_mean() {
+        // Target 0 is down with no load: it is not a place to overflow to. The mean is over
+        // the three usable ones (31/3 with this connection), so their load of 10 is under the
+        // bound at 100 % and every client stays on its first usable choice; counted over all
+        // four (31/4) every one of them would be over.
+        let table = equal_table(&ids(4));
+        let loads = [0, 10, 10, 10];
+        for key in client_keys(2_000, 101) {
+            let usable = |i: usize| i != 0;
+            let got = table.pick_bounded(key, 100, usable, |i| loads[i]).unwrap();
+            assert_eq!(got.index, table.pick(key, usable).unwrap());
+            assert!(!got.overflowed);
+            // Only target 0 usable, however loaded: it is the pick.
+            let got = table
+                .pick_bounded(key, 100, |i| i == 0, |_| 1_000_000)
+                .unwrap();
+            assert_eq!(got.index, 0);
+        }
+        assert_eq!(table.pick_bounded(1, 125, |_| false, |_| 0), None);
     }
 
     #[test]

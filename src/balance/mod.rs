@@ -14,12 +14,23 @@
 //! A client connection walks a [`Route`]: the first target (its session's, or the hash's
 //! best usable one), then, after each failed connect, the next one. Each target is tried at
 //! most once per connection.
+//!
+//! Who is "one client" is decided here, once per connection: the address masked to
+//! `clientPrefix` (`addr::ClientPrefix::client`), so that the hash key and the session belong
+//! to the client's /64 (IPv6, by default) rather than to one of its rotating addresses.
+//!
+//! With `hashBalanceFactor`, a client that gets a *new* session (none live, or its target
+//! unusable) is placed by [`hash::Table::pick_bounded`]: its best-ranked usable target unless
+//! that one is at the bound, else its next-ranked one under the bound; the session then keeps
+//! it there like any other. A client with a live session follows it whatever the loads, so the
+//! bound never splits a client, and it never moves a client that is already placed.
 
 pub mod hash;
 pub(crate) mod session;
 pub(crate) mod target;
 
 use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::clock::{duration_ms, Clock};
@@ -84,10 +95,11 @@ impl Balancer {
         &self.states
     }
 
-    /// Starts the route of a new connection from `client`: picks its first target and, when
-    /// sticky, pins the client to it (or follows its live session).
+    /// Starts the route of a new connection from `client` (its full address, as accepted):
+    /// picks its first target and, when sticky, pins the client to it (or follows its live
+    /// session). The client is `client` masked to this generation's `clientPrefix`.
     pub fn route<'a>(&'a self, shared: &'a Shared, client: IpAddr) -> Route<'a> {
-        let ip = crate::addr::canonical_ip(client);
+        let ip = self.config.client_prefix.client(client);
         let key = hash::client_key(ip);
         let mut route = Route {
             balancer: self,
@@ -98,8 +110,10 @@ impl Balancer {
             attempts: 1,
             pinned: false,
             current: 0,
+            assigned: false,
         };
         route.current = route.first();
+        route.assign();
         route
     }
 
@@ -144,11 +158,14 @@ impl Tried {
 }
 
 /// The fail-over walk of one client connection. While it lives, the client's session counts
-/// it as open (so the session cannot expire under it); dropping it closes that count.
+/// it as open (so the session cannot expire under it), and its current target counts it in
+/// `assigned` (the load `hashBalanceFactor` bounds); dropping it closes both counts. So it
+/// must live as long as the connection.
 #[derive(Debug)]
 pub struct Route<'a> {
     balancer: &'a Balancer,
     shared: &'a Shared,
+    /// The client: its address masked to `clientPrefix`.
     ip: IpAddr,
     key: u64,
     tried: Tried,
@@ -157,6 +174,8 @@ pub struct Route<'a> {
     /// Whether this connection holds an open count in the client's session.
     pinned: bool,
     current: usize,
+    /// Whether this connection counts in `assigned` of the current target.
+    assigned: bool,
 }
 
 impl<'a> Route<'a> {
@@ -180,9 +199,10 @@ impl<'a> Route<'a> {
     fn first(&mut self) -> usize {
         let now = self.shared.clock.now_ms();
         if !self.config().stickiness {
-            return self.choose_first(now);
+            return self.choose_first(now, false);
         }
         let expiry_ms = duration_ms(self.config().session_expiry);
+        let max_sessions = self.config().max_sessions;
         let mut shard = self.shared.sessions.lock(self.key);
         if let Some(session) = shard.get_mut(&self.ip) {
             if session.is_live(now, expiry_ms) && session.target.is_usable(now) {
@@ -193,13 +213,28 @@ impl<'a> Route<'a> {
                 }
             }
         }
-        let i = self.choose_first(now);
-        self.pinned = shard.insert(
-            self.ip,
-            self.balancer.states[i].clone(),
-            self.config().max_sessions,
-        );
+        // The load bound applies only to a client that will be pinned: a placement that no
+        // session remembers would scatter the client's connections as the loads change, so a
+        // client past `maxSessions` follows the hash alone.
+        let bounded = shard.can_pin(&self.ip, max_sessions);
+        let i = self.choose_first(now, bounded);
+        self.pinned = shard.insert(self.ip, self.balancer.states[i].clone(), max_sessions);
         i
+    }
+
+    /// Counts this connection in `assigned` of the current target.
+    fn assign(&mut self) {
+        let state = &self.balancer.states[self.current];
+        state.assigned.fetch_add(1, Ordering::Relaxed);
+        self.assigned = true;
+    }
+
+    /// Takes this connection out of `assigned` of the current target.
+    fn unassign(&mut self) {
+        if std::mem::take(&mut self.assigned) {
+            let state = &self.balancer.states[self.current];
+            state.assigned.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// The connect to the current target failed: deactivates it for
@@ -207,6 +242,8 @@ impl<'a> Route<'a> {
     /// target has been tried once or `maxConnectAttempts` attempts were made.
     pub fn failed(&mut self) -> Option<usize> {
         let now = self.shared.clock.now_ms();
+        // Off the failed target's load first, so the next choice counts this connection once.
+        self.unassign();
         let failed = &self.balancer.states[self.current];
         failed.deactivate(now, self.config().target_deactivation);
         self.tried.insert(self.current);
@@ -225,47 +262,58 @@ impl<'a> Route<'a> {
                 .balancer
                 .index_of(&session.target)
                 .filter(|&j| !self.tried.contains(j) && session.target.is_usable(now))
-                .or_else(|| self.choose_untried(now));
+                .or_else(|| self.choose_untried(now, true));
             if let Some(j) = next {
                 session.target = self.balancer.states[j].clone();
             }
             next
         } else {
-            self.choose_untried(now)
+            self.choose_untried(now, false)
         };
         if let Some(j) = next {
             self.current = j;
             self.attempts += 1;
-            self.shared
-                .stats
-                .retries
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.assign();
+            self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
         }
         next
     }
 
     /// The first target of a connection (nothing tried yet, and a config has at least one
     /// target, so there always is one).
-    fn choose_first(&self, now: u64) -> usize {
-        self.choose_untried(now)
+    fn choose_first(&self, now: u64, bounded: bool) -> usize {
+        self.choose_untried(now, bounded)
             .expect("a config has at least one target")
     }
 
     /// The best untried target: by the hash (or two random choices when not sticky) among
-    /// usable ones; if none is usable, the first untried in hash order, so that stale
-    /// deactivation windows never black-hole a fleet that has recovered. `None` once every
-    /// target has been tried. Runs under the client's session lock: one or two passes over
-    /// the targets, no allocation.
-    fn choose_untried(&self, now: u64) -> Option<usize> {
+    /// usable ones, under the `hashBalanceFactor` bound when `bounded` (the choice will be
+    /// pinned) and the factor is on; if none is usable, the first untried in hash order, so
+    /// that stale deactivation windows never black-hole a fleet that has recovered. `None`
+    /// once every target has been tried. Runs under the client's session lock: a few passes
+    /// over the targets, no allocation.
+    fn choose_untried(&self, now: u64, bounded: bool) -> Option<usize> {
         let states = &self.balancer.states;
         let table = &self.balancer.table;
         let usable = |i: usize| !self.tried.contains(i) && states[i].is_usable(now);
-        let picked = if self.config().stickiness {
-            table.pick(self.key, usable)
-        } else {
+        let factor = self.config().hash_balance_factor;
+        let picked = if !self.config().stickiness {
             table.pick_two_choices(hash::random_u64(), usable, |i| {
-                states[i].active.load(std::sync::atomic::Ordering::Relaxed)
+                states[i].active.load(Ordering::Relaxed)
             })
+        } else if bounded && factor > 0 {
+            let load = |i: usize| states[i].assigned.load(Ordering::Relaxed);
+            table.pick_bounded(self.key, factor, usable, load).map(|p| {
+                if p.overflowed {
+                    self.shared
+                        .stats
+                        .hash_overflows
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                p.index
+            })
+        } else {
+            table.pick(self.key, usable)
         };
         picked.or_else(|| {
             let key = if self.config().stickiness {
@@ -280,6 +328,7 @@ impl<'a> Route<'a> {
 
 impl Drop for Route<'_> {
     fn drop(&mut self) {
+        self.unassign();
         if !self.pinned {
             return;
         }
@@ -429,6 +478,178 @@ mod tests {
         let moved = new.route(&shared, client);
         assert_eq!(moved.current(), 1, "target 2 is gone, target 0 is down");
         drop(on_removed);
+    }
+
+    /// The target the hash ranks first for `client`, health and load ignored.
+    fn first_ranked(balancer: &Balancer, client: IpAddr) -> usize {
+        let key = hash::client_key(balancer.config.client_prefix.client(client));
+        balancer.table.pick(key, |_| true).expect("a target")
+    }
+
+    /// The first of `ip(1..=255)`, other than `not`, whose first-ranked target is `target`.
+    fn client_ranking_first(balancer: &Balancer, target: usize, not: IpAddr) -> IpAddr {
+        (1..=255)
+            .map(ip)
+            .find(|&c| c != not && first_ranked(balancer, c) == target)
+            .expect("some client ranks the target first")
+    }
+
+    fn overflows(shared: &Shared) -> u64 {
+        shared.stats.hash_overflows.load(Ordering::Relaxed)
+    }
+
+    fn v6(s: &str) -> IpAddr {
+        s.parse().expect("IPv6 address")
+    }
+
+    #[test]
+    fn addresses_of_one_ipv6_64_are_one_client() {
+        let shared = Shared::new();
+        let balancer = Balancer::new(config(16, ""), &shared);
+        let a = balancer.route(&shared, v6("2001:db8:1:2::1"));
+        let b = balancer.route(&shared, v6("2001:db8:1:2:ffff:eeee:dddd:cccc"));
+        assert_eq!(a.current(), b.current());
+        assert_eq!(shared.sessions.len(), 1, "one session for the /64");
+        assert_eq!(a.ip, v6("2001:db8:1:2::"));
+        // With the full address as the client, the two are two clients.
+        let shared = Shared::new();
+        let config = config(16, r#", "clientPrefix": {"ipv6": 128}"#);
+        let balancer = Balancer::new(config, &shared);
+        let _a = balancer.route(&shared, v6("2001:db8:1:2::1"));
+        let _b = balancer.route(&shared, v6("2001:db8:1:2:ffff:eeee:dddd:cccc"));
+        assert_eq!(shared.sessions.len(), 2);
+    }
+
+    #[test]
+    fn an_ipv4_prefix_makes_a_network_one_client_and_mapped_addresses_are_ipv4() {
+        let shared = Shared::new();
+        let balancer = Balancer::new(config(16, r#", "clientPrefix": {"ipv4": 24}"#), &shared);
+        let a = balancer.route(&shared, ip(1));
+        let b = balancer.route(&shared, ip(200));
+        let c = balancer.route(&shared, v6("::ffff:127.20.0.77"));
+        assert_eq!((a.current(), b.current()), (c.current(), c.current()));
+        assert_eq!(shared.sessions.len(), 1);
+        assert_eq!(c.ip, "127.20.0.0".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn a_new_client_goes_past_a_target_at_the_bound_and_its_session_keeps_it_there() {
+        let shared = Shared::new();
+        let balancer = Balancer::new(config(4, r#", "hashBalanceFactor": 125"#), &shared);
+        // A hot client with 20 connections: all on its target (a live session is followed
+        // whatever the load), which is then far above 125 % of the mean.
+        let hot = ip(1);
+        let hot_routes: Vec<Route> = (0..20).map(|_| balancer.route(&shared, hot)).collect();
+        let h = hot_routes[0].current();
+        assert!(hot_routes.iter().all(|r| r.current() == h));
+        assert_eq!(overflows(&shared), 0);
+        assert_eq!(balancer.states()[h].assigned.load(Ordering::Relaxed), 20);
+        // A new client that ranks h first goes to another target, and that is counted.
+        let x = client_ranking_first(&balancer, h, hot);
+        let placed = balancer.route(&shared, x);
+        let moved_to = placed.current();
+        assert_ne!(moved_to, h);
+        assert_eq!(overflows(&shared), 1);
+        // Its session keeps it there: with h idle again, with its first connection still
+        // open, and after it closed (within sessionExpiry).
+        drop(hot_routes);
+        assert_eq!(balancer.states()[h].assigned.load(Ordering::Relaxed), 0);
+        assert_eq!(balancer.route(&shared, x).current(), moved_to);
+        drop(placed);
+        assert_eq!(balancer.route(&shared, x).current(), moved_to);
+        // A client that ranks h first and comes now gets h: the bound no longer binds.
+        let y = (1..=255)
+            .map(ip)
+            .find(|&c| c != hot && c != x && first_ranked(&balancer, c) == h)
+            .expect("another client of h");
+        assert_eq!(balancer.route(&shared, y).current(), h);
+        assert_eq!(overflows(&shared), 1);
+    }
+
+    #[test]
+    fn the_factor_is_ignored_without_stickiness_and_past_max_sessions() {
+        for extra in [
+            r#", "hashBalanceFactor": 100, "stickiness": false"#,
+            r#", "hashBalanceFactor": 100, "maxSessions": 0"#,
+        ] {
+            let shared = Shared::new();
+            let balancer = Balancer::new(config(4, extra), &shared);
+            let hot: Vec<Route> = (0..40).map(|_| balancer.route(&shared, ip(1))).collect();
+            let busiest = (0..4)
+                .max_by_key(|&i| balancer.states()[i].assigned.load(Ordering::Relaxed))
+                .unwrap();
+            let x = client_ranking_first(&balancer, busiest, ip(1));
+            let route = balancer.route(&shared, x);
+            if balancer.config.stickiness {
+                // Not pinnable: the hash alone, even onto the busiest target.
+                assert_eq!(route.current(), busiest, "{extra}");
+            }
+            assert_eq!(overflows(&shared), 0, "{extra}");
+            drop(hot);
+        }
+    }
+
+    #[test]
+    fn a_deactivated_target_takes_no_new_client_and_is_left_out_of_the_mean() {
+        let shared = Shared::new();
+        let balancer = Balancer::new(config(4, r#", "hashBalanceFactor": 100"#), &shared);
+        let down = 2;
+        balancer.states()[down].deactivate(shared.clock.now_ms(), Duration::from_secs(60));
+        let routes: Vec<Route> = (1..=200).map(|n| balancer.route(&shared, ip(n))).collect();
+        assert!(routes.iter().all(|r| r.current() != down), "idle but down");
+        // Factor 100 keeps the three usable targets within one connection of each other's
+        // share, and the down one (load 0) does not drag the mean below them.
+        let loads: Vec<u64> = (0..4)
+            .map(|i| balancer.states()[i].assigned.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(loads[down], 0);
+        let (min, max) = (0..4)
+            .filter(|&i| i != down)
+            .map(|i| loads[i])
+            .fold((u64::MAX, 0), |(lo, hi), l| (lo.min(l), hi.max(l)));
+        assert!(max - min <= 1, "{loads:?}");
+        assert_eq!(loads.iter().sum::<u64>(), 200);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fail_over_goes_to_the_next_target_under_the_bound() {
+        let shared = Shared::new();
+        let balancer = Balancer::new(config(4, r#", "hashBalanceFactor": 100"#), &shared);
+        // A client x whose first target a fails, and whose second-ranked b carries a hot
+        // client: x skips b.
+        let x = ip(7);
+        let key = hash::client_key(x);
+        let a = balancer.table.pick(key, |_| true).unwrap();
+        let b = balancer.table.pick(key, |i| i != a).unwrap();
+        let hot = client_ranking_first(&balancer, b, x);
+        let hot_routes: Vec<Route> = (0..10).map(|_| balancer.route(&shared, hot)).collect();
+        assert!(hot_routes.iter().all(|r| r.current() == b));
+        let mut route = balancer.route(&shared, x);
+        assert_eq!(route.current(), a);
+        let next = route.failed().expect("another target");
+        assert!(next != a && next != b, "{next}");
+        assert_eq!(overflows(&shared), 1);
+        assert_eq!(balancer.states()[a].assigned.load(Ordering::Relaxed), 0);
+        assert_eq!(balancer.states()[next].assigned.load(Ordering::Relaxed), 1);
+        drop(route);
+        assert_eq!(balancer.states()[next].assigned.load(Ordering::Relaxed), 0);
+        drop(hot_routes);
+    }
+
+    #[test]
+    fn assigned_counts_routes_from_pick_to_drop_without_the_factor_too() {
+        let shared = Shared::new();
+        let balancer = Balancer::new(config(3, ""), &shared);
+        let total = |b: &Balancer| -> u64 {
+            b.states()
+                .iter()
+                .map(|s| s.assigned.load(Ordering::Relaxed))
+                .sum()
+        };
+        let routes: Vec<Route> = (1..=30).map(|n| balancer.route(&shared, ip(n))).collect();
+        assert_eq!(total(&balancer), 30);
+        drop(routes);
+        assert_eq!(total(&balancer), 0);
     }
 
     #[test]

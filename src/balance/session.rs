@@ -1,4 +1,5 @@
-//! The session table: which target each client IP is pinned to, shared by all worker threads.
+//! The session table: which target each client is pinned to (a client is its address masked
+//! to `clientPrefix`, see `addr.rs`), shared by all worker threads.
 //!
 //! LoadBalancer.js semantics: a client with an open connection, or whose last connection
 //! closed less than `sessionExpiry` ago, stays on the target it is on even if the hash now says
@@ -114,6 +115,12 @@ pub struct ShardGuard<'a> {
 impl ShardGuard<'_> {
     pub fn get_mut(&mut self, ip: &IpAddr) -> Option<&mut Session> {
         self.guard.get_mut(ip)
+    }
+
+    /// Whether [`ShardGuard::insert`] of `ip` would pin it now: it has an entry, or the table
+    /// has room for one more (other shards may fill it meanwhile; then `insert` says no).
+    pub fn can_pin(&self, ip: &IpAddr, max: usize) -> bool {
+        self.guard.contains_key(ip) || self.len.load(Ordering::Relaxed) < max
     }
 
     /// Pins `ip` to `target` with one more open connection. A session already there (expired,

@@ -21,18 +21,29 @@ use crate::config::TargetSpec;
 use crate::counters::{Histogram, TargetCounters, CONNECT_BUCKETS_US};
 
 /// The runtime state of one target identity.
+///
+/// `repr(C)`, hot fields first: a pick with `hashBalanceFactor` reads `deactivated_until`,
+/// `present` and `assigned` of every target, so they share the first cache line (after the
+/// `Arc`'s counts) instead of being spread over the struct by the compiler's field order.
 #[derive(Debug)]
+#[repr(C)]
 pub struct TargetState {
-    pub id: Arc<str>,
-    /// `hash::target_seed(id)`, computed once.
-    pub seed: u64,
     /// Until when (clock ms) the target is skipped; 0 = never deactivated.
     deactivated_until: AtomicU64,
+    /// Connections routed to this target and not closed yet, whether still connecting or
+    /// open: the load that `hashBalanceFactor` bounds. Kept by [`super::Route`] from the
+    /// moment it chooses the target, so a burst of new clients sees each other's choices
+    /// before any connect completes (as HAProxy counts a server's connections from the
+    /// moment it is assigned).
+    pub assigned: AtomicU64,
     /// Whether the current config lists this target. A session pinned to a target that a
     /// reload removed moves, exactly as if the target were deactivated.
     present: AtomicBool,
     /// Connections open to this target now (power-of-two-choices compares these).
     pub active: AtomicU64,
+    pub id: Arc<str>,
+    /// `hash::target_seed(id)`, computed once.
+    pub seed: u64,
     pub counters: TargetCounters,
     /// `target_connect_duration_seconds{target}`: successful connects.
     pub connect_duration: Histogram,
@@ -47,6 +58,7 @@ impl TargetState {
             deactivated_until: AtomicU64::new(0),
             present: AtomicBool::new(true),
             active: AtomicU64::new(0),
+            assigned: AtomicU64::new(0),
             counters: TargetCounters::default(),
             connect_duration: Histogram::new(&CONNECT_BUCKETS_US),
         }

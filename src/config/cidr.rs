@@ -17,6 +17,8 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
+use crate::addr::{mask_v4, mask_v6};
+
 /// An address range such as `10.0.0.0/8` or `2001:db8::/32`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
@@ -63,22 +65,6 @@ impl Cidr {
             addr,
             prefix: self.prefix,
         }
-    }
-}
-
-/// The first `prefix` bits set (a prefix over 32 counts as 32).
-fn mask_v4(prefix: u8) -> u32 {
-    match prefix {
-        0 => 0,
-        p => u32::MAX << (32 - u32::from(p.min(32))),
-    }
-}
-
-/// The first `prefix` bits set (a prefix over 128 counts as 128).
-fn mask_v6(prefix: u8) -> u128 {
-    match prefix {
-        0 => 0,
-        p => u128::MAX << (128 - u32::from(p.min(128))),
     }
 }
 

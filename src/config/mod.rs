@@ -20,6 +20,7 @@ mod cidr;
 mod error;
 mod parse;
 
+pub use crate::addr::ClientPrefix;
 pub use crate::proxy_protocol::Version as ProxyVersion;
 pub use crate::sockets::Keepalive;
 pub use crate::sys::UserSpec;
@@ -55,6 +56,15 @@ pub struct Config {
     pub targets: Vec<TargetSpec>,
     /// `stickiness` (default true).
     pub stickiness: bool,
+    /// `clientPrefix` (default `{"ipv4": 32, "ipv6": 64}`): how many leading bits of an
+    /// address make one client for the hash, the sessions and `maxConnectionsPerClient`.
+    /// `allow`/`deny` and the logs use the full address.
+    pub client_prefix: ClientPrefix,
+    /// `hashBalanceFactor` (default 0 = off; else a percent, at least 100): a new client is
+    /// not sent to a target at or above this percent of the weighted mean load; it goes to its
+    /// next-ranked target under that bound (see `balance::hash::Table::pick_bounded`). Only
+    /// with `stickiness: true`.
+    pub hash_balance_factor: u32,
     /// `targetDeactivationDuration` (default 60 000 ms).
     pub target_deactivation: Duration,
     /// `sessionExpiry` (default 30 000 ms).

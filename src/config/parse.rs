@@ -14,8 +14,12 @@
 //! - `downgradeToUser: null` means no switch, like leaving the key out;
 //! - `metricsPort` equal to `sourcePort` on an overlapping address is an error, and so is a
 //!   target that is the listener itself (it would connect to itself, without end);
-//! - a host name that resolves to several addresses: the first one is used.
-use super::{Cidr, Config, ConfigError, Keepalive, TargetSpec, UserSpec};
+//! - a host name that resolves to several addresses: the first one is used;
+//! - `clientPrefix` with one family only keeps the other family's default;
+//! - `hashBalanceFactor` from 1 to 99 is an error (no target could take a client once all
+//!   carry the mean), above [`MAX_HASH_BALANCE_FACTOR`] too; with `stickiness: false` it is
+//!   accepted with a warning that it has no effect.
+use super::{Cidr, ClientPrefix, Config, ConfigError, Keepalive, TargetSpec, UserSpec};
 use crate::proxy_protocol::Version as ProxyVersion;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
@@ -34,6 +38,10 @@ const MAX_WEIGHT: u32 = 1_000_000;
 
 /// Largest `balancerCount`: each is an OS thread; more than this is a typo, not a plan.
 const MAX_BALANCERS: u64 = 1024;
+
+/// Largest `hashBalanceFactor`: 10,000 times the mean load; beyond that the bound never
+/// binds, and `0` is the way to say "off".
+const MAX_HASH_BALANCE_FACTOR: u64 = 1_000_000;
 
 /// `maxBufferSize` as LoadBalancer.js defaults it; shown by `check`, used for nothing.
 const DEFAULT_MAX_BUFFER_SIZE: u64 = 8192;
@@ -57,6 +65,23 @@ const KEYS: &[(&str, Apply)] = &[
     ("targets", read_targets),
     ("stickiness", |b, f| {
         b.stickiness = f.boolean()?;
+        Ok(())
+    }),
+    ("clientPrefix", read_client_prefix),
+    ("hashBalanceFactor", |b, f| {
+        let what = format!(
+            "0 (off) or a percent of the mean load from 100 to {MAX_HASH_BALANCE_FACTOR}, \
+             such as 125"
+        );
+        let factor = f.integer_as(0, MAX_HASH_BALANCE_FACTOR, &what)?;
+        if (1..100).contains(&factor) {
+            return Err(f.error(format!(
+                "expected {what}, found {factor}: below 100 % of the mean, no target could \
+                 take a new client once all carry the mean"
+            )));
+        }
+        // Range checked: the conversion is exact.
+        b.hash_balance_factor = factor as u32;
         Ok(())
     }),
     ("targetDeactivationDuration", |b, f| {
@@ -248,6 +273,9 @@ fn read_keepalive(b: &mut Builder, f: &Field<'_>) -> Result<(), ConfigError> {
 /// The keys of one element of `targets`.
 const TARGET_KEYS: &[&str] = &["host", "port", "weight", "id", "proxyProtocol"];
 
+/// The keys of `clientPrefix`.
+const CLIENT_PREFIX_KEYS: &[&str] = &["ipv4", "ipv6"];
+
 /// Reads the file at `path` and parses it.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
@@ -315,6 +343,8 @@ struct Builder {
     source_host: IpAddr,
     targets: Option<Vec<Target>>,
     stickiness: bool,
+    client_prefix: ClientPrefix,
+    hash_balance_factor: u32,
     target_deactivation: Duration,
     session_expiry: Duration,
     session_expiry_interval: Duration,
@@ -359,6 +389,8 @@ impl Builder {
             source_host: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             targets: None, // required
             stickiness: true,
+            client_prefix: ClientPrefix::DEFAULT, // IPv4 /32, IPv6 /64
+            hash_balance_factor: 0,               // off
             target_deactivation: Duration::from_millis(60_000),
             session_expiry: Duration::from_millis(30_000),
             session_expiry_interval: Duration::from_millis(1_000),
@@ -393,7 +425,7 @@ impl Builder {
     }
 
     /// Required keys, checks across keys, then stage 3: resolution.
-    fn finish(self, file: &Path) -> Result<Config, ConfigError> {
+    fn finish(mut self, file: &Path) -> Result<Config, ConfigError> {
         let missing = |key: &str, what: &str| missing_key(file, key.to_string(), what);
         let source_port = self
             .source_port
@@ -404,6 +436,14 @@ impl Builder {
                 "a list of targets such as [{\"host\": \"127.0.0.1\", \"port\": 8000}]",
             )
         })?;
+        if !self.stickiness && self.hash_balance_factor > 0 {
+            self.warnings.push(format!(
+                "{}: hashBalanceFactor: {} has no effect with \"stickiness\": false (each \
+                 connection already goes to the less loaded of two targets)",
+                file.display(),
+                self.hash_balance_factor
+            ));
+        }
         let listen = SocketAddr::new(self.source_host, source_port);
         let metrics = self
             .metrics_port
@@ -459,6 +499,8 @@ impl Builder {
             listen,
             targets: resolved,
             stickiness: self.stickiness,
+            client_prefix: self.client_prefix,
+            hash_balance_factor: self.hash_balance_factor,
             target_deactivation: self.target_deactivation,
             session_expiry: self.session_expiry,
             session_expiry_interval: self.session_expiry_interval,
@@ -530,6 +572,29 @@ fn read_targets(b: &mut Builder, f: &Field<'_>) -> Result<(), ConfigError> {
         targets.push(t);
     }
     b.targets = Some(targets);
+    Ok(())
+}
+
+/// `clientPrefix`: `{"ipv4"?: 0–32, "ipv6"?: 0–128}`; a family left out keeps its default.
+fn read_client_prefix(b: &mut Builder, f: &Field<'_>) -> Result<(), ConfigError> {
+    let Value::Object(map) = f.value else {
+        return Err(f.expected("an object of prefix lengths such as {\"ipv4\": 32, \"ipv6\": 64}"));
+    };
+    check_keys(f.file, &f.path, map, CLIENT_PREFIX_KEYS)?;
+    let read = |family: &str, max: u64| -> Result<Option<u8>, ConfigError> {
+        let Some(v) = map.get(family) else {
+            return Ok(None);
+        };
+        let what = format!("a prefix length from 0 to {max}");
+        // Range checked: the conversion is exact.
+        Ok(Some(f.child(family, v).integer_as(0, max, &what)? as u8))
+    };
+    if let Some(prefix) = read("ipv4", 32)? {
+        b.client_prefix.ipv4 = prefix;
+    }
+    if let Some(prefix) = read("ipv6", 128)? {
+        b.client_prefix.ipv6 = prefix;
+    }
     Ok(())
 }
 
@@ -846,6 +911,8 @@ pub fn effective_json(c: &Config) -> Value {
         "sourcePort": c.listen.port(),
         "targets": targets,
         "stickiness": c.stickiness,
+        "clientPrefix": {"ipv4": c.client_prefix.ipv4, "ipv6": c.client_prefix.ipv6},
+        "hashBalanceFactor": c.hash_balance_factor,
         "targetDeactivationDuration": ms(c.target_deactivation),
         "sessionExpiry": ms(c.session_expiry),
         "sessionExpiryInterval": ms(c.session_expiry_interval),
@@ -1631,6 +1698,126 @@ mod tests {
     }
 
     #[test]
+    fn client_prefix_defaults_to_ipv4_32_and_ipv6_64() {
+        let c = ok("");
+        assert_eq!(c.client_prefix, ClientPrefix { ipv4: 32, ipv6: 64 });
+        let c = ok(r#""clientPrefix": {"ipv4": 24, "ipv6": 48}"#);
+        assert_eq!(c.client_prefix, ClientPrefix { ipv4: 24, ipv6: 48 });
+        // One family alone keeps the other's default; the ends of the ranges are valid.
+        let c = ok(r#""clientPrefix": {"ipv6": 128}"#);
+        assert_eq!(
+            c.client_prefix,
+            ClientPrefix {
+                ipv4: 32,
+                ipv6: 128
+            }
+        );
+        let c = ok(r#""clientPrefix": {"ipv4": 0, "ipv6": 0}"#);
+        assert_eq!(c.client_prefix, ClientPrefix { ipv4: 0, ipv6: 0 });
+        assert_eq!(
+            ok(r#""clientPrefix": {}"#).client_prefix,
+            ClientPrefix::DEFAULT
+        );
+    }
+
+    #[test]
+    fn client_prefix_errors_name_the_family() {
+        rejects(
+            r#""clientPrefix": {"ipv6": 129}"#,
+            &[
+                "clientPrefix.ipv6",
+                "prefix length from 0 to 128",
+                "found 129",
+            ],
+        );
+        rejects(
+            r#""clientPrefix": {"ipv4": 33}"#,
+            &["clientPrefix.ipv4", "from 0 to 32", "found 33"],
+        );
+        rejects(
+            r#""clientPrefix": {"ipv4": -1}"#,
+            &["clientPrefix.ipv4", "found -1"],
+        );
+        rejects(
+            r#""clientPrefix": {"ipv6": "64"}"#,
+            &["clientPrefix.ipv6", "found \"64\""],
+        );
+        rejects(
+            r#""clientPrefix": {"ipv6": 64.0}"#,
+            &["clientPrefix.ipv6", "write 64, without a decimal point"],
+        );
+        rejects(
+            r#""clientPrefix": {"ipv7": 64}"#,
+            &["clientPrefix.ipv7: unknown key", "did you mean \"ipv4\"?"],
+        );
+        rejects(
+            r#""clientPrefix": {"v6": 64}"#,
+            &["clientPrefix.v6: unknown key", "ipv4, ipv6"],
+        );
+        rejects(
+            r#""clientPrefix": 64"#,
+            &["clientPrefix", "{\"ipv4\": 32, \"ipv6\": 64}", "found 64"],
+        );
+        rejects(r#""clientprefix": {}"#, &["did you mean \"clientPrefix\"?"]);
+    }
+
+    #[test]
+    fn hash_balance_factor_is_off_or_at_least_100() {
+        assert_eq!(ok("").hash_balance_factor, 0);
+        assert_eq!(ok(r#""hashBalanceFactor": 0"#).hash_balance_factor, 0);
+        assert_eq!(ok(r#""hashBalanceFactor": 100"#).hash_balance_factor, 100);
+        assert_eq!(ok(r#""hashBalanceFactor": 125"#).hash_balance_factor, 125);
+        assert_eq!(
+            ok(r#""hashBalanceFactor": 1000000"#).hash_balance_factor,
+            1_000_000
+        );
+        for bad in ["1", "99"] {
+            rejects(
+                &format!(r#""hashBalanceFactor": {bad}"#),
+                &[
+                    "hashBalanceFactor",
+                    "0 (off) or a percent of the mean load from 100 to 1000000",
+                    &format!("found {bad}: below 100 %"),
+                ],
+            );
+        }
+        rejects(
+            r#""hashBalanceFactor": 1000001"#,
+            &["hashBalanceFactor", "found 1000001"],
+        );
+        rejects(
+            r#""hashBalanceFactor": -125"#,
+            &["hashBalanceFactor", "found -125"],
+        );
+        rejects(
+            r#""hashBalanceFactor": 1.25"#,
+            &["hashBalanceFactor", "found 1.25"],
+        );
+        rejects(
+            r#""hashBalanceFactor": "125%""#,
+            &["hashBalanceFactor", "found \"125%\""],
+        );
+        rejects(
+            r#""hashBalanceFator": 125"#,
+            &["did you mean \"hashBalanceFactor\"?"],
+        );
+    }
+
+    #[test]
+    fn hash_balance_factor_without_stickiness_is_accepted_with_a_warning() {
+        let c = ok(r#""stickiness": false, "hashBalanceFactor": 150"#);
+        assert_eq!(c.hash_balance_factor, 150);
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(
+            c.warnings[0].starts_with("config.json: hashBalanceFactor: 150 has no effect"),
+            "{:?}",
+            c.warnings
+        );
+        assert!(ok(r#""stickiness": false"#).warnings.is_empty());
+        assert!(ok(r#""hashBalanceFactor": 150"#).warnings.is_empty());
+    }
+
+    #[test]
     fn duplicate_key_in_the_file_last_one_wins() {
         assert_eq!(ok(r#""sourcePort": 8081"#).listen.port(), 8081);
     }
@@ -1727,6 +1914,8 @@ mod tests {
         assert_eq!(v["maxBufferSize"], 8192);
         assert_eq!(v["downgradeToUser"], 7);
         assert_eq!(v["allow"], json!(["10.0.0.0/8"]));
+        assert_eq!(v["clientPrefix"], json!({"ipv4": 32, "ipv6": 64}));
+        assert_eq!(v["hashBalanceFactor"], 0);
         assert_eq!(
             v["targets"],
             json!([{"id": "127.0.0.1:9000", "host": "127.0.0.1", "port": 9000, "weight": 1,

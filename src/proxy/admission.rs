@@ -11,7 +11,9 @@
 //! 1. `allow`/`deny` (deny wins; a non-empty allow admits only its ranges);
 //! 2. `maxConnections`: open client connections, including this one. `0` (the default) derives
 //!    it from the file-descriptor limit, see [`derived_max_connections`];
-//! 3. `maxConnectionsPerClient`: open connections from this client address.
+//! 3. `maxConnectionsPerClient`: open connections from this client: its address masked to
+//!    `clientPrefix` (by default an IPv6 client's /64), the same client the hash and the
+//!    sessions see, so a host cannot get round the limit by rotating its privacy addresses.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -36,7 +38,8 @@ pub fn derived_max_connections(fd_limit: u64) -> u64 {
     (fd_limit.saturating_sub(reserve) / 2).max(1)
 }
 
-/// Open connections per client address, only kept when `maxConnectionsPerClient` is set.
+/// Open connections per client (the caller masks the address to `clientPrefix`), only kept
+/// when `maxConnectionsPerClient` is set.
 #[derive(Debug)]
 pub struct ClientCounts {
     shards: Box<[Mutex<HashMap<IpAddr, u32, ahash::RandomState>>]>,

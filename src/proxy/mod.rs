@@ -62,7 +62,8 @@ pub(crate) struct Proxy {
     drained: Notify,
     /// The shutdown deadline: every open connection is reset when it fires.
     cut: CutSignal,
-    /// Open connections per client address, for `maxConnectionsPerClient`.
+    /// Open connections per client (address masked to `clientPrefix`), for
+    /// `maxConnectionsPerClient`.
     clients: ClientCounts,
     /// Rate limit for the log lines of refused connections.
     refusals: RefusalLog,
@@ -265,16 +266,23 @@ impl Proxy {
         header::write(server, version, who.client, destination).await
     }
 
-    /// Checks `allow`/`deny` and `maxConnectionsPerClient` (see [`admission`]) for the
-    /// identified client.
+    /// Checks `allow`/`deny` (on the full address `ip`) and `maxConnectionsPerClient` (per
+    /// client: `ip` masked to `clientPrefix`, as the hash and the sessions count clients) for
+    /// the identified client (see [`admission`]).
     fn admit(&self, config: &Config, ip: IpAddr) -> Result<ClientSlot<'_>, Reject> {
         if !config.admits(ip) {
             return Err(Reject::Denied);
         }
         match config.max_connections_per_client {
             0 => Ok(ClientSlot::none()),
-            max if self.clients.try_open(ip, max) => Ok(ClientSlot::held(&self.clients, ip)),
-            _ => Err(Reject::ClientLimit),
+            max => {
+                let client = config.client_prefix.client(ip);
+                if self.clients.try_open(client, max) {
+                    Ok(ClientSlot::held(&self.clients, client))
+                } else {
+                    Err(Reject::ClientLimit)
+                }
+            }
         }
     }
 

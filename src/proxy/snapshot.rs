@@ -21,6 +21,8 @@ pub struct Snapshot {
     pub rejected: [u64; Reject::COUNT],
     /// Connect attempts after the first of a client connection.
     pub retries: u64,
+    /// New clients sent past their best-ranked usable target by `hashBalanceFactor`.
+    pub hash_overflows: u64,
     /// Sticky sessions in the table.
     pub sessions: u64,
     pub reloads_success: u64,
@@ -91,6 +93,7 @@ impl Proxy {
             active: load(&stats.active),
             rejected: Reject::ALL.map(|r| stats.rejected(r)),
             retries: load(&stats.retries),
+            hash_overflows: load(&stats.hash_overflows),
             sessions: shared.sessions.len() as u64,
             reloads_success: load(&stats.reloads_success),
             reloads_failure: load(&stats.reloads_failure),

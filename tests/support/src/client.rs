@@ -42,7 +42,12 @@ pub async fn connect_from(ip: Ipv4Addr, addr: SocketAddr) -> io::Result<TcpStrea
 /// answered (a [`Mode::Named`](crate::Mode::Named) backend), keeping the connection open in the
 /// second value.
 pub async fn which(ip: Ipv4Addr, lb: SocketAddr) -> io::Result<(String, TcpStream)> {
-    let stream = connect_from(ip, lb).await?;
+    name_of(connect_from(ip, lb).await?).await
+}
+
+/// Reads the name a [`Mode::Named`](crate::Mode::Named) backend sends first on `stream`, a
+/// client connection through a balancer; returns it with the connection, still open.
+pub async fn name_of(stream: TcpStream) -> io::Result<(String, TcpStream)> {
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     tokio::time::timeout(PATIENCE, reader.read_line(&mut line))

@@ -38,7 +38,16 @@ pub fn config(targets: &[SocketAddr], extra: serde_json::Value) -> Config {
 
 /// Starts a balancer in this runtime on a fresh loopback port.
 pub fn start(targets: &[SocketAddr], extra: serde_json::Value) -> Arc<Server> {
-    let listener = server::bind("127.0.0.1:0".parse().unwrap()).expect("bind balancer");
+    start_at("127.0.0.1:0".parse().unwrap(), targets, extra)
+}
+
+/// Starts a balancer in this runtime listening on `listen` (`[::1]:0`, say).
+pub fn start_at(
+    listen: SocketAddr,
+    targets: &[SocketAddr],
+    extra: serde_json::Value,
+) -> Arc<Server> {
+    let listener = server::bind(listen).expect("bind balancer");
     Arc::new(Server::start(config(targets, extra), listener).expect("start balancer"))
 }
 

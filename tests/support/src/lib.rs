@@ -14,6 +14,10 @@
 //! - [`child`]: processes a test starts and ends by their PID: the `stickylb` binary
 //!   ([`Balancer`], with its stderr lines, CPU time, memory and descriptors), and a
 //!   [`Backend`] in a process of its own.
+//! - [`population`]: a skewed client population (a hot NAT address, a Zipf-like tail) and the
+//!   figures of how it spreads, shared by `tests/populations.rs` and `benches/populations.rs`.
+//! - [`netns`]: tests that need many IPv6 client addresses, run again in a network namespace
+//!   of their own where a whole documentation prefix is local.
 //! - [`temp`]: temporary directories, removed on drop.
 //! - [`tools`]: outside tools a test runs (promtool, prometheus, ...): required under
 //!   `scripts/test`, skipped with a line that says so under a plain `cargo test`.
@@ -32,14 +36,16 @@ pub mod backend;
 pub mod child;
 pub mod client;
 pub mod inproc;
+pub mod netns;
 pub mod pattern;
+pub mod population;
 pub mod temp;
 pub mod tools;
 
 pub use backend::{dead_port, Backend, Mode, Sink};
 pub use child::{backend_process, serve_backend_process_if_asked, Balancer, Process};
-pub use client::{client_ip, connect_from, first_read, offer, open_many, served, which};
-pub use inproc::{config, config_text, start, start_from_file, wait_drained};
+pub use client::{client_ip, connect_from, first_read, name_of, offer, open_many, served, which};
+pub use inproc::{config, config_text, start, start_at, start_from_file, wait_drained};
 pub use pattern::{check_pattern, echo_exact, send_pattern, Pattern, Rng};
 pub use temp::TempDir;
 pub use tools::{require_root, require_tool};
