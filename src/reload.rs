@@ -286,6 +286,6 @@ pub(crate) async fn apply(
             })?;
         tracing::info!(%addr, old = %running.listen, "listener moved");
     }
-    server.proxy().swap(config);
+    server.swap(config);
     Ok(kept)
 }

@@ -194,7 +194,7 @@ impl Proxy {
             &to_client,
         )
         .await;
-        state.active.fetch_sub(1, Ordering::Relaxed);
+        state.connection_closed();
         stats.connection_duration.record(accepted.elapsed());
         if let Err(error) = &result {
             // One side failed: reset both, so neither mistakes the cut for a clean end.
