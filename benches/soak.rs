@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::{
-    check_pattern, client_ip, config_text, connect_from, dead_port, send_pattern, TempDir,
+    check_pattern, client_ip, config_text, connect_from, dead_port, send_pattern, Rng, TempDir,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
@@ -362,18 +362,6 @@ async fn exchange(world: &World, len: usize, hold: Option<Duration>) -> Outcome 
             }
             _ => failed(format!("{ip} via {name}: write failed"), Some(&name), since),
         },
-    }
-}
-
-/// A small deterministic generator for sizes and durations.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
     }
 }
 

@@ -49,30 +49,11 @@ fn instance(targets: &[&Backend]) -> Arc<Server> {
     Arc::new(Server::start(config, listener).expect("start"))
 }
 
-/// The backend answering each of the `CLIENTS` addresses through `lb`.
-async fn mapping(lb: SocketAddr) -> Vec<String> {
-    let mut names = vec![String::new(); CLIENTS as usize];
-    let mut next = 0;
-    while next < CLIENTS {
-        let batch: Vec<_> = (next..(next + PARALLEL).min(CLIENTS))
-            .map(|i| tokio::spawn(async move { (i, which(client_ip(i), lb).await) }))
-            .collect();
-        for task in batch {
-            let (i, answer) = task.await.expect("client task");
-            let (name, _stream) =
-                answer.unwrap_or_else(|e| panic!("client {} via {lb}: {e}", client_ip(i)));
-            names[i as usize] = name;
-        }
-        next += PARALLEL;
-    }
-    names
-}
-
 /// Maps every client through every instance and asserts that they agree; returns the mapping.
 async fn agreed(instances: &[Arc<Server>], when: &str) -> Vec<String> {
-    let first = mapping(instances[0].local_addr()).await;
+    let first = mapping(instances[0].local_addr(), CLIENTS, PARALLEL).await;
     for (n, other) in instances.iter().enumerate().skip(1) {
-        let names = mapping(other.local_addr()).await;
+        let names = mapping(other.local_addr(), CLIENTS, PARALLEL).await;
         let differ: Vec<String> = (0..CLIENTS as usize)
             .filter(|&i| names[i] != first[i])
             .map(|i| format!("{} ({} vs {})", client_ip(i as u32), first[i], names[i]))

@@ -12,8 +12,8 @@
 //! - **listed**: the current config has it (a removed target drains);
 //! - **not drained**: `"drain": true` keeps new clients away, but not the clients that have a
 //!   live session on it ([`TargetState::keeps_clients`] leaves drain out);
-//! - **not down by its health check** ([`Health`], written by `crate::health`; a target
-//!   without checks is never down by them);
+//! - **not down by its health check** ([`Health`], written by the checker tasks of
+//!   `src/health.rs`; a target without checks is never down by them);
 //! - **outside a deactivation window**: a failed client connect keeps it out for
 //!   `targetDeactivationDuration` (design §3). With checks on, `rise` passed checks end the
 //!   window early ([`TargetState::reactivate`]), so a restarted worker is back as soon as it

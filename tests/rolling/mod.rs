@@ -42,7 +42,7 @@ use stickylb::server::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::support::{client_ip, connect_from, start_from_file, TempDir};
+use super::support::{client_ip, connect_from, start_from_file, Rng, TempDir};
 
 /// Workers in the cluster.
 pub const WORKERS: usize = 4;
@@ -396,6 +396,12 @@ impl Cluster {
         self.stdin.flush().expect("flush");
     }
 
+    /// `stop` or `kill` worker `worker`, then waits (bounded) until generation `gen` exited.
+    async fn end(&mut self, command: &str, worker: usize, gen: u32) {
+        self.send(&format!("{command} {worker}"));
+        self.wait(&Event::Exit { worker, gen }, PATIENCE).await;
+    }
+
     /// Waits (bounded) for `event`, keeping the others for later. Returns when it was read.
     async fn wait(&mut self, event: &Event, patience: Duration) -> Instant {
         if let Some(i) = self.pending.iter().position(|(_, e)| e == event) {
@@ -464,18 +470,6 @@ fn config(ports: &[u16], checks: bool, drained: Option<usize>) -> String {
         });
     }
     serde_json::to_string_pretty(&c).expect("json")
-}
-
-/// A small deterministic generator (xorshift64), one per client.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
-    }
 }
 
 /// One HTTP request on a new connection from `ip`.
@@ -665,16 +659,7 @@ pub async fn run(options: Options) -> Report {
                 reload().await;
                 wait_empty(&server, k, options.stop_at_first_zero).await;
                 stopped = Instant::now();
-                cluster.send(&format!("stop {k}"));
-                cluster
-                    .wait(
-                        &Event::Exit {
-                            worker: k,
-                            gen: old_gen,
-                        },
-                        PATIENCE,
-                    )
-                    .await;
+                cluster.end("stop", k, old_gen).await;
                 if options.checks {
                     wait_target(&server, k, "down by its checks", PATIENCE, |t| {
                         t.check_up == Some(false)
@@ -684,16 +669,7 @@ pub async fn run(options: Options) -> Report {
             }
             Kind::Kill => {
                 stopped = Instant::now();
-                cluster.send(&format!("kill {k}"));
-                cluster
-                    .wait(
-                        &Event::Exit {
-                            worker: k,
-                            gen: old_gen,
-                        },
-                        PATIENCE,
-                    )
-                    .await;
+                cluster.end("kill", k, old_gen).await;
                 wait_target(&server, k, "taken out", PATIENCE, |t| !t.up).await;
             }
         }

@@ -183,6 +183,40 @@ pub async fn which(ip: Ipv4Addr, lb: SocketAddr) -> io::Result<(String, TcpStrea
     Ok((line.trim_end().to_string(), reader.into_inner()))
 }
 
+/// The backend (a [`Mode::Named`] one) that answers each of `clients` addresses
+/// (`client_ip(0..clients)`) through the balancer at `lb`, `parallel` connections at a time,
+/// each closed once the name is read.
+pub async fn mapping(lb: SocketAddr, clients: u32, parallel: u32) -> Vec<String> {
+    let mut names = vec![String::new(); clients as usize];
+    let mut next = 0;
+    while next < clients {
+        let batch: Vec<_> = (next..(next + parallel).min(clients))
+            .map(|i| tokio::spawn(async move { (i, which(client_ip(i), lb).await) }))
+            .collect();
+        for task in batch {
+            let (i, answer) = task.await.expect("client task");
+            let (name, _stream) =
+                answer.unwrap_or_else(|e| panic!("client {} via {lb}: {e}", client_ip(i)));
+            names[i as usize] = name;
+        }
+        next += parallel;
+    }
+    names
+}
+
+/// A small deterministic generator (xorshift64) for sizes, durations and choices.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// A number below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
 /// A deterministic stream of bytes (xorshift64*), so a receiver can check a transfer without
 /// keeping a copy of what was sent.
 pub struct Pattern {
