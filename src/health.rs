@@ -28,8 +28,8 @@
 //! Checks follow reloads by target identity ([`Checks::follow`]): a target that stays, with the
 //! same check and address, keeps its task and its counts; a target whose check or address
 //! changed gets a new task with the new settings (its up/down verdict carries over); a target
-//! that leaves the config, or whose checks are turned off, stops being checked at once (with
-//! checks off its verdict is cleared: §3 alone decides again).
+//! that leaves the config, or whose checks are turned off, stops being checked at once and its
+//! verdict is cleared (with checks off, §3 alone decides again).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -114,9 +114,11 @@ impl Checks {
             };
             next.insert(spec.id.clone(), checker);
         }
-        // What is left is no longer in the config: stop checking it now.
+        // What is left is no longer in the config: stop checking it now, and forget the
+        // verdict (if it comes back, it is checked afresh).
         for (_, gone) in running.drain() {
             gone.task.abort();
+            gone.state.set_health(Health::Unchecked);
         }
         *running = next;
     }
@@ -546,6 +548,7 @@ mod tests {
         );
         checks.follow(&third);
         assert_eq!(checks.checked(), ["c".into()] as [Arc<str>; 1]);
+        assert_eq!(second.states()[0].health(), Health::Unchecked, "a left");
         assert_eq!(third.states()[0].health(), Health::Unchecked);
         assert!(third.states()[0].is_usable(shared.clock.now_ms()));
     }
