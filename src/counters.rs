@@ -115,6 +115,10 @@ pub struct TargetCounters {
     pub bytes_to_target: AtomicU64,
     /// Bytes copied from this target to clients.
     pub bytes_to_client: AtomicU64,
+    /// Active health checks of this target that passed.
+    pub checks_success: AtomicU64,
+    /// Active health checks of this target that failed (refused, timed out, no `expect`).
+    pub checks_failure: AtomicU64,
 }
 
 /// A Prometheus histogram kept with atomics: fixed bucket bounds, a count per bucket and the

@@ -23,8 +23,10 @@
 //! 4. [`server`], `demo`: a running balancer assembled from a config (listener, accept loop,
 //!    session sweeper, graceful shutdown; tests start one on `127.0.0.1:0`); the built-in demo
 //!    targets of `stickylb demo`.
-//! 3. `proxy`: one handler per client connection: the accept loop, admission, connect with
-//!    fail-over, and the data path (splice or userspace copy, driven by the relay).
+//! 3. `proxy`, `health`: one handler per client connection: the accept loop, admission,
+//!    connect with fail-over, and the data path (splice or userspace copy, driven by the
+//!    relay); the active health checks, one task per checked target, whose verdicts the pick
+//!    reads from each target's state (they never wait on each other).
 //! 2. [`balance`]: the choice of a target: the fixed client hash and weighted rendezvous
 //!    table ([`balance::hash`]), each target's runtime state, the shared session table, and
 //!    the policy that combines them ([`balance::Balancer`]).
@@ -52,6 +54,7 @@ mod addr;
 mod clock;
 mod counters;
 mod demo;
+mod health;
 mod proxy;
 mod sockets;
 mod sys;

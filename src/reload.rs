@@ -297,6 +297,6 @@ pub(crate) async fn apply(
             tracing::warn!(%error, "cannot apply tcpKeepalive to the listener");
         }
     }
-    server.proxy().swap(config);
+    server.swap(config);
     Ok(kept)
 }

@@ -8,6 +8,9 @@
 //! changes `sourceHost`/`sourcePort`): the new one is bound and accepting before the old one
 //! closes, and connections accepted by the old one go on.
 //!
+//! Active health checks ([`crate::health`]) run beside it, one task per checked target; a
+//! config swap ([`Server::swap`]) brings them in line with the new targets.
+//!
 //! Shutdown has two steps, as an operator expects of SIGTERM: [`Server::stop_accepting`]
 //! closes the listener (new connects are refused by the kernel from then on), then
 //! [`Server::drain`] waits for open connections to finish, up to a deadline.
@@ -24,6 +27,7 @@ use tokio::task::JoinHandle;
 
 use crate::clock::duration_ms;
 use crate::config::{Config, Keepalive};
+use crate::health::Checks;
 use crate::proxy::{listener, Proxy, Snapshot};
 use crate::sockets;
 
@@ -44,6 +48,8 @@ pub struct Server {
     accept: Mutex<Option<AcceptLoop>>,
     /// Turns true at shutdown: stops the session sweeper.
     stopped: watch::Sender<bool>,
+    /// The health-check tasks of the targets that have checks.
+    health: Checks,
 }
 
 /// One listener's accept loop and the means to stop it.
@@ -94,11 +100,21 @@ impl Server {
         let accept = AcceptLoop::start(listener, proxy.clone(), keepalive.as_ref())?;
         let (stopped, stopped_rx) = watch::channel(false);
         tokio::spawn(sweep_sessions(proxy.clone(), stopped_rx));
+        let health = Checks::new(proxy.shared.clock);
+        health.follow(&proxy.store.load());
         Ok(Server {
             proxy,
             accept: Mutex::new(Some(accept)),
             stopped,
+            health,
         })
+    }
+
+    /// Switches new connections to `config` (one atomic store), then starts, restarts or stops
+    /// health checks to match its targets.
+    pub(crate) fn swap(&self, config: Config) {
+        self.proxy.swap(config);
+        self.health.follow(&self.proxy.store.load());
     }
 
     /// The address the current listener is bound to (the last one, once stopped).
@@ -172,6 +188,7 @@ impl Server {
     /// Returns once the listener is closed.
     pub async fn stop_accepting(&self) {
         let _ = self.stopped.send(true);
+        self.health.stop();
         let current = self.lock_accept().take();
         if let Some(current) = current {
             current.stop().await;

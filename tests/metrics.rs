@@ -21,8 +21,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stickylb");
 
-/// Every metric of design §6 (and §14's `hash_overflows_total`) and its type.
-const METRICS: [(&str, &str); 18] = [
+/// Every metric of design §6 (§12's health and drain, §14's `hash_overflows_total`) and its type.
+const METRICS: [(&str, &str); 20] = [
     ("stickylb_connections_accepted_total", "counter"),
     ("stickylb_connections_active", "gauge"),
     ("stickylb_connections_rejected_total", "counter"),
@@ -41,6 +41,8 @@ const METRICS: [(&str, &str); 18] = [
     ("stickylb_config_last_reload_success", "gauge"),
     ("stickylb_build_info", "gauge"),
     ("stickylb_accept_errors_total", "counter"),
+    ("stickylb_target_draining", "gauge"),
+    ("stickylb_target_checks_total", "counter"),
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -276,6 +278,11 @@ async fn every_metric_is_there_from_start_up_and_promtool_accepts_the_exposition
     for target in [id(a.addr), id(b.addr)] {
         let t = target.as_str();
         assert_eq!(s.value("stickylb_target_up", &[("target", t)]), 1.0);
+        assert_eq!(s.value("stickylb_target_draining", &[("target", t)]), 0.0);
+        for result in ["success", "failure"] {
+            let labels = [("target", t), ("result", result)];
+            assert_eq!(s.value("stickylb_target_checks_total", &labels), 0.0);
+        }
         for name in [
             "stickylb_target_connections_total",
             "stickylb_target_connections_active",
@@ -810,6 +817,65 @@ async fn a_removed_target_is_not_up_and_its_counters_go_on_if_it_comes_back() {
         served_by_a + 1.0
     );
     promtool_check(&s.text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_are_counted_by_result_and_a_drained_target_reads_draining_and_not_up() {
+    let a = Backend::start("a", Mode::Echo).await;
+    let mut b = Backend::start("b", Mode::Echo).await;
+    let lb = FromFile::start("metrics-health", &[a.addr, b.addr]);
+    let (ta, tb) = (id(a.addr), id(b.addr));
+    let addrs = [a.addr, b.addr];
+    let config = |drain_a: bool| {
+        let checks = serde_json::json!({
+            "healthCheck": {"interval": 50, "timeout": 200, "rise": 1, "fall": 1},
+        });
+        let mut c: serde_json::Value = serde_json::from_str(&config_text(&addrs, checks)).unwrap();
+        if drain_a {
+            c["targets"][0]["drain"] = true.into();
+        }
+        c.to_string()
+    };
+    let checks =
+        |t: &str, result: &str| [("target", t.to_string()), ("result", result.to_string())];
+    let value = |s: &Scrape, name: &str, labels: &[(&str, String)]| {
+        let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        s.value(name, &labels)
+    };
+    lb.write(&config(false));
+    lb.reloader.reload(Trigger::Signal).await.expect("valid");
+    scrape_until(&lb.exporter, "two passed checks of each target", |s| {
+        [&ta, &tb]
+            .iter()
+            .all(|t| value(s, "stickylb_target_checks_total", &checks(t, "success")) >= 2.0)
+    })
+    .await;
+
+    b.stop().await;
+    let s = scrape_until(&lb.exporter, "b down by its checks", |s| {
+        s.value("stickylb_target_up", &[("target", &tb)]) == 0.0
+    })
+    .await;
+    assert!(value(&s, "stickylb_target_checks_total", &checks(&tb, "failure")) >= 1.0);
+    assert_eq!(
+        value(&s, "stickylb_target_checks_total", &checks(&ta, "failure")),
+        0.0
+    );
+    assert_eq!(s.value("stickylb_target_draining", &[("target", &tb)]), 0.0);
+
+    lb.write(&config(true));
+    lb.reloader.reload(Trigger::Signal).await.expect("valid");
+    let s = scrape(&lb.exporter).await;
+    assert_eq!(s.value("stickylb_target_draining", &[("target", &ta)]), 1.0);
+    assert_eq!(s.value("stickylb_target_up", &[("target", &ta)]), 0.0);
+    assert_eq!(s.value("stickylb_target_draining", &[("target", &tb)]), 0.0);
+    promtool_check(&s.text);
+
+    lb.write(&config(false));
+    lb.reloader.reload(Trigger::Signal).await.expect("valid");
+    let s = scrape(&lb.exporter).await;
+    assert_eq!(s.value("stickylb_target_draining", &[("target", &ta)]), 0.0);
+    assert_eq!(s.value("stickylb_target_up", &[("target", &ta)]), 1.0);
 }
 
 // ---------------------------------------------------------------------------------------------

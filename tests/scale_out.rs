@@ -9,7 +9,6 @@
 //! (`"sessionExpiry": 0`) so that only the hash decides.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 
 use stickylb_testkit::*;
 
@@ -37,25 +36,6 @@ fn instance(tag: &str, targets: serde_json::Value) -> Balancer {
 fn stop(mut balancer: Balancer) -> i32 {
     balancer.signal(libc::SIGTERM);
     balancer.exit_code()
-}
-
-/// The backend that answers each of the `CLIENTS` addresses through the balancer at `lb`.
-async fn mapping(lb: SocketAddr) -> Vec<String> {
-    let mut names = vec![String::new(); CLIENTS as usize];
-    let mut next = 0;
-    while next < CLIENTS {
-        let batch: Vec<_> = (next..(next + PARALLEL).min(CLIENTS))
-            .map(|i| tokio::spawn(async move { (i, which(client_ip(i), lb).await) }))
-            .collect();
-        for task in batch {
-            let (i, answer) = task.await.expect("client task");
-            let (name, _stream) =
-                answer.unwrap_or_else(|e| panic!("client {} via {lb}: {e}", client_ip(i)));
-            names[i as usize] = name;
-        }
-        next += PARALLEL;
-    }
-    names
 }
 
 /// How many clients each backend got.
@@ -121,7 +101,7 @@ async fn instances_with_the_same_targets_in_any_order_send_2000_clients_to_the_s
         }),
     );
 
-    let first = mapping(one.addr).await;
+    let first = mapping(one.addr, CLIENTS, PARALLEL).await;
     let by_share = shares(&first);
     for backend in &backends {
         // Weights 1, 2, 1, 1: shares near 20 %, 40 %, 20 %, 20 %. A mapping that sent
@@ -137,17 +117,21 @@ async fn instances_with_the_same_targets_in_any_order_send_2000_clients_to_the_s
         by_share["b"] > by_share["a"],
         "weight 2 draws more: {by_share:?}"
     );
-    assert_same(&first, &mapping(two.addr).await, "second process");
     assert_same(
         &first,
-        &mapping(three.local_addr()).await,
+        &mapping(two.addr, CLIENTS, PARALLEL).await,
+        "second process",
+    );
+    assert_same(
+        &first,
+        &mapping(three.local_addr(), CLIENTS, PARALLEL).await,
         "in-process balancer",
     );
 
     // Each instance finds out for itself that b is gone (its first connect there fails) and
     // moves b's clients to their next-ranked target: the same one on every instance.
     backends[1].stop().await;
-    let after = mapping(one.addr).await;
+    let after = mapping(one.addr, CLIENTS, PARALLEL).await;
     for i in 0..CLIENTS as usize {
         if first[i] == "b" {
             assert_ne!(after[i], "b", "client {} still on b", client_ip(i as u32));
@@ -160,10 +144,14 @@ async fn instances_with_the_same_targets_in_any_order_send_2000_clients_to_the_s
             );
         }
     }
-    assert_same(&after, &mapping(two.addr).await, "second process, b down");
     assert_same(
         &after,
-        &mapping(three.local_addr()).await,
+        &mapping(two.addr, CLIENTS, PARALLEL).await,
+        "second process, b down",
+    );
+    assert_same(
+        &after,
+        &mapping(three.local_addr(), CLIENTS, PARALLEL).await,
         "in-process balancer, b down",
     );
 

@@ -9,8 +9,8 @@
 //!
 //! Series lifetime: every listed target has all its series from the moment it appears, so a
 //! target that never got a connection still shows `target_up` and zero counters. A target
-//! removed by a reload stays with `target_up` 0 while its connections and sessions drain
-//! (`target_connections_active` shows them), then its series go (see
+//! removed by a reload stays with `target_up` 0 and `target_draining` 1 while its connections
+//! and sessions drain (`target_connections_active` shows them), then its series go (see
 //! [`crate::balance::target::Registry`]).
 
 use std::fmt::Write;
@@ -38,6 +38,8 @@ pub mod names {
     pub const CONFIG_LAST_RELOAD_SUCCESS: &str = "stickylb_config_last_reload_success";
     pub const BUILD_INFO: &str = "stickylb_build_info";
     pub const ACCEPT_ERRORS: &str = "stickylb_accept_errors_total";
+    pub const TARGET_DRAINING: &str = "stickylb_target_draining";
+    pub const TARGET_CHECKS: &str = "stickylb_target_checks_total";
 }
 
 /// The media type of the exposition.
@@ -123,7 +125,7 @@ pub fn render(s: &Snapshot) -> String {
     o.histogram(CONNECTION_DURATION, None, &s.connection_duration);
 
     type Value = fn(&TargetSnapshot) -> u64;
-    let per_target: [(&str, &str, &str, Value); 5] = [
+    let per_target: [(&str, &str, &str, Value); 6] = [
         (
             TARGET_CONNECTIONS,
             "counter",
@@ -145,8 +147,16 @@ pub fn render(s: &Snapshot) -> String {
         (
             TARGET_UP,
             "gauge",
-            "1 if the target is configured and not in a deactivation window, else 0.",
+            "1 if the target takes new clients (configured, not draining, not down by its \
+             health check, not in a deactivation window), else 0.",
             |t| u64::from(t.up),
+        ),
+        (
+            TARGET_DRAINING,
+            "gauge",
+            "1 while the target drains (drain in the config, or removed from it): no new \
+             clients, its connections and sessions go on.",
+            |t| u64::from(t.draining),
         ),
         (
             TARGET_DEACTIVATIONS,
@@ -160,6 +170,23 @@ pub fn render(s: &Snapshot) -> String {
         for t in &s.targets {
             o.sample(name, &[("target", &t.id)], value(t));
         }
+    }
+    o.head(
+        TARGET_CHECKS,
+        "counter",
+        "Active health checks of the target, by result.",
+    );
+    for t in &s.targets {
+        o.sample(
+            TARGET_CHECKS,
+            &[("target", &t.id), ("result", "success")],
+            t.checks_success,
+        );
+        o.sample(
+            TARGET_CHECKS,
+            &[("target", &t.id), ("result", "failure")],
+            t.checks_failure,
+        );
     }
     o.head(
         TARGET_BYTES,

@@ -205,7 +205,8 @@ impl<'a> Route<'a> {
         let max_sessions = self.config().max_sessions;
         let mut shard = self.shared.sessions.lock(self.key);
         if let Some(session) = shard.get_mut(&self.ip) {
-            if session.is_live(now, expiry_ms) && session.target.is_usable(now) {
+            // `keeps_clients`, not `is_usable`: a drained target keeps its live sessions.
+            if session.is_live(now, expiry_ms) && session.target.keeps_clients(now) {
                 if let Some(i) = self.balancer.index_of(&session.target) {
                     session.open += 1;
                     self.pinned = true;
@@ -261,7 +262,7 @@ impl<'a> Route<'a> {
             let next = self
                 .balancer
                 .index_of(&session.target)
-                .filter(|&j| !self.tried.contains(j) && session.target.is_usable(now))
+                .filter(|&j| !self.tried.contains(j) && session.target.keeps_clients(now))
                 .or_else(|| self.choose_untried(now, true));
             if let Some(j) = next {
                 session.target = self.balancer.states[j].clone();

@@ -1,24 +1,57 @@
-//! The runtime state of each target: up or deactivated, open connections, counters.
+//! The runtime state of each target: up or deactivated, healthy or not, draining or not, open
+//! connections, counters.
 //!
 //! A target's state is keyed by its identity (`id`, or `"host:port"` as written), not by its
 //! position in the list or its address, so that it survives a reload that reorders the list or
 //! re-resolves the host: a target deactivated a second ago stays deactivated after the reload,
 //! and its counters keep counting. The [`Registry`] owns that mapping.
 //!
-//! Health is applied at pick time: a deactivated target is skipped by the rendezvous choice,
-//! which never rebuilds the mapping of the other targets (see [`super::hash`]).
+//! Health is applied at pick time: a target that cannot take clients is skipped by the
+//! rendezvous choice, which never rebuilds the mapping of the other targets (see
+//! [`super::hash`]). Four things decide, and they combine with AND:
+//! - **listed**: the current config has it (a removed target drains);
+//! - **not drained**: `"drain": true` keeps new clients away, but not the clients that have a
+//!   live session on it ([`TargetState::keeps_clients`] leaves drain out);
+//! - **not down by its health check** ([`Health`], written by the checker tasks of
+//!   `src/health.rs`; a target without checks is never down by them);
+//! - **outside a deactivation window**: a failed client connect keeps it out for
+//!   `targetDeactivationDuration` (design §3). With checks on, `rise` passed checks end the
+//!   window early ([`TargetState::reactivate`]), so a restarted worker is back as soon as it
+//!   answers instead of when the window ends.
 //!
 //! Everything on the connection path is an atomic: no lock is taken to read or update a
 //! target's state.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::clock::duration_ms;
 use crate::config::TargetSpec;
 use crate::counters::{Histogram, TargetCounters, CONNECT_BUCKETS_US};
+
+/// What the active health check says of a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Health {
+    /// No check runs for it (none configured, or not yet started): nothing to say.
+    Unchecked = 0,
+    /// Checked, and up: passed `rise` checks in a row, or has not failed `fall` yet.
+    Up = 1,
+    /// Checked, and down: failed `fall` checks in a row. Skipped by every pick.
+    Down = 2,
+}
+
+impl Health {
+    fn from_u8(v: u8) -> Health {
+        match v {
+            1 => Health::Up,
+            2 => Health::Down,
+            _ => Health::Unchecked,
+        }
+    }
+}
 
 /// The runtime state of one target identity.
 ///
@@ -39,7 +72,15 @@ pub struct TargetState {
     /// Whether the current config lists this target. A session pinned to a target that a
     /// reload removed moves, exactly as if the target were deactivated.
     present: AtomicBool,
-    /// Connections open to this target now (power-of-two-choices compares these).
+    /// `drain` in the current config: no new clients (see [`TargetState::is_usable`]).
+    drain: AtomicBool,
+    /// Whether "drained: 0 connections" was logged since the target started draining: once
+    /// per drain, however often session clients open and close connections after it.
+    drained_logged: AtomicBool,
+    /// The health check's verdict, a [`Health`] as `u8`.
+    health: AtomicU8,
+    /// Connections open to this target now (power-of-two-choices compares these). Opened by
+    /// the connection path with `fetch_add`, closed with [`TargetState::connection_closed`].
     pub active: AtomicU64,
     pub id: Arc<str>,
     /// `hash::target_seed(id)`, computed once.
@@ -57,6 +98,9 @@ impl TargetState {
             seed,
             deactivated_until: AtomicU64::new(0),
             present: AtomicBool::new(true),
+            drain: AtomicBool::new(false),
+            drained_logged: AtomicBool::new(false),
+            health: AtomicU8::new(Health::Unchecked as u8),
             active: AtomicU64::new(0),
             assigned: AtomicU64::new(0),
             counters: TargetCounters::default(),
@@ -64,9 +108,61 @@ impl TargetState {
         }
     }
 
-    /// Listed in the current config and not inside a deactivation window.
+    /// Takes new clients: keeps its own ([`TargetState::keeps_clients`]) and is not drained.
+    /// What the pick asks of a target for a client without a live session.
     pub fn is_usable(&self, now_ms: u64) -> bool {
-        self.is_present() && self.is_up(now_ms)
+        self.keeps_clients(now_ms) && !self.drain.load(Ordering::Relaxed)
+    }
+
+    /// Keeps the clients whose live session is on it: listed, not down by its health check,
+    /// and not inside a deactivation window. Drain does not matter here: a drained target
+    /// keeps its sessions.
+    pub fn keeps_clients(&self, now_ms: u64) -> bool {
+        self.is_present() && self.health() != Health::Down && self.is_up(now_ms)
+    }
+
+    /// Drained by the config, or removed from it: no new client goes to it while its open
+    /// connections (and, when drained, its sessions) go on.
+    pub fn is_draining(&self) -> bool {
+        self.drain.load(Ordering::Relaxed) || !self.is_present()
+    }
+
+    pub fn health(&self) -> Health {
+        Health::from_u8(self.health.load(Ordering::Relaxed))
+    }
+
+    /// Records the health check's verdict; returns the previous one.
+    pub fn set_health(&self, health: Health) -> Health {
+        Health::from_u8(self.health.swap(health as u8, Ordering::Relaxed))
+    }
+
+    /// Ends a deactivation window early (the health check saw the target answer). Returns
+    /// true if the target was inside one.
+    pub fn reactivate(&self, now_ms: u64) -> bool {
+        let before = self.deactivated_until.swap(0, Ordering::Relaxed);
+        now_ms < before
+    }
+
+    /// A connection to this target closed. When it was the last one of a draining target, says
+    /// so in the log (once per drain): the moment an operator waits for.
+    pub fn connection_closed(&self) {
+        if self.active.fetch_sub(1, Ordering::Relaxed) == 1 && self.is_draining() {
+            self.log_drained();
+        }
+    }
+
+    fn log_drained(&self) {
+        if !self.drained_logged.swap(true, Ordering::Relaxed) {
+            tracing::info!(target_id = %self.id, "target {} drained: 0 connections", self.id);
+        }
+    }
+
+    /// Starts a drain (by `drain` or by removal): the "drained" line may be logged again.
+    fn drain_started(&self) {
+        self.drained_logged.store(false, Ordering::Relaxed);
+        if self.active.load(Ordering::Relaxed) == 0 {
+            self.log_drained();
+        }
     }
 
     /// Not inside a deactivation window. After the window the target is eligible again; the
@@ -92,6 +188,26 @@ impl TargetState {
             self.counters.deactivations.fetch_add(1, Ordering::Relaxed);
         }
         was_up
+    }
+}
+
+impl TargetState {
+    /// Applies the config's `drain` and logs a change.
+    fn set_drain(&self, drain: bool) {
+        if self.drain.swap(drain, Ordering::Relaxed) == drain {
+            return;
+        }
+        let open = self.active.load(Ordering::Relaxed);
+        if drain {
+            tracing::info!(
+                target_id = %self.id, connections = open,
+                "target {} draining: no new clients; {open} open connections and live \
+                 sessions go on", self.id
+            );
+            self.drain_started();
+        } else {
+            tracing::info!(target_id = %self.id, "target {} no longer draining: takes new clients", self.id);
+        }
     }
 }
 
@@ -125,13 +241,20 @@ impl Registry {
                     .entry(t.id.clone())
                     .or_insert_with(|| Arc::new(TargetState::new(t.id.clone())));
                 state.present.store(true, Ordering::Relaxed);
+                state.set_drain(t.drain);
                 state.clone()
             })
             .collect();
         let listed: HashSet<&str> = targets.iter().map(|t| &*t.id).collect();
         for (id, state) in states.iter() {
-            if !listed.contains(&**id) {
-                state.present.store(false, Ordering::Relaxed);
+            if !listed.contains(&**id) && state.present.swap(false, Ordering::Relaxed) {
+                let open = state.active.load(Ordering::Relaxed);
+                tracing::info!(
+                    target_id = %id, connections = open,
+                    "target {id} removed from the config: no new clients; its {open} open \
+                     connections go on"
+                );
+                state.drain_started();
             }
         }
         Self::forget_unheld(&mut states);
@@ -168,6 +291,8 @@ mod tests {
             weight: 1,
             addr: "127.0.0.1:1".parse().unwrap(),
             proxy_protocol: None,
+            drain: false,
+            health_check: None,
         }
     }
 
@@ -183,6 +308,37 @@ mod tests {
         assert!(t.is_up(150));
         assert_eq!(t.counters.deactivations.load(Ordering::Relaxed), 1);
         assert_eq!(t.counters.connect_failures.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn drain_keeps_sessions_health_down_and_windows_do_not() {
+        let t = TargetState::new("a".into());
+        assert!(t.is_usable(1) && t.keeps_clients(1) && !t.is_draining());
+        t.set_drain(true);
+        assert!(!t.is_usable(1) && t.keeps_clients(1) && t.is_draining());
+        t.set_drain(false);
+        assert_eq!(t.set_health(Health::Down), Health::Unchecked);
+        assert!(!t.is_usable(1) && !t.keeps_clients(1));
+        t.set_health(Health::Up);
+        assert!(t.is_usable(1));
+        t.deactivate(1, Duration::from_secs(60));
+        assert!(!t.is_usable(2) && !t.keeps_clients(2));
+        assert!(t.reactivate(2), "was inside a window");
+        assert!(t.is_usable(2));
+        assert!(!t.reactivate(3), "no window left to end");
+    }
+
+    #[test]
+    fn registry_applies_drain_and_a_removed_target_drains() {
+        let r = Registry::default();
+        let mut drained = spec("a");
+        drained.drain = true;
+        let first = r.adopt(&[drained, spec("b")]);
+        assert!(first[0].is_draining() && !first[0].is_usable(1));
+        assert!(!first[1].is_draining());
+        let second = r.adopt(&[spec("a")]);
+        assert!(!second[0].is_draining(), "undrained by removing the key");
+        assert!(first[1].is_draining(), "b was removed");
     }
 
     #[test]

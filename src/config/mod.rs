@@ -43,6 +43,39 @@ pub struct TargetSpec {
     /// `proxyProtocol` of the target, or else the top level's: the PROXY header sent to it
     /// before the client's bytes (`None`: none).
     pub proxy_protocol: Option<ProxyVersion>,
+    /// `drain` (default false): no new client goes to this target; clients with a live
+    /// session keep it, and its open connections go on.
+    pub drain: bool,
+    /// The active health check of this target: its own `healthCheck` over the top-level one,
+    /// `None` when checks are off for it (the default, or `"healthCheck": false`).
+    pub health_check: Option<HealthCheck>,
+}
+
+/// `healthCheck` (design §12): how a target is checked. Defaults are those of the design:
+/// `{"interval": 2000, "timeout": 1000, "rise": 2, "fall": 3}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HealthCheck {
+    /// `interval` (default 2 000 ms, at least 10): time between two checks of one target.
+    pub interval: Duration,
+    /// `timeout` (default 1 000 ms, at least 1): the whole check (connect, `send`, `expect`)
+    /// must succeed within this.
+    pub timeout: Duration,
+    /// `rise` (default 2): consecutive successes that bring a down target back.
+    pub rise: u32,
+    /// `fall` (default 3): consecutive failures that take a target out.
+    pub fall: u32,
+    /// `send` (default none): bytes written once connected.
+    pub send: Option<String>,
+    /// `expect` (default none): a substring that must appear in the first
+    /// [`HealthCheck::EXPECT_WINDOW`] bytes received.
+    pub expect: Option<String>,
+    /// `port` (default: the target's port): where to connect, on the target's address.
+    pub port: Option<u16>,
+}
+
+impl HealthCheck {
+    /// How much of the reply `expect` is searched in.
+    pub const EXPECT_WINDOW: usize = 4096;
 }
 
 /// A validated, resolved config. Field docs give the JSON key and the default.
@@ -113,6 +146,9 @@ pub struct Config {
     /// `proxyHeaderTimeout` (default 3 000 ms, > 0): a trusted upstream's header must be
     /// complete within it.
     pub proxy_header_timeout: Duration,
+    /// `healthCheck` at the top level (default `null`: off), with its defaults filled in.
+    /// What each target uses is in [`TargetSpec::health_check`].
+    pub health_check: Option<HealthCheck>,
     /// Things worth telling the operator at start-up or reload that are not errors
     /// (`schedulingPolicy` ignored, `maxBufferSize` has no effect, ...).
     pub warnings: Vec<String>,

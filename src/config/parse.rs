@@ -21,12 +21,15 @@
 //!   accepted with a warning that it has no effect.
 use super::{Cidr, ClientPrefix, Config, ConfigError, Keepalive, TargetSpec, UserSpec};
 use crate::proxy_protocol::Version as ProxyVersion;
+use health_check::TargetCheck;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+
+mod health_check;
 
 /// Longest accepted duration: 365 days in milliseconds. Far beyond any sensible timeout, and
 /// far enough from the limits of `Instant` arithmetic that no value read here can overflow it.
@@ -214,6 +217,10 @@ const KEYS: &[(&str, Apply)] = &[
         b.proxy_header_timeout = f.millis(1)?;
         Ok(())
     }),
+    ("healthCheck", |b, f| {
+        b.health_check = health_check::read_top(f)?;
+        Ok(())
+    }),
 ];
 
 /// The keys of `tcpKeepalive`.
@@ -271,7 +278,15 @@ fn read_keepalive(b: &mut Builder, f: &Field<'_>) -> Result<(), ConfigError> {
 }
 
 /// The keys of one element of `targets`.
-const TARGET_KEYS: &[&str] = &["host", "port", "weight", "id", "proxyProtocol"];
+const TARGET_KEYS: &[&str] = &[
+    "host",
+    "port",
+    "weight",
+    "id",
+    "proxyProtocol",
+    "drain",
+    "healthCheck",
+];
 
 /// The keys of `clientPrefix`.
 const CLIENT_PREFIX_KEYS: &[&str] = &["ipv4", "ipv6"];
@@ -368,6 +383,8 @@ struct Builder {
     proxy_protocol: Option<ProxyVersion>,
     accept_proxy_protocol: Vec<Cidr>,
     proxy_header_timeout: Duration,
+    /// The top-level `healthCheck` as written; `None`: off.
+    health_check: Option<health_check::Patch>,
     warnings: Vec<String>,
 }
 
@@ -379,6 +396,8 @@ struct Target {
     weight: u32,
     /// `proxyProtocol` of this target, if given (else the top-level one applies).
     proxy_protocol: Option<Option<ProxyVersion>>,
+    drain: bool,
+    check: TargetCheck,
 }
 
 impl Builder {
@@ -414,6 +433,7 @@ impl Builder {
             proxy_protocol: None,              // send no PROXY header
             accept_proxy_protocol: Vec::new(), // parse no PROXY header
             proxy_header_timeout: Duration::from_millis(3_000),
+            health_check: None, // no active checks
             warnings: Vec::new(),
         }
     }
@@ -491,6 +511,8 @@ impl Builder {
                 weight: t.weight,
                 addr,
                 proxy_protocol: t.proxy_protocol.unwrap_or(self.proxy_protocol),
+                drain: t.drain,
+                health_check: t.check.resolve(self.health_check.as_ref()),
             });
         }
 
@@ -523,6 +545,7 @@ impl Builder {
             proxy_protocol: self.proxy_protocol,
             accept_proxy_protocol: self.accept_proxy_protocol,
             proxy_header_timeout: self.proxy_header_timeout,
+            health_check: self.health_check.as_ref().map(|p| p.resolve(None)),
             warnings: self.warnings,
         })
     }
@@ -598,7 +621,6 @@ fn read_client_prefix(b: &mut Builder, f: &Field<'_>) -> Result<(), ConfigError>
     Ok(())
 }
 
-/// One element of `targets`: `{"host", "port", "weight"?, "id"?}`.
 /// A required key that is absent; `what` says what it should hold.
 fn missing_key(file: &Path, key: String, what: &str) -> ConfigError {
     ConfigError::Invalid {
@@ -608,6 +630,8 @@ fn missing_key(file: &Path, key: String, what: &str) -> ConfigError {
     }
 }
 
+/// One element of `targets`: `{"host", "port", "weight"?, "id"?, "proxyProtocol"?, "drain"?,
+/// "healthCheck"?}`.
 fn read_target(b: &mut Builder, f: &Field<'_>) -> Result<Target, ConfigError> {
     let Value::Object(map) = f.value else {
         return Err(f.expected("an object such as {\"host\": \"127.0.0.1\", \"port\": 8000}"));
@@ -642,12 +666,22 @@ fn read_target(b: &mut Builder, f: &Field<'_>) -> Result<Target, ConfigError> {
         None => None,
         Some(v) => Some(f.child("proxyProtocol", v).proxy_version()?),
     };
+    let drain = match map.get("drain") {
+        None => false,
+        Some(v) => f.child("drain", v).boolean()?,
+    };
+    let check = match map.get("healthCheck") {
+        None => TargetCheck::Inherit,
+        Some(v) => health_check::read_target(&f.child("healthCheck", v))?,
+    };
     Ok(Target {
         id,
         host,
         port,
         weight,
         proxy_protocol,
+        drain,
+        check,
     })
 }
 
@@ -902,6 +936,11 @@ pub fn effective_json(c: &Config) -> Value {
                 "port": t.port,
                 "weight": t.weight,
                 "proxyProtocol": proxy_version_json(t.proxy_protocol),
+                "drain": t.drain,
+                "healthCheck": t
+                    .health_check
+                    .as_ref()
+                    .map_or(Value::Bool(false), health_check::effective_json),
             })
         })
         .collect();
@@ -949,12 +988,17 @@ pub fn effective_json(c: &Config) -> Value {
                 "count": k.count,
             }),
         },
+        "healthCheck": c
+            .health_check
+            .as_ref()
+            .map_or(Value::Null, health_check::effective_json),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::HealthCheck;
     use std::net::Ipv6Addr;
 
     fn parse_text(text: &str) -> Result<Config, ConfigError> {
@@ -1919,12 +1963,154 @@ mod tests {
         assert_eq!(
             v["targets"],
             json!([{"id": "127.0.0.1:9000", "host": "127.0.0.1", "port": 9000, "weight": 1,
-                    "proxyProtocol": false}])
+                    "proxyProtocol": false, "drain": false, "healthCheck": false}])
         );
         let v = effective_json(&ok(r#""downgradeToUser": "www""#));
         assert_eq!(v["metricsHost"], "127.0.0.1");
         assert_eq!(v["metricsPort"], 9898);
         assert_eq!(v["downgradeToUser"], "www");
+    }
+
+    #[test]
+    fn health_check_defaults_and_per_target_overrides_key_by_key() {
+        let c = ok(
+            r#""healthCheck": {"interval": 500, "send": "PING\r\n", "expect": "PONG"},
+                   "targets": [
+                     {"host": "127.0.0.1", "port": 9000},
+                     {"host": "127.0.0.1", "port": 9001, "healthCheck": {"rise": 5, "expect": null}},
+                     {"host": "127.0.0.1", "port": 9002, "healthCheck": false},
+                     {"host": "127.0.0.1", "port": 9003, "healthCheck": null, "drain": true}
+                   ]"#,
+        );
+        let top = c.health_check.clone().expect("top-level check");
+        assert_eq!(
+            top,
+            HealthCheck {
+                interval: Duration::from_millis(500),
+                timeout: Duration::from_millis(1000),
+                rise: 2,
+                fall: 3,
+                send: Some("PING\r\n".into()),
+                expect: Some("PONG".into()),
+                port: None,
+            }
+        );
+        assert_eq!(c.targets[0].health_check.as_ref(), Some(&top));
+        let own = c.targets[1].health_check.clone().expect("own check");
+        assert_eq!((own.interval, own.rise, own.fall), (top.interval, 5, 3));
+        assert_eq!((own.send, own.expect), (top.send.clone(), None));
+        assert_eq!(c.targets[2].health_check, None);
+        assert_eq!(c.targets[3].health_check.as_ref(), Some(&top));
+        assert_eq!(
+            c.targets.iter().map(|t| t.drain).collect::<Vec<_>>(),
+            [false, false, false, true]
+        );
+        // No top level: a target's own object over the defaults; the others unchecked.
+        let c = ok(
+            r#""targets": [{"host": "127.0.0.1", "port": 9000, "healthCheck": {"port": 7}},
+                                 {"host": "127.0.0.1", "port": 9001}]"#,
+        );
+        let own = c.targets[0].health_check.clone().expect("own check");
+        assert_eq!(
+            (own.interval, own.timeout),
+            (Duration::from_secs(2), Duration::from_secs(1))
+        );
+        assert_eq!((own.rise, own.fall, own.port), (2, 3, Some(7)));
+        assert_eq!(
+            (c.health_check.as_ref(), c.targets[1].health_check.as_ref()),
+            (None, None)
+        );
+        assert_eq!(ok(r#""healthCheck": false"#).targets[0].health_check, None);
+        assert_eq!(ok(r#""healthCheck": null"#).targets[0].health_check, None);
+    }
+
+    #[test]
+    fn health_check_and_drain_errors_name_their_path() {
+        rejects(
+            r#""healthCheck": true"#,
+            &[
+                "healthCheck: expected an object such as {\"interval\"",
+                "false",
+                "found true",
+            ],
+        );
+        rejects(
+            r#""healthCheck": {"intervall": 100}"#,
+            &[
+                "healthCheck.intervall: unknown key",
+                "did you mean \"interval\"?",
+            ],
+        );
+        rejects(
+            r#""healthCheck": {"interval": 5}"#,
+            &["healthCheck.interval", "from 10", "found 5"],
+        );
+        rejects(
+            r#""healthCheck": {"timeout": 0}"#,
+            &["healthCheck.timeout", "from 1", "found 0"],
+        );
+        for key in ["rise", "fall"] {
+            rejects(
+                &format!(r#""healthCheck": {{"{key}": 0}}"#),
+                &[&format!("healthCheck.{key}"), "from 1 to 1000", "found 0"],
+            );
+        }
+        rejects(
+            r#""healthCheck": {"port": 70000}"#,
+            &["healthCheck.port", "from 1 to 65535", "found 70000"],
+        );
+        rejects(
+            r#""healthCheck": {"send": ""}"#,
+            &["healthCheck.send", "non-empty string", "found \"\""],
+        );
+        rejects(
+            &format!(r#""healthCheck": {{"expect": "{}"}}"#, "x".repeat(4097)),
+            &[
+                "healthCheck.expect",
+                "at most 4096 bytes",
+                "found a string of 4097 bytes",
+            ],
+        );
+        rejects(
+            &targets(
+                r#"[{"host": "::1", "port": 1}, {"host": "::1", "port": 2, "healthCheck": {"fall": -1}}]"#,
+            ),
+            &["targets[1].healthCheck.fall", "found -1"],
+        );
+        rejects(
+            &targets(r#"[{"host": "::1", "port": 1, "healthCheck": "tcp"}]"#),
+            &[
+                "targets[0].healthCheck",
+                "or null (the top-level healthCheck)",
+                "found \"tcp\"",
+            ],
+        );
+        rejects(
+            &targets(r#"[{"host": "::1", "port": 1, "drain": "yes"}]"#),
+            &["targets[0].drain", "true or false", "found \"yes\""],
+        );
+        rejects(
+            &targets(r#"[{"host": "::1", "port": 1, "drian": true}]"#),
+            &["targets[0].drian: unknown key", "did you mean \"drain\"?"],
+        );
+    }
+
+    #[test]
+    fn the_effective_config_with_checks_and_drain_reads_back_the_same() {
+        let c = ok(r#""healthCheck": {"interval": 300, "expect": "+OK"},
+                   "targets": [
+                     {"host": "127.0.0.1", "port": 9000, "drain": true},
+                     {"host": "127.0.0.1", "port": 9001, "healthCheck": false}
+                   ]"#);
+        let v = effective_json(&c);
+        assert_eq!(v["healthCheck"]["interval"], 300);
+        assert_eq!(v["healthCheck"]["send"], Value::Null);
+        assert_eq!(v["targets"][0]["drain"], true);
+        assert_eq!(v["targets"][0]["healthCheck"]["expect"], "+OK");
+        assert_eq!(v["targets"][1]["healthCheck"], false);
+        let again = parse_text(&v.to_string()).expect("the effective config is valid");
+        assert_eq!(again.targets, c.targets);
+        assert_eq!(again.health_check, c.health_check);
     }
 
     #[test]

@@ -411,7 +411,7 @@ impl<'a> TargetOpen<'a> {
 
 impl Drop for TargetOpen<'_> {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.connection_closed();
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::Proxy;
+use crate::balance::target::Health;
 use crate::counters::{HistogramSnapshot, Reject};
 
 /// The balancer at one moment.
@@ -55,8 +56,18 @@ pub struct TargetSnapshot {
     pub id: Arc<str>,
     /// Listed in the current config (false: removed, its connections draining).
     pub listed: bool,
-    /// Takes new clients: listed and not in a deactivation window.
+    /// Takes new clients: listed, not draining, not down by its health check, and not in a
+    /// deactivation window.
     pub up: bool,
+    /// No new client goes to it, its connections go on: drained by the config (`drain`), or
+    /// removed from it.
+    pub draining: bool,
+    /// The active health check's verdict: `None` when the target is not checked, `Some(true)`
+    /// up, `Some(false)` down.
+    pub check_up: Option<bool>,
+    /// Health checks passed and failed so far.
+    pub checks_success: u64,
+    pub checks_failure: u64,
     /// Connections open to it now.
     pub active: u64,
     pub connections: u64,
@@ -113,6 +124,14 @@ fn target(state: &crate::balance::target::TargetState, now: u64) -> TargetSnapsh
         id: state.id.clone(),
         listed: state.is_present(),
         up: state.is_usable(now),
+        draining: state.is_draining(),
+        check_up: match state.health() {
+            Health::Unchecked => None,
+            Health::Up => Some(true),
+            Health::Down => Some(false),
+        },
+        checks_success: load(&c.checks_success),
+        checks_failure: load(&c.checks_failure),
         active: load(&state.active),
         connections: load(&c.connections),
         connect_failures: load(&c.connect_failures),

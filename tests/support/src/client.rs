@@ -45,6 +45,27 @@ pub async fn which(ip: Ipv4Addr, lb: SocketAddr) -> io::Result<(String, TcpStrea
     name_of(connect_from(ip, lb).await?).await
 }
 
+/// The backend (a [`Mode::Named`](crate::Mode::Named) one) that answers each of `clients`
+/// addresses (`client_ip(0..clients)`) through the balancer at `lb`, `parallel` connections at
+/// a time, each closed once the name is read.
+pub async fn mapping(lb: SocketAddr, clients: u32, parallel: u32) -> Vec<String> {
+    let mut names = vec![String::new(); clients as usize];
+    let mut next = 0;
+    while next < clients {
+        let batch: Vec<_> = (next..(next + parallel).min(clients))
+            .map(|i| tokio::spawn(async move { (i, which(client_ip(i), lb).await) }))
+            .collect();
+        for task in batch {
+            let (i, answer) = task.await.expect("client task");
+            let (name, _stream) =
+                answer.unwrap_or_else(|e| panic!("client {} via {lb}: {e}", client_ip(i)));
+            names[i as usize] = name;
+        }
+        next += parallel;
+    }
+    names
+}
+
 /// Reads the name a [`Mode::Named`](crate::Mode::Named) backend sends first on `stream`, a
 /// client connection through a balancer; returns it with the connection, still open.
 pub async fn name_of(stream: TcpStream) -> io::Result<(String, TcpStream)> {

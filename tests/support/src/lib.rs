@@ -18,6 +18,8 @@
 //!   figures of how it spreads, shared by `tests/populations.rs` and `benches/populations.rs`.
 //! - [`netns`]: tests that need many IPv6 client addresses, run again in a network namespace
 //!   of their own where a whole documentation prefix is local.
+//! - [`rolling`]: a rolling restart of a Node.js cluster behind stickylb, the scenario that
+//!   `tests/rolling_restart.rs` asserts on and `benches/rolling.rs` measures.
 //! - [`temp`]: temporary directories, removed on drop.
 //! - [`tools`]: outside tools a test runs (promtool, prometheus, ...): required under
 //!   `scripts/test`, skipped with a line that says so under a plain `cargo test`.
@@ -39,12 +41,15 @@ pub mod inproc;
 pub mod netns;
 pub mod pattern;
 pub mod population;
+pub mod rolling;
 pub mod temp;
 pub mod tools;
 
 pub use backend::{dead_port, Backend, Mode, Sink};
 pub use child::{backend_process, serve_backend_process_if_asked, Balancer, Process};
-pub use client::{client_ip, connect_from, first_read, name_of, offer, open_many, served, which};
+pub use client::{
+    client_ip, connect_from, first_read, mapping, name_of, offer, open_many, served, which,
+};
 pub use inproc::{config, config_text, start, start_at, start_from_file, wait_drained};
 pub use pattern::{check_pattern, echo_exact, send_pattern, Pattern, Rng};
 pub use temp::TempDir;
