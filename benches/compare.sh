@@ -12,7 +12,8 @@
 # 3. starts the backends once (`load backend`: sink, echo and fixed-reply ports), the same
 #    for everything measured;
 # 4. for each repetition, for each scenario, runs it against each of
-#      direct (no balancer: the ceiling), stickylb, haproxy (splice-auto),
+#      direct (no balancer: the ceiling), stickylb, stickylb-pp (stickylb sending a PROXY v2
+#      header to its targets; shortconn and keepalive only), haproxy (splice-auto),
 #      haproxy-splice (splice-request + splice-response forced), nginx (stream)
 #    in that order (A B C D E, A B C D E, ...). Every balancer is started fresh for each run
 #    and stopped after it, so its CPU and memory figures are its own;
@@ -27,7 +28,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 REPS=3
 DURATION=10
 SCENARIOS="bulk1 bulk4 shortconn keepalive idle5000 idle9000 overflow failover"
-LABELS="direct stickylb haproxy haproxy-splice nginx"
+LABELS="direct stickylb stickylb-pp haproxy haproxy-splice nginx"
 OUT=""
 QUICK=0
 while [ $# -gt 0 ]; do
@@ -52,6 +53,8 @@ LB_PORT=27000
 SINK_PORTS="27011 27012 27013 27014"
 ECHO_PORTS="27021 27022 27023 27024"
 FIXED_PORTS="27031 27032 27033 27034"
+# stickylb-pp sends a PROXY v2 header: its fixed-reply targets read it first.
+FIXED_PP_PORTS="27051 27052 27053 27054"
 FAILOVER_PORTS="27041 27042 27043"
 VICTIM_PORT=27043
 
@@ -175,6 +178,23 @@ for group in sink echo fixed failover; do
         done
         printf '\n  ]\n}\n'
     } >"$OUT/conf/stickylb-$group.json"
+    # stickylb-pp: the same with `proxyProtocol: "v2"` (the cost of sending the header), on
+    # the fixed-reply targets only, whose copies on FIXED_PP_PORTS read the header first.
+    if [ $group = fixed ]; then
+        {
+            echo '{'
+            echo "  \"sourceHost\": \"127.0.0.1\","
+            echo "  \"sourcePort\": $LB_PORT,"
+            echo '  "proxyProtocol": "v2",'
+            echo '  "targets": ['
+            sep=""
+            for p in $FIXED_PP_PORTS; do
+                printf '%s    {"host": "127.0.0.1", "port": %s}' "$sep" "$p"
+                sep=$',\n'
+            done
+            printf '\n  ]\n}\n'
+        } >"$OUT/conf/stickylb-pp-$group.json"
+    fi
     # HAProxy: as its users configure a sticky TCP balancer. maxconn: HAProxy derives about
     # 8,000 from a 20,000 fd limit by itself (it reserves fds for maxconn/4 pipes) and refuses
     # to start with maxconn 9,990 (it wants 25,000 fds), so, as a user holding 9,000
@@ -262,6 +282,7 @@ start_lb() {
     mkdir -p "$OUT/logs"
     case "$label" in
         stickylb) "$STICKYLB" --config "$OUT/conf/stickylb-$group.json" >>"$logf" 2>&1 & ;;
+        stickylb-pp) "$STICKYLB" --config "$OUT/conf/stickylb-pp-$group.json" >>"$logf" 2>&1 & ;;
         haproxy|haproxy-splice) haproxy -db -f "$OUT/conf/$label-$group.cfg" >>"$logf" 2>&1 & ;;
         nginx) nginx -c "$OUT/conf/nginx-$group.conf" -p "$OUT/nginx-$group" \
             -e "$OUT/nginx-$group/error.log" >>"$logf" 2>&1 & ;;
@@ -284,10 +305,11 @@ stop_lb() {
 # 4. Backends, then the runs.
 log "starting backends"
 "$LOAD" backend --sink "${SINK_PORTS// /,}" --echo "${ECHO_PORTS// /,}" \
-    --fixed "${FIXED_PORTS// /,},27041,27042" --max-seconds 7200 >"$OUT/backend.log" 2>&1 &
+    --fixed "${FIXED_PORTS// /,},27041,27042" --fixed-proxy "${FIXED_PP_PORTS// /,}" \
+    --max-seconds 7200 >"$OUT/backend.log" 2>&1 &
 BACKEND_PID=$!
 STARTED+=("$BACKEND_PID")
-for p in $SINK_PORTS $ECHO_PORTS $FIXED_PORTS 27041 27042; do
+for p in $SINK_PORTS $ECHO_PORTS $FIXED_PORTS $FIXED_PP_PORTS 27041 27042; do
     "$LOAD" wait-port "127.0.0.1:$p" --timeout 10 || { echo "backend did not start" >&2; exit 1; }
 done
 
@@ -309,6 +331,8 @@ for rep in $(seq 1 "$REPS"); do
         if [ "$scenario" = overflow ] && [ "$rep" -gt 1 ]; then continue; fi
         group=$(group_of "$scenario")
         for label in $LABELS; do
+            # The PROXY header's cost is measured where it is paid per connection and request.
+            if [ "$label" = stickylb-pp ] && [ "$group" != fixed ]; then continue; fi
             if [ "$label" = direct ]; then
                 case "$scenario" in overflow|failover) continue ;; esac
                 target=""

@@ -5,7 +5,8 @@
 //! - `echo`: writes back what it reads, until EOF.
 //! - `fixed`: for every `request_size` bytes read, writes one `reply_size`-byte reply whose
 //!   first 5 bytes are the serving port in ASCII (the client learns where it landed); closes at
-//!   EOF.
+//!   EOF. `fixed_proxy` ports first read the PROXY protocol header a balancer sends before the
+//!   client's bytes (to measure what sending it costs), then do the same.
 //!
 //! Listeners have a 4096 backlog like the balancers', so a backend never refuses a burst a
 //! balancer accepted.
@@ -22,6 +23,7 @@ pub struct Spec {
     pub sink: Vec<u16>,
     pub echo: Vec<u16>,
     pub fixed: Vec<u16>,
+    pub fixed_proxy: Vec<u16>,
     pub request_size: usize,
     pub reply_size: usize,
 }
@@ -33,6 +35,8 @@ enum Mode {
     Fixed {
         request_size: usize,
         reply_size: usize,
+        /// A PROXY protocol header comes first.
+        proxy_header: bool,
     },
 }
 
@@ -46,13 +50,20 @@ pub fn serve(spec: Spec, threads: usize, max: Duration) -> i32 {
         let fixed = Mode::Fixed {
             request_size: spec.request_size.max(1),
             reply_size: spec.reply_size,
+            proxy_header: false,
+        };
+        let fixed_proxy = Mode::Fixed {
+            request_size: spec.request_size.max(1),
+            reply_size: spec.reply_size,
+            proxy_header: true,
         };
         let all = spec
             .sink
             .iter()
             .map(|&p| (p, Mode::Sink))
             .chain(spec.echo.iter().map(|&p| (p, Mode::Echo)))
-            .chain(spec.fixed.iter().map(|&p| (p, fixed)));
+            .chain(spec.fixed.iter().map(|&p| (p, fixed)))
+            .chain(spec.fixed_proxy.iter().map(|&p| (p, fixed_proxy)));
         for (port, mode) in all {
             let listener = match listen(port) {
                 Ok(l) => l,
@@ -90,7 +101,8 @@ async fn accept_loop(listener: TcpListener, mode: Mode, port: u16) {
                         Mode::Fixed {
                             request_size,
                             reply_size,
-                        } => fixed(stream, port, request_size, reply_size).await,
+                            proxy_header,
+                        } => fixed(stream, port, request_size, reply_size, proxy_header).await,
                     };
                 });
             }
@@ -128,11 +140,31 @@ async fn echo(mut stream: TcpStream) -> io::Result<()> {
 /// Replies are written in batches when requests arrive pipelined, at most this many at once.
 const MAX_BATCH: usize = 64;
 
+/// Reads the PROXY header at the start of `stream`; returns how many bytes after it were read
+/// with it.
+async fn skip_proxy_header(stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    use stickylb::proxy_protocol::{parse, Parse};
+    let mut have = 0;
+    loop {
+        let n = stream.read(&mut buf[have..]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        have += n;
+        match parse(&buf[..have]) {
+            Ok(Parse::Incomplete) => continue,
+            Ok(Parse::Complete { len, .. }) => return Ok(have - len),
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+    }
+}
+
 async fn fixed(
     mut stream: TcpStream,
     port: u16,
     request_size: usize,
     reply_size: usize,
+    proxy_header: bool,
 ) -> io::Result<()> {
     let mut reply = vec![b'.'; reply_size];
     let name = format!("{port:05}");
@@ -140,7 +172,11 @@ async fn fixed(
     reply[reply_size - 1] = b'\n';
     let batch: Vec<u8> = reply.repeat(MAX_BATCH);
     let mut buf = vec![0u8; 16 * 1024];
-    let mut pending = 0usize;
+    let mut pending = if proxy_header {
+        skip_proxy_header(&mut stream, &mut buf).await?
+    } else {
+        0
+    };
     loop {
         let n = stream.read(&mut buf).await?;
         if n == 0 {

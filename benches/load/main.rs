@@ -52,6 +52,10 @@ enum Command {
         echo: String,
         #[arg(long, default_value = "")]
         fixed: String,
+        /// `fixed` backends that first read the PROXY protocol header a balancer sends
+        /// (stickylb with `proxyProtocol`), then behave as `fixed`.
+        #[arg(long, default_value = "")]
+        fixed_proxy: String,
         /// Request size of `fixed` backends (bytes).
         #[arg(long, default_value_t = 64)]
         request_size: usize,
@@ -100,6 +104,7 @@ fn main() {
             sink,
             echo,
             fixed,
+            fixed_proxy,
             request_size,
             reply_size,
             threads,
@@ -109,6 +114,7 @@ fn main() {
                 sink: parse_ports(&sink),
                 echo: parse_ports(&echo),
                 fixed: parse_ports(&fixed),
+                fixed_proxy: parse_ports(&fixed_proxy),
                 request_size,
                 reply_size: reply_size.max(8),
             };
