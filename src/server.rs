@@ -25,7 +25,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::clock::duration_ms;
 use crate::config::{Config, Keepalive};
 use crate::health::Checks;
 use crate::proxy::{listener, Proxy, Snapshot};
@@ -233,12 +232,17 @@ async fn sweep_sessions(proxy: Arc<Proxy>, mut stopped: watch::Receiver<bool>) {
             _ = stopped.wait_for(|stop| *stop) => return,
             _ = tokio::time::sleep(config.session_expiry_interval) => {}
         }
-        let shared = &proxy.shared;
-        let now = shared.clock.now_ms();
-        shared
-            .sessions
-            .sweep(now, duration_ms(config.session_expiry));
-        // Removed targets whose last connection and session are gone: forget them.
-        shared.registry.prune();
+        // A pass over every session (a million, at the cap) is CPU work that must not hold up
+        // the worker threads' connections: it runs on the blocking pool, one shard lock at a
+        // time.
+        let expiry = config.session_expiry;
+        let sweeper = proxy.clone();
+        let swept = tokio::task::spawn_blocking(move || {
+            let shared = &sweeper.shared;
+            shared.sweep_sessions(expiry);
+            // Removed targets whose last connection and session are gone: forget them.
+            shared.registry.prune();
+        });
+        let _ = swept.await;
     }
 }

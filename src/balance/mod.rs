@@ -37,6 +37,7 @@ use crate::clock::{duration_ms, Clock};
 use crate::config::{Config, TargetSpec};
 use crate::counters::Stats;
 use hash::Table;
+pub use session::Swept;
 use session::Sessions;
 use target::{Registry, TargetState};
 
@@ -52,6 +53,19 @@ pub struct Shared {
 impl Shared {
     pub fn new() -> Shared {
         Shared::default()
+    }
+
+    /// Removes the sessions that expired `expiry` after their last connection closed, one
+    /// shard lock at a time (what the server's sweeper runs every `sessionExpiryInterval`),
+    /// and says how many and the longest a shard was held.
+    pub fn sweep_sessions(&self, expiry: std::time::Duration) -> Swept {
+        self.sessions
+            .sweep_timed(self.clock.now_ms(), duration_ms(expiry))
+    }
+
+    /// Sessions in the table.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
     }
 }
 

@@ -23,8 +23,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::target::TargetState;
 
-/// Number of shards: a power of two, well above the number of worker threads.
-const SHARDS: usize = 64;
+/// Number of shards: a power of two, well above the number of worker threads, and large enough
+/// that the sweep's pass over one shard is short even with a million sessions (about a
+/// thousand entries each): a connection that needs a shard the sweep holds waits for that
+/// long at most (`benches/sweep.rs` measures the longest hold).
+const SHARDS: usize = 1024;
 const _: () = assert!(SHARDS.is_power_of_two() && SHARDS > 1);
 
 /// One client's pin.
@@ -93,17 +96,39 @@ impl Sessions {
 
     /// Removes sessions that have expired: no open connection and the last one closed at
     /// least `expiry_ms` ago. Locks one shard at a time. Returns how many were removed.
+    #[cfg(test)]
     pub fn sweep(&self, now_ms: u64, expiry_ms: u64) -> usize {
+        self.sweep_timed(now_ms, expiry_ms).removed
+    }
+
+    /// Sweeps as [`Sessions::sweep`] does, also measuring the longest time one shard was held.
+    pub fn sweep_timed(&self, now_ms: u64, expiry_ms: u64) -> Swept {
         let mut removed = 0;
+        let mut longest_hold = std::time::Duration::ZERO;
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            let locked = std::time::Instant::now();
             let before = shard.len();
             shard.retain(|_, s| s.is_live(now_ms, expiry_ms));
             removed += before - shard.len();
+            drop(shard);
+            longest_hold = longest_hold.max(locked.elapsed());
         }
         self.len.fetch_sub(removed, Ordering::Relaxed);
-        removed
+        Swept {
+            removed,
+            longest_hold,
+        }
     }
+}
+
+/// What a sweep did.
+#[derive(Debug, Clone, Copy)]
+pub struct Swept {
+    /// Sessions removed.
+    pub removed: usize,
+    /// The longest time one shard was locked (measured from after the lock was taken).
+    pub longest_hold: std::time::Duration,
 }
 
 /// A locked shard: the place where one client's decisions are made atomically.

@@ -1,0 +1,138 @@
+//! The session sweep at a large table (issue 18, item 5): with 1,000,000 live sessions, how long
+//! a sweep takes, the longest it holds one shard lock, and what it does to the time a new
+//! connection spends routing (the p99 of `Balancer::route` + drop), with and without a sweep
+//! running once a second beside it, as the server's sweeper does.
+//!
+//! The table is filled by routing a million distinct client addresses (each a session whose
+//! last connection closed just now, so none expires and every sweep is a full pass: the worst
+//! case). The routing thread then routes new connections of those clients for the window (the
+//! session look-up and open count under the shard lock every connection pays), while another
+//! thread sweeps every second, or not.
+//!
+//! Run: `cargo bench --bench sweep` (about 30 s).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use stickylb::balance::{Balancer, Shared};
+use stickylb::config::Config;
+
+const SESSIONS: u32 = 1_000_000;
+const WINDOW: Duration = Duration::from_secs(5);
+
+fn ip(n: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n))
+}
+
+fn config() -> Config {
+    let targets: Vec<String> = (0..8)
+        .map(|i| format!(r#"{{"host": "127.0.0.1", "port": {}}}"#, 9000 + i))
+        .collect();
+    let text = format!(
+        r#"{{"sourcePort": 8080, "sessionExpiry": 600000, "maxSessions": 4000000, "targets": [{}]}}"#,
+        targets.join(",")
+    );
+    Config::parse(Path::new("bench.json"), &text).expect("config")
+}
+
+/// Routes connections of the table's clients (a stride through all million, so every shard
+/// is met) for `WINDOW`, each route timed; returns the times sorted. The table stays the size
+/// it is, so both windows are measured against the same one.
+fn route_for_a_window(balancer: &Balancer, shared: &Shared) -> Vec<Duration> {
+    let mut times = Vec::with_capacity(8_000_000);
+    let started = Instant::now();
+    let mut n: u32 = 0;
+    while started.elapsed() < WINDOW {
+        let t = Instant::now();
+        drop(balancer.route(shared, ip(n)));
+        times.push(t.elapsed());
+        n = (n + 7919) % SESSIONS;
+    }
+    times.sort();
+    times
+}
+
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * q) as usize]
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let _guard = runtime.enter();
+    let shared = Shared::new();
+    let balancer = Balancer::new(config(), &shared);
+    let filled = Instant::now();
+    for n in 0..SESSIONS {
+        drop(balancer.route(&shared, ip(n)));
+    }
+    println!(
+        "sweep at {} sessions ({:.1} s to fill)",
+        shared.sessions(),
+        filled.elapsed().as_secs_f64()
+    );
+
+    let expiry = Duration::from_secs(600);
+    let mut sweeps = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let swept = shared.sweep_sessions(expiry);
+        sweeps.push((t.elapsed(), swept.longest_hold, swept.removed));
+    }
+    for (took, hold, removed) in &sweeps {
+        println!(
+            "  one sweep: {:.1} ms, longest shard lock hold {:.1} µs, {removed} removed",
+            took.as_secs_f64() * 1e3,
+            hold.as_secs_f64() * 1e6
+        );
+    }
+
+    let quiet = route_for_a_window(&balancer, &shared);
+    let sweeping = AtomicBool::new(true);
+    let (with_sweep, holds) = std::thread::scope(|s| {
+        let sweeper = s.spawn(|| {
+            let mut holds = Vec::new();
+            while sweeping.load(Ordering::Relaxed) {
+                let swept = shared.sweep_sessions(expiry);
+                holds.push(swept.longest_hold);
+                let next = Instant::now() + Duration::from_secs(1);
+                while sweeping.load(Ordering::Relaxed) && Instant::now() < next {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            holds
+        });
+        let times = route_for_a_window(&balancer, &shared);
+        sweeping.store(false, Ordering::Relaxed);
+        (times, sweeper.join().expect("sweeper"))
+    });
+    let longest = holds.iter().max().copied().unwrap_or_default();
+    println!(
+        "  route + drop of a connection, {} s each, {} sessions:",
+        WINDOW.as_secs(),
+        shared.sessions()
+    );
+    for (name, times) in [("no sweep", &quiet), ("a sweep a second", &with_sweep)] {
+        println!(
+            "    {name:18} {} routes, p50 {:.2} µs, p99 {:.2} µs, p99.9 {:.2} µs, max {:.1} µs",
+            times.len(),
+            quantile(times, 0.5).as_secs_f64() * 1e6,
+            quantile(times, 0.99).as_secs_f64() * 1e6,
+            quantile(times, 0.999).as_secs_f64() * 1e6,
+            times.last().map_or(0.0, |d| d.as_secs_f64() * 1e6)
+        );
+    }
+    println!(
+        "    p99 with sweeps / without: {:.3}; {} sweeps beside, longest shard lock hold {:.1} µs",
+        quantile(&with_sweep, 0.99).as_secs_f64() / quantile(&quiet, 0.99).as_secs_f64(),
+        holds.len(),
+        longest.as_secs_f64() * 1e6
+    );
+}
