@@ -52,15 +52,10 @@ async fn agreed(instances: &[Arc<Server>], when: &str) -> Vec<String> {
     let first = mapping(instances[0].local_addr(), CLIENTS, PARALLEL).await;
     for (n, other) in instances.iter().enumerate().skip(1) {
         let names = mapping(other.local_addr(), CLIENTS, PARALLEL).await;
-        let differ: Vec<String> = (0..CLIENTS as usize)
-            .filter(|&i| names[i] != first[i])
-            .map(|i| format!("{} ({} vs {})", client_ip(i as u32), first[i], names[i]))
-            .collect();
-        assert!(
-            differ.is_empty(),
-            "{when}: instance {n} and instance 0 disagree on {} of {CLIENTS} clients, e.g. {:?}",
-            differ.len(),
-            &differ[..differ.len().min(5)]
+        assert_same_mapping(
+            &first,
+            &names,
+            &format!("{when}: instance {n} and instance 0"),
         );
     }
     first

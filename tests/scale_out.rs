@@ -47,20 +47,6 @@ fn shares(names: &[String]) -> HashMap<&str, usize> {
     shares
 }
 
-/// Asserts that `b` maps every client as `a` does, naming the first few that differ.
-fn assert_same(a: &[String], b: &[String], what: &str) {
-    let differ: Vec<String> = (0..CLIENTS as usize)
-        .filter(|&i| a[i] != b[i])
-        .map(|i| format!("{} ({} vs {})", client_ip(i as u32), a[i], b[i]))
-        .collect();
-    assert!(
-        differ.is_empty(),
-        "{what}: {} of {CLIENTS} clients differ, e.g. {:?}",
-        differ.len(),
-        &differ[..differ.len().min(5)]
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_with_the_same_targets_in_any_order_send_2000_clients_to_the_same_targets() {
     let mut backends = vec![
@@ -117,12 +103,12 @@ async fn instances_with_the_same_targets_in_any_order_send_2000_clients_to_the_s
         by_share["b"] > by_share["a"],
         "weight 2 draws more: {by_share:?}"
     );
-    assert_same(
+    assert_same_mapping(
         &first,
         &mapping(two.addr, CLIENTS, PARALLEL).await,
         "second process",
     );
-    assert_same(
+    assert_same_mapping(
         &first,
         &mapping(three.local_addr(), CLIENTS, PARALLEL).await,
         "in-process balancer",
@@ -144,12 +130,12 @@ async fn instances_with_the_same_targets_in_any_order_send_2000_clients_to_the_s
             );
         }
     }
-    assert_same(
+    assert_same_mapping(
         &after,
         &mapping(two.addr, CLIENTS, PARALLEL).await,
         "second process, b down",
     );
-    assert_same(
+    assert_same_mapping(
         &after,
         &mapping(three.local_addr(), CLIENTS, PARALLEL).await,
         "in-process balancer, b down",

@@ -66,6 +66,24 @@ pub async fn mapping(lb: SocketAddr, clients: u32, parallel: u32) -> Vec<String>
     names
 }
 
+/// Asserts that `b` maps every client as `a` does (two results of [`mapping`]), naming the
+/// first few that differ.
+#[track_caller]
+pub fn assert_same_mapping(a: &[String], b: &[String], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: mappings of different sizes");
+    let differ: Vec<String> = (0..a.len())
+        .filter(|&i| a[i] != b[i])
+        .map(|i| format!("{} ({} vs {})", client_ip(i as u32), a[i], b[i]))
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "{what}: {} of {} clients differ, e.g. {:?}",
+        differ.len(),
+        a.len(),
+        &differ[..differ.len().min(5)]
+    );
+}
+
 /// Reads the name a [`Mode::Named`](crate::Mode::Named) backend sends first on `stream`, a
 /// client connection through a balancer; returns it with the connection, still open.
 pub async fn name_of(stream: TcpStream) -> io::Result<(String, TcpStream)> {

@@ -48,7 +48,8 @@ pub mod tools;
 pub use backend::{dead_port, Backend, Mode, Sink};
 pub use child::{backend_process, serve_backend_process_if_asked, Balancer, Process};
 pub use client::{
-    client_ip, connect_from, first_read, mapping, name_of, offer, open_many, served, which,
+    assert_same_mapping, client_ip, connect_from, first_read, mapping, name_of, offer, open_many,
+    served, which,
 };
 pub use inproc::{config, config_text, start, start_at, start_from_file, wait_drained};
 pub use pattern::{check_pattern, echo_exact, send_pattern, Pattern, Rng};
