@@ -1,5 +1,6 @@
-//! What stickylb asks of the operating system directly: the file-descriptor limit and dropping
-//! privileges after binding.
+//! What stickylb asks of the operating system directly: the file-descriptor limit, dropping
+//! privileges after binding, handing freed memory back, and a SIGHUP caught before the
+//! runtime's signal handling is up.
 //!
 //! Each proxied connection costs two descriptors (two more per direction that holds a splice
 //! pipe), so the soft limit, often 1024, would cap a balancer at a few hundred connections.
@@ -8,12 +9,45 @@
 
 use std::ffi::CString;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// `downgradeToUser`: a user name or a numeric uid.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UserSpec {
     Name(String),
     Uid(u32),
+}
+
+/// Set by [`hold_hangups`]'s handler: a SIGHUP arrived.
+static HANGUP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn note_hangup(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    HANGUP.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGHUP harmless from the first instruction: its default action ends the process,
+/// and `systemctl reload` right after `start` can send one before the runtime's own signal
+/// handling is installed. The handler only notes that a SIGHUP came ([`take_hangup`]); the
+/// runtime's handler, installed later, chains to it and takes over.
+pub fn hold_hangups() -> io::Result<()> {
+    // SAFETY: a zeroed sigaction is valid; the handler is an extern "C" fn that only stores an
+    // atomic, and sigemptyset/sigaction get valid pointers.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = note_hangup as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(libc::SIGHUP, &action, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Whether a SIGHUP arrived since the last call (or since [`hold_hangups`]).
+pub fn take_hangup() -> bool {
+    HANGUP.swap(false, Ordering::SeqCst)
 }
 
 /// The current `RLIMIT_NOFILE`.
@@ -148,6 +182,35 @@ pub fn drop_privileges(user: &User) -> io::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Hands memory the allocator holds but no longer uses back to the OS (glibc's
+/// `malloc_trim(0)`, which goes through every thread's arena and releases whole free pages
+/// inside the heaps too, not only at their tops). Called after parsing a large config: without
+/// it, the blocks of a big parsed document stay with the allocator after it is dropped, and
+/// RSS stays at the peak of the parse. Elsewhere than glibc it does nothing.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions; it only walks the allocator's own lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Pins glibc's mmap threshold at its default, 128 KiB, which also keeps the trim threshold at
+/// its default (glibc stops adapting both once either is set). By default glibc raises them
+/// each time a large block is freed (up to 32 and 64 MiB): after a large config was parsed and
+/// freed once, the next parse's large blocks come from the heap instead of mmap(2), and up to
+/// 64 MiB of freed heap stays in the process, which [`release_free_memory`] cannot give back
+/// from a worker thread's heap. Pinned, a block of 128 KiB or more is always its own mapping,
+/// returned to the OS when freed. The data path allocates nothing that large per connection.
+/// Elsewhere than glibc it does nothing.
+pub fn pin_malloc_thresholds() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's tuning; called before other threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
 }
 
 fn with_context(call: &str, error: io::Error) -> io::Error {

@@ -175,18 +175,28 @@ const KEYS: &[(&str, Apply)] = &[
 /// The keys of one element of `targets`.
 const TARGET_KEYS: &[&str] = &["host", "port", "weight", "id"];
 
-/// Reads the file at `path` and parses it.
+/// Reads the file at `path` (see `file.rs` for what it refuses) and parses it.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-        file: path.to_path_buf(),
-        source,
-    })?;
-    parse(path, &text)
+    parse(path, &super::file::read(path)?)
 }
+
+/// Above this many bytes of text, the memory a parse freed is handed back to the OS at its end.
+const TRIM_ABOVE: usize = 64 * 1024;
 
 /// Parses, validates and resolves `text`; `path` is only named in errors and kept in the
 /// result.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let result = parse_document(path, text);
+    // The JSON tree is gone by now. Its many small blocks would stay with the allocator
+    // (glibc keeps freed memory for reuse), so a large file, rejected or not, would leave the
+    // process as big as its parse was; trimming gives them back (`sys::release_free_memory`).
+    if text.len() > TRIM_ABOVE {
+        crate::sys::release_free_memory();
+    }
+    result
+}
+
+fn parse_document(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let doc = syntax(path, text)?;
     let Value::Object(map) = &doc else {
         return Err(ConfigError::Invalid {
@@ -222,6 +232,7 @@ fn syntax(path: &Path, text: &str) -> Result<Value, ConfigError> {
             message: "the file is empty (expected a JSON object)".to_string(),
         });
     }
+    super::file::check_shape(path, text)?;
     serde_json::from_str(text).map_err(|e| {
         let full = e.to_string();
         // serde_json appends " at line L column C"; the position goes in front instead.

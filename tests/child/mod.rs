@@ -66,8 +66,23 @@ impl Balancer {
     pub fn try_launch(
         tag: &str,
         args: &[&str],
+        config: serde_json::Value,
+        nofile: Option<u64>,
+    ) -> std::io::Result<Balancer> {
+        let balancer = Balancer::launch_unready(tag, args, config, nofile, &[])?;
+        balancer.wait_for_line("listening");
+        Ok(balancer)
+    }
+
+    /// As [`Balancer::try_launch`], with extra environment variables, and without waiting for
+    /// the process to listen: returns as soon as it runs (exec(2) done), for tests that signal
+    /// it during start-up.
+    pub fn launch_unready(
+        tag: &str,
+        args: &[&str],
         mut config: serde_json::Value,
         nofile: Option<u64>,
+        env: &[(&str, &str)],
     ) -> std::io::Result<Balancer> {
         let dir = TempDir::new(tag);
         let port = dead_port().port();
@@ -80,6 +95,7 @@ impl Balancer {
             .arg("--config")
             .arg(&path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -108,14 +124,17 @@ impl Balancer {
                 sink.lock().expect("lines").push(line);
             }
         });
-        let balancer = Balancer {
+        Ok(Balancer {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             dir,
             lines,
-        };
-        balancer.wait_for_line("listening");
-        Ok(balancer)
+        })
+    }
+
+    /// The config file the process was started with.
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.dir.0.join("config.json")
     }
 
     pub fn pid(&self) -> u32 {
@@ -134,6 +153,62 @@ impl Balancer {
                 "no stderr line with {needle:?}; saw:\n{}",
                 self.lines().join("\n")
             );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits (bounded) for a stderr line containing any of `needles`; returns it.
+    pub fn wait_for_any(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let found = self
+                .lines()
+                .into_iter()
+                .find(|l| needles.iter().any(|n| l.contains(n)));
+            if let Some(line) = found {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no stderr line with any of {needles:?}; saw:\n{}",
+                self.lines().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits (bounded) until `n` stderr lines contain `needle`; returns the `n`th.
+    pub fn wait_for_count(&self, needle: &str, n: usize) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let found: Vec<String> = self
+                .lines()
+                .into_iter()
+                .filter(|l| l.contains(needle))
+                .collect();
+            if found.len() >= n {
+                return found[n - 1].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fewer than {n} stderr lines with {needle:?}; saw:\n{}",
+                self.lines().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits up to `limit` for the process to exit: its exit code (-1 for a signal), or `None`
+    /// if it still runs.
+    pub fn exit_within(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return Some(status.code().unwrap_or(-1));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
     }
