@@ -20,11 +20,14 @@ pub enum Reject {
     ClientLimit,
     /// No target could be connected.
     NoTarget,
+    /// The client is stickylb itself: the connection came from one of its own outgoing
+    /// sockets, so a target leads back into the listener.
+    Loop,
 }
 
 impl Reject {
     /// How many reasons there are (the size of per-reason arrays).
-    pub const COUNT: usize = 4;
+    pub const COUNT: usize = 5;
 
     /// Every reason, in the order of their counters.
     pub const ALL: [Reject; Reject::COUNT] = [
@@ -32,6 +35,7 @@ impl Reject {
         Reject::Limit,
         Reject::ClientLimit,
         Reject::NoTarget,
+        Reject::Loop,
     ];
 
     /// The `reason` label value.
@@ -41,6 +45,7 @@ impl Reject {
             Reject::Limit => "limit",
             Reject::ClientLimit => "client_limit",
             Reject::NoTarget => "no_target",
+            Reject::Loop => "loop",
         }
     }
 }

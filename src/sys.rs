@@ -1,6 +1,6 @@
 //! What stickylb asks of the operating system directly: the file-descriptor limit, dropping
-//! privileges after binding, handing freed memory back, and a SIGHUP caught before the
-//! runtime's signal handling is up.
+//! privileges after binding, the machine's own addresses, handing freed memory back, and a
+//! SIGHUP caught before the runtime's signal handling is up.
 //!
 //! Each proxied connection costs two descriptors (two more per direction that holds a splice
 //! pipe), so the soft limit, often 1024, would cap a balancer at a few hundred connections.
@@ -9,6 +9,7 @@
 
 use std::ffi::CString;
 use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// `downgradeToUser`: a user name or a numeric uid.
@@ -86,6 +87,44 @@ pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
 #[allow(clippy::unnecessary_cast)]
 pub fn fd_limit() -> u64 {
     nofile().map_or(1024, |limit| limit.rlim_cur as u64)
+}
+
+/// The addresses of this machine's network interfaces, IPv4 and IPv6 (getifaddrs(3)): what a
+/// wildcard listener (`0.0.0.0`, `::`) also receives connections on.
+pub fn local_addresses() -> io::Result<Vec<IpAddr>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list that freeifaddrs releases below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut addrs = Vec::new();
+    let mut next = list;
+    while !next.is_null() {
+        // SAFETY: `next` is a node of the list getifaddrs returned, not yet freed; ifa_addr,
+        // when not null, points to a sockaddr whose family says which struct it is.
+        unsafe {
+            let ifa = &*next;
+            if !ifa.ifa_addr.is_null() {
+                match i32::from((*ifa.ifa_addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                        addrs.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                            sin.sin_addr.s_addr,
+                        ))));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                        addrs.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+                    }
+                    _ => {}
+                }
+            }
+            next = ifa.ifa_next;
+        }
+    }
+    // SAFETY: the list from getifaddrs, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(addrs)
 }
 
 /// A user looked up in the password database.

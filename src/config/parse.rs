@@ -16,9 +16,10 @@
 //!   target that is the listener itself (it would connect to itself, without end);
 //! - a host name that resolves to several addresses: the first one is used.
 use super::{Cidr, Config, ConfigError, TargetSpec, UserSpec};
+use crate::addr::canonical_ip;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -353,10 +354,17 @@ impl Builder {
             }
         }
 
+        // Only a wildcard listener receives on the interfaces' addresses; ask the OS once. If it
+        // cannot say, loopback and the listener's own address are still checked.
+        let local = if listen.ip().is_unspecified() {
+            crate::sys::local_addresses().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let mut resolved = Vec::with_capacity(targets.len());
         for (i, t) in targets.into_iter().enumerate() {
             let addr = resolve(file, i, &t.host, t.port)?;
-            if is_own_listener(listen, addr) {
+            if is_own_listener(listen, addr, &local) {
                 let target = match t.host.parse::<IpAddr>() {
                     Ok(_) => addr.to_string(),
                     Err(_) => format!("{}:{} (resolved to {addr})", t.host, t.port),
@@ -406,14 +414,27 @@ impl Builder {
     }
 }
 
-/// Whether connecting to `target` reaches the listener itself: the same port, on the
-/// listening address or on a loopback or wildcard address that the listener covers.
-/// (A target on the same port of another machine is the common case and is fine.)
-fn is_own_listener(listen: SocketAddr, target: SocketAddr) -> bool {
-    let ip = target.ip();
-    target.port() == listen.port()
-        && binds_over(listen.ip(), ip)
-        && (ip == listen.ip() || ip.is_loopback() || ip.is_unspecified())
+/// Whether connecting to `target` reaches the listener itself, in any spelling: the same port,
+/// and an address the listener receives on. `::ffff:a.b.c.d` is `a.b.c.d`; a connect to the
+/// unspecified address (`0.0.0.0`, `::`) goes to the loopback address of its family; a
+/// wildcard listener (`0.0.0.0`, or `::`, which is dual-stack) receives on every loopback
+/// address and every address of the machine's interfaces (`local`, from getifaddrs). (A
+/// target on the same port of another machine is the common case and is fine.)
+fn is_own_listener(listen: SocketAddr, target: SocketAddr, local: &[IpAddr]) -> bool {
+    if target.port() != listen.port() {
+        return false;
+    }
+    let to = match canonical_ip(target.ip()) {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    let on_this_machine = || to.is_loopback() || local.contains(&to);
+    match canonical_ip(listen.ip()) {
+        IpAddr::V4(ip) if ip.is_unspecified() => to.is_ipv4() && on_this_machine(),
+        IpAddr::V6(ip) if ip.is_unspecified() => on_this_machine(),
+        ip => to == ip,
+    }
 }
 
 /// Whether a socket bound to `bound` also receives connections addressed to `ip` on the same
@@ -1367,6 +1388,90 @@ mod tests {
         // Same port on another machine is the usual case, not a loop.
         ok(r#""targets": [{"host": "192.0.2.10", "port": 8080}]"#);
         ok(r#""sourceHost": "192.0.2.1", "targets": [{"host": "127.0.0.1", "port": 8080}]"#);
+    }
+
+    #[test]
+    fn the_listener_is_found_in_every_spelling() {
+        let loops = [
+            // (sourceHost, target host)
+            ("0.0.0.0", "::ffff:127.0.0.1"),
+            ("0.0.0.0", "0.0.0.0"),
+            ("0.0.0.0", "127.0.0.5"),
+            ("0.0.0.0", "127.1"),
+            ("127.0.0.1", "0.0.0.0"),
+            ("127.0.0.1", "::ffff:127.0.0.1"),
+            ("127.0.0.1", "localhost"),
+            ("::", "::"),
+            ("::", "::1"),
+            ("::", "127.0.0.1"),
+            ("::", "::ffff:127.0.0.1"),
+            ("::", "0.0.0.0"),
+            ("::1", "::"),
+        ];
+        for (listen, host) in loops {
+            rejects(
+                &format!(
+                    r#""sourceHost": "{listen}", "targets": [{{"host": "{host}", "port": 8080}}]"#
+                ),
+                &["targets[0]: ", "is stickylb's own listener", "loop back"],
+            );
+        }
+        // Not the listener: another loopback address than a specific listener's, another
+        // family than a v4-only wildcard's, or another port.
+        for (listen, host, port) in [
+            ("127.0.0.1", "127.0.0.2", 8080),
+            ("127.0.0.2", "0.0.0.0", 8080),
+            ("0.0.0.0", "::1", 8080),
+            ("0.0.0.0", "::", 8080),
+            ("::1", "0.0.0.0", 8080),
+            ("0.0.0.0", "127.0.0.1", 8081),
+        ] {
+            ok(&format!(
+                r#""sourceHost": "{listen}", "targets": [{{"host": "{host}", "port": {port}}}]"#
+            ));
+        }
+    }
+
+    #[test]
+    fn a_wildcard_listener_is_reached_through_every_interface_address() {
+        let listen: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        let dual: SocketAddr = "[::]:8080".parse().unwrap();
+        let eth: IpAddr = "192.0.2.7".parse().unwrap();
+        let eth6: IpAddr = "2001:db8::7".parse().unwrap();
+        let local = [eth, eth6];
+        let at = |ip: IpAddr| SocketAddr::new(ip, 8080);
+        assert!(is_own_listener(listen, at(eth), &local));
+        assert!(is_own_listener(
+            listen,
+            at("::ffff:192.0.2.7".parse().unwrap()),
+            &local
+        ));
+        assert!(
+            !is_own_listener(listen, at(eth6), &local),
+            "v4-only wildcard"
+        );
+        assert!(is_own_listener(dual, at(eth6), &local));
+        assert!(is_own_listener(dual, at(eth), &local));
+        assert!(!is_own_listener(
+            listen,
+            at("192.0.2.8".parse().unwrap()),
+            &local
+        ));
+        // A specific listener receives only on its own address.
+        let specific: SocketAddr = "192.0.2.8:8080".parse().unwrap();
+        assert!(!is_own_listener(specific, at(eth), &local));
+        // And through the config, with this machine's real addresses.
+        for ip in crate::sys::local_addresses().expect("getifaddrs") {
+            if let IpAddr::V6(v6) = ip {
+                if v6.segments()[0] & 0xffc0 == 0xfe80 {
+                    continue; // link-local: needs a scope id to be connected to
+                }
+            }
+            rejects(
+                &format!(r#""sourceHost": "::", "targets": [{{"host": "{ip}", "port": 8080}}]"#),
+                &["is stickylb's own listener"],
+            );
+        }
     }
 
     #[test]

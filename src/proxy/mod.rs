@@ -2,6 +2,8 @@
 //!
 //! - [`listener`]: binds the listening socket and runs the accept loop.
 //! - [`connect`]: connect to a target with a timeout; socket options for both sides.
+//! - [`own_sockets`]: the local addresses of stickylb's own outgoing sockets, so that a target
+//!   that loops back into the listener is refused at its first turn.
 //! - [`relay`]: both directions of one connection, half-close and reset semantics.
 //! - `splice` (Linux) and [`copy`]: the two ways one direction moves bytes.
 //!
@@ -17,6 +19,7 @@ pub mod admission;
 pub mod connect;
 pub mod copy;
 pub mod listener;
+pub mod own_sockets;
 pub mod relay;
 mod snapshot;
 #[cfg(target_os = "linux")]
@@ -53,6 +56,9 @@ pub struct Proxy {
     refusals: RefusalLog,
     /// `maxConnections` when the config leaves it at 0: derived from the fd limit at start.
     derived_max_connections: u64,
+    /// Local addresses of live connections to targets: a client connecting from one of them
+    /// is stickylb itself (a target that loops back), refused as `loop`.
+    own: own_sockets::OwnSockets,
 }
 
 impl Proxy {
@@ -66,6 +72,7 @@ impl Proxy {
             clients: ClientCounts::default(),
             refusals: RefusalLog::default(),
             derived_max_connections: derived_max_connections(crate::sys::fd_limit()),
+            own: own_sockets::OwnSockets::new(crate::sys::fd_limit()),
         })
     }
 
@@ -140,6 +147,10 @@ impl Proxy {
         let config = &balancer.config;
         let stats = &self.shared.stats;
         let client_ip = crate::addr::canonical_ip(peer.ip());
+        if self.own.contains(peer) {
+            self.refuse(&client, Reject::Loop, client_ip);
+            return;
+        }
         let _slot = match self.admit(config, client_ip) {
             Ok(slot) => slot,
             Err(reason) => {
@@ -148,13 +159,13 @@ impl Proxy {
             }
         };
         let mut route = balancer.route(&self.shared, client_ip);
-        let server = loop {
+        let (server, _own) = loop {
             let target = route.target();
             let attempt = tokio::time::Instant::now();
-            match connect::connect(target.addr, config.connect_timeout).await {
-                Ok(server) => {
+            match connect::connect(target.addr, config.connect_timeout, &self.own).await {
+                Ok(connected) => {
                     route.state().connect_duration.record(attempt.elapsed());
-                    break server;
+                    break connected;
                 }
                 // Our own shortage (no fd for the socket, no local port): the target is not to
                 // blame, so it is not deactivated; the client is refused like any over-limit one.
