@@ -95,6 +95,15 @@ fn check(path: &Path) -> i32 {
             for warning in &config.warnings {
                 eprintln!("warning: {warning}");
             }
+            // The limit the process will run with: start-up raises the soft fd limit to the
+            // hard one, so a derived maxConnections comes from the hard limit.
+            let max = match config.max_connections {
+                0 => crate::derived_max_connections(sys::fd_hard_limit()),
+                max => max,
+            };
+            if let Some(warning) = one_address_can_take_every_slot(&config, max) {
+                eprintln!("warning: {warning}");
+            }
             // The resolved addresses go to stderr, so that stdout is itself a valid config.
             for (i, target) in config.targets.iter().enumerate() {
                 eprintln!("targets[{i}] ({}) resolves to {}", target.id, target.addr);
@@ -224,15 +233,28 @@ async fn serve(config: Config, demo: bool, watch: bool) -> i32 {
         });
         match dropped {
             Ok(user) => {
+                if user.uid == 0 {
+                    tracing::warn!(
+                        user = %user.name,
+                        "downgradeToUser names root (uid 0): stickylb keeps every privilege; \
+                         name an unprivileged user such as \"nobody\""
+                    );
+                }
                 tracing::info!(user = %user.name, uid = user.uid, gid = user.gid, "dropped privileges")
             }
             Err(e) => {
-                tracing::error!("cannot switch to user {spec:?} (downgradeToUser): {e}");
+                tracing::error!(
+                    "{}: downgradeToUser: cannot switch to user {spec}: {e}",
+                    path.display()
+                );
                 return 1;
             }
         }
     }
     let max_connections = server.proxy().max_connections(&server.proxy().config());
+    if let Some(warning) = one_address_can_take_every_slot(&server.config(), max_connections) {
+        tracing::warn!("{warning}");
+    }
     tracing::info!(
         listen = %server.local_addr(),
         targets = %targets.join(", "),
@@ -303,6 +325,30 @@ async fn serve(config: Config, demo: bool, watch: bool) -> i32 {
             },
         }
     }
+}
+
+/// The warning for a config where one client address can hold every connection slot (see the
+/// README's "Limits"): `maxConnectionsPerClient` is 0 (unlimited) and `max_connections`, the
+/// limit in force (set, or derived from the fd limit), is within what one address can open.
+/// One address can hold at most one connection per source port to the listener, so a limit
+/// above 65,535 cannot be filled from one address, and no warning is given then.
+fn one_address_can_take_every_slot(config: &Config, max_connections: u64) -> Option<String> {
+    const ONE_ADDRESS: u64 = 65_535;
+    if config.max_connections_per_client != 0 || max_connections > ONE_ADDRESS {
+        return None;
+    }
+    let how = match config.max_connections {
+        0 => "derived from the file descriptor limit",
+        _ => "set",
+    };
+    Some(format!(
+        "{}: maxConnectionsPerClient: 0 (unlimited) while maxConnections is {max_connections} \
+         ({how}): one client address can take every connection slot and lock everyone else \
+         out; set maxConnectionsPerClient (for example {}) unless many clients share one \
+         address (NAT)",
+        config.path.display(),
+        (max_connections / 10).max(1)
+    ))
 }
 
 enum Signal {

@@ -19,6 +19,16 @@ pub enum UserSpec {
     Uid(u32),
 }
 
+impl std::fmt::Display for UserSpec {
+    /// As written in the config: the name, or `uid N`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UserSpec::Name(name) => f.write_str(name),
+            UserSpec::Uid(uid) => write!(f, "uid {uid}"),
+        }
+    }
+}
+
 /// Set by [`hold_hangups`]'s handler: a SIGHUP arrived.
 static HANGUP: AtomicBool = AtomicBool::new(false);
 
@@ -87,6 +97,13 @@ pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
 #[allow(clippy::unnecessary_cast)]
 pub fn fd_limit() -> u64 {
     nofile().map_or(1024, |limit| limit.rlim_cur as u64)
+}
+
+/// The hard `RLIMIT_NOFILE`: the soft limit stickylb runs with, since start-up raises it to
+/// this (1024 if it cannot be read).
+#[allow(clippy::unnecessary_cast)]
+pub fn fd_hard_limit() -> u64 {
+    nofile().map_or(1024, |limit| limit.rlim_max as u64)
 }
 
 /// The addresses of this machine's network interfaces, IPv4 and IPv6 (getifaddrs(3)): what a
@@ -179,9 +196,9 @@ pub fn lookup_user(spec: &UserSpec) -> io::Result<User> {
                 uid: *uid,
                 gid: *uid,
             }),
-            UserSpec::Name(name) => Err(io::Error::new(
+            UserSpec::Name(_) => Err(io::Error::new(
                 io::ErrorKind::NotFound,
-                format!("no user named {name:?} in the password database"),
+                "no such user in the password database",
             )),
         };
     }

@@ -99,6 +99,16 @@ const KEYS: &[(&str, Apply)] = &[
             }
             _ => return Err(f.expected("a user name such as \"nobody\", or a numeric uid")),
         };
+        if matches!(&b.downgrade_to_user, Some(UserSpec::Uid(0)))
+            || matches!(&b.downgrade_to_user, Some(UserSpec::Name(n)) if n == "root")
+        {
+            b.warn(
+                f,
+                "names root (uid 0): dropping to it keeps every privilege; name an \
+                 unprivileged user such as \"nobody\""
+                    .to_string(),
+            );
+        }
         Ok(())
     }),
     ("schedulingPolicy", |b, f| {
@@ -1302,6 +1312,24 @@ mod tests {
             r#""downgradeToUser": true"#,
             &["downgradeToUser", "found true"],
         );
+    }
+
+    #[test]
+    fn downgrade_to_root_warns_and_an_unprivileged_user_does_not() {
+        for spec in [r#""root""#, "0"] {
+            let c = ok(&format!(r#""downgradeToUser": {spec}"#));
+            assert_eq!(c.warnings.len(), 1, "{spec}: {:?}", c.warnings);
+            let w = &c.warnings[0];
+            assert!(
+                w.starts_with("config.json: downgradeToUser: names root (uid 0)"),
+                "{w}"
+            );
+            assert!(w.contains("keeps every privilege"), "{w}");
+        }
+        for spec in [r#""nobody""#, "65534", r#""rooter""#] {
+            let c = ok(&format!(r#""downgradeToUser": {spec}"#));
+            assert!(c.warnings.is_empty(), "{spec}: {:?}", c.warnings);
+        }
     }
 
     #[test]
