@@ -98,7 +98,7 @@ fn check(path: &Path) -> i32 {
             // The limit the process will run with: start-up raises the soft fd limit to the
             // hard one, so a derived maxConnections comes from the hard limit.
             let max = match config.max_connections {
-                0 => crate::derived_max_connections(sys::fd_hard_limit()),
+                0 => crate::proxy::admission::derived_max_connections(sys::fd_hard_limit()),
                 max => max,
             };
             if let Some(warning) = one_address_can_take_every_slot(&config, max) {
