@@ -18,9 +18,11 @@
 //!   for its request head is closed to make room (a trickling client holds a slot only until
 //!   enough newer connections arrive, and never longer than [`HEAD_TIMEOUT`]); only when every
 //!   slot is answering a request is a new connection answered `503` at once.
-//! - **One render for concurrent scrapes**: scrapes that arrive while the exposition is being
-//!   rendered wait for the next render rather than each starting their own, and share its
-//!   bytes (a client that never reads holds a reference, not a copy).
+//! - **One render for concurrent scrapes, at most one per [`RENDER_INTERVAL`]**: scrapes that
+//!   arrive while the exposition is being rendered, or less than the interval after a render
+//!   began, wait for the next render rather than each starting their own, and share its bytes
+//!   (a client that never reads holds a reference, not a copy). A scrape never sees numbers
+//!   older than its request.
 //!
 //! What it serves comes through one narrow interface, [`Source`]: a [`Snapshot`] of the
 //! balancer's counters and target states.
@@ -63,6 +65,11 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The endpoint thread's nice value: under load the proxy's workers win the CPU.
 pub const NICE: i32 = 10;
+/// The shortest time between two renders of the exposition. Scrapers looping on `/metrics`
+/// get at most one render per interval between them (each render shared by all that wait
+/// for it), which bounds what they cost: renders, and bytes written. A Prometheus scraping
+/// every few seconds never waits.
+pub const RENDER_INTERVAL: Duration = Duration::from_millis(250);
 
 /// What the admin endpoint reads.
 pub trait Source: Send + Sync + 'static {
@@ -332,7 +339,9 @@ impl Pages {
     }
 
     /// The exposition, rendered after this call began: a scrape never sees numbers older than
-    /// its request. Scrapes that queue behind one render share the next.
+    /// its request. Scrapes that queue behind one render share the next, and renders start at
+    /// least [`RENDER_INTERVAL`] apart: a scrape that comes sooner waits for the next one
+    /// (holding the lock, so that every scrape arriving meanwhile shares it too).
     async fn exposition(&self) -> Bytes {
         let arrived = Instant::now();
         let mut last = self.exposition.lock().await;
@@ -340,6 +349,7 @@ impl Pages {
             if *started >= arrived {
                 return body.clone();
             }
+            tokio::time::sleep_until(*started + RENDER_INTERVAL).await;
         }
         let started = Instant::now();
         let body = Bytes::from(prometheus::render(&self.source.snapshot()));
