@@ -16,7 +16,7 @@
 mod support;
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -26,20 +26,12 @@ use std::time::{Duration, Instant};
 use stickylb::config::Config;
 use stickylb::server;
 use stickylb::server::Server;
-use support::{client_ip, connect_from, dead_port};
+use support::{client_ip, dead_port, echo_once, env_or};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const REQUEST: [u8; 32] = *b"GET /ping 0123456789abcdefghijk\n";
 /// Connections in flight at once.
 const CONCURRENCY: u32 = 32;
-
-fn env_or(name: &str, default: u32) -> u32 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() {
     if std::env::args().any(|a| a == "--load-generator") {
@@ -78,8 +70,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn balancer() {
-    let conns = env_or("BENCH_CONNS", 20_000);
-    let rounds = env_or("BENCH_ROUNDS", 4);
+    let conns = env_or("BENCH_CONNS", 20_000) as u32;
+    let rounds = env_or("BENCH_ROUNDS", 4) as u32;
     let workers = env_or("BENCH_WORKERS", 1) as usize;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
@@ -264,7 +256,7 @@ async fn drive(lb: SocketAddr, scrape: Option<SocketAddr>, count: u32) -> (f64, 
                     if n >= count {
                         return;
                     }
-                    if one(client_ip(n), lb).await.is_err() {
+                    if echo_once(client_ip(n), lb).await.is_err() {
                         failed.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -279,17 +271,6 @@ async fn drive(lb: SocketAddr, scrape: Option<SocketAddr>, count: u32) -> (f64, 
         scraper.abort();
     }
     (secs, failed.load(Ordering::Relaxed))
-}
-
-async fn one(ip: Ipv4Addr, lb: SocketAddr) -> std::io::Result<()> {
-    let mut stream = connect_from(ip, lb).await?;
-    stream.write_all(&REQUEST).await?;
-    let mut reply = [0u8; REQUEST.len()];
-    stream.read_exact(&mut reply).await?;
-    if reply != REQUEST {
-        return Err(std::io::Error::other("wrong echo"));
-    }
-    Ok(())
 }
 
 async fn get_metrics(addr: SocketAddr) -> std::io::Result<usize> {

@@ -146,47 +146,6 @@ async fn a_body_is_refused_with_413_and_a_write_with_405() {
     );
 }
 
-/// Keeps `count` connections to `addr` open, each sending a request head one byte every
-/// `every` and never finishing it; a connection the server closes is replaced. Counts the
-/// connections open now in `open`. Runs until `stop`.
-fn slowloris(
-    addr: SocketAddr,
-    count: usize,
-    every: Duration,
-    open: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..count)
-        .map(|_| {
-            let (open, stop) = (open.clone(), stop.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok(mut stream) = TcpStream::connect(addr).await else {
-                        tokio::time::sleep(every).await;
-                        continue;
-                    };
-                    open.fetch_add(1, Ordering::Relaxed);
-                    let mut head = b"GET /metrics HTTP/1.1\r\nX-Slow: ".iter().cycle();
-                    let mut byte = [0u8; 1];
-                    while !stop.load(Ordering::Relaxed) {
-                        byte[0] = *head.next().unwrap_or(&b'a');
-                        if stream.write_all(&byte).await.is_err() {
-                            break;
-                        }
-                        // A read that ends (EOF, reset, an answer) means the server let go.
-                        if let Ok(Ok(_)) =
-                            tokio::time::timeout(every, stream.read(&mut [0u8; 256])).await
-                        {
-                            break;
-                        }
-                    }
-                    open.fetch_sub(1, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trickling_clients_do_not_starve_a_normal_scrape() {
     let backend = Backend::start("a", Mode::Echo).await;

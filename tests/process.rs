@@ -233,26 +233,13 @@ fn an_unknown_user_is_a_startup_error() {
 /// `stickylb check --config` on `config` (with `nofile` as the soft and hard fd limit, if
 /// given): exit code and stderr.
 fn check_with(config: serde_json::Value, nofile: Option<u64>) -> (Option<i32>, String) {
-    use std::os::unix::process::CommandExt;
     let dir = TempDir::new("check");
     let path = dir.path("config.json");
     std::fs::write(&path, config.to_string()).unwrap();
     let mut command = Command::new(BIN);
     command.args(["check", "--config"]).arg(&path);
     if let Some(n) = nofile {
-        // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            command.pre_exec(move || {
-                let limit = libc::rlimit {
-                    rlim_cur: n as libc::rlim_t,
-                    rlim_max: n as libc::rlim_t,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        child::limit_nofile(&mut command, n);
     }
     let out = command.output().unwrap();
     (

@@ -100,20 +100,7 @@ impl Balancer {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         if let Some(n) = nofile {
-            // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else
-            // between fork and exec.
-            unsafe {
-                command.pre_exec(move || {
-                    let limit = libc::rlimit {
-                        rlim_cur: n as libc::rlim_t,
-                        rlim_max: n as libc::rlim_t,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            limit_nofile(&mut command, n);
         }
         let mut child = command.spawn()?;
         let stderr = child.stderr.take().expect("stderr");
@@ -280,6 +267,25 @@ impl Balancer {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .map(|d| d.count())
             .unwrap_or(0)
+    }
+}
+
+/// Makes `command`'s process start with `n` as its soft and hard RLIMIT_NOFILE (setrlimit
+/// between fork and exec, as `prlimit --nofile=N:N` does).
+pub fn limit_nofile(command: &mut Command, n: u64) {
+    // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else between
+    // fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: n as libc::rlim_t,
+                rlim_max: n as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
