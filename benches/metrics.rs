@@ -13,17 +13,16 @@
 //! default 4 per setting).
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stickylb_testkit::{client_ip, connect_from, dead_port, env_or, start, Backend, Mode};
+use stickylb_testkit::{client_ip, dead_port, echo_once, env_or, start, Backend, Mode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const REQUEST: [u8; 32] = *b"GET /ping 0123456789abcdefghijk\n";
 /// Connections in flight at once.
 const CONCURRENCY: u32 = 32;
 
@@ -227,7 +226,7 @@ async fn drive(lb: SocketAddr, scrape: Option<SocketAddr>, count: u32) -> (f64, 
                     if n >= count {
                         return;
                     }
-                    if one(client_ip(n), lb).await.is_err() {
+                    if echo_once(client_ip(n), lb).await.is_err() {
                         failed.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -242,17 +241,6 @@ async fn drive(lb: SocketAddr, scrape: Option<SocketAddr>, count: u32) -> (f64, 
         scraper.abort();
     }
     (secs, failed.load(Ordering::Relaxed))
-}
-
-async fn one(ip: Ipv4Addr, lb: SocketAddr) -> std::io::Result<()> {
-    let mut stream = connect_from(ip, lb).await?;
-    stream.write_all(&REQUEST).await?;
-    let mut reply = [0u8; REQUEST.len()];
-    stream.read_exact(&mut reply).await?;
-    if reply != REQUEST {
-        return Err(std::io::Error::other("wrong echo"));
-    }
-    Ok(())
 }
 
 async fn get_metrics(addr: SocketAddr) -> std::io::Result<usize> {

@@ -7,8 +7,15 @@
 //! finish for `shutdownTimeout`, then exits 0; a second one exits at once (code 1, since
 //! connections were cut). SIGHUP reloads the config; so does a change to the config file (unless
 //! `--no-watch`).
+//!
+//! Signals are safe from the first instruction: SIGHUP is caught before anything else (a
+//! SIGHUP during start-up is noted and reloads once the reloader runs, rather than ending the
+//! process), and a reload never delays SIGTERM or SIGINT: it runs on its own task, which the
+//! shutdown stops without waiting for it (see [`crate::reload`]). Once the drain has begun,
+//! neither SIGHUP nor a file change reloads any more.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
@@ -48,8 +55,26 @@ enum Command {
     Demo,
 }
 
+/// Makes SIGHUP harmless from here on (see [`sys::hold_hangups`]). The binary calls it before
+/// `main`, from a constructor (src/main.rs); it is safe there, before Rust's runtime is set up:
+/// it makes one system call and stores the outcome in an atomic.
+pub fn hold_hangups() {
+    HANGUPS_HELD.store(sys::hold_hangups().is_ok(), Ordering::SeqCst);
+}
+
+/// Whether [`hold_hangups`] succeeded.
+static HANGUPS_HELD: AtomicBool = AtomicBool::new(false);
+
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
+    // Done already before `main` by the binary; here for any other caller, and to say so if
+    // it cannot be done.
+    if !HANGUPS_HELD.load(Ordering::SeqCst) {
+        hold_hangups();
+        if !HANGUPS_HELD.load(Ordering::SeqCst) {
+            eprintln!("warning: cannot catch SIGHUP; a SIGHUP during start-up ends the process");
+        }
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -68,6 +93,15 @@ fn check(path: &Path) -> i32 {
     match Config::load(path) {
         Ok(config) => {
             for warning in &config.warnings {
+                eprintln!("warning: {warning}");
+            }
+            // The limit the process will run with: start-up raises the soft fd limit to the
+            // hard one, so a derived maxConnections comes from the hard limit.
+            let max = match config.max_connections {
+                0 => crate::proxy::admission::derived_max_connections(sys::fd_hard_limit()),
+                max => max,
+            };
+            if let Some(warning) = one_address_can_take_every_slot(&config, max) {
                 eprintln!("warning: {warning}");
             }
             // The resolved addresses go to stderr, so that stdout is itself a valid config.
@@ -105,6 +139,10 @@ fn init_logging() {
 
 fn run(path: &Path, demo: bool, watch: bool) -> i32 {
     init_logging();
+    // Large blocks (a large config's parse) go back to the OS when freed.
+    sys::pin_malloc_thresholds();
+    // A SIGHUP before this point asked to re-read a file not read yet: nothing to do.
+    sys::take_hangup();
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(e) => {
@@ -196,26 +234,40 @@ async fn serve(config: Config, demo: bool, watch: bool) -> i32 {
         });
         match dropped {
             Ok(user) => {
+                if user.uid == 0 {
+                    tracing::warn!(
+                        user = %user.name,
+                        "downgradeToUser names root (uid 0): stickylb keeps every privilege; \
+                         name an unprivileged user such as \"nobody\""
+                    );
+                }
                 tracing::info!(user = %user.name, uid = user.uid, gid = user.gid, "dropped privileges")
             }
             Err(e) => {
-                tracing::error!("cannot switch to user {spec:?} (downgradeToUser): {e}");
+                tracing::error!(
+                    "{}: downgradeToUser: cannot switch to user {spec}: {e}",
+                    path.display()
+                );
                 return 1;
             }
         }
+    }
+    let max_connections = server.proxy().max_connections(&server.proxy().config());
+    if let Some(warning) = one_address_can_take_every_slot(&server.config(), max_connections) {
+        tracing::warn!("{warning}");
     }
     tracing::info!(
         listen = %server.local_addr(),
         targets = %targets.join(", "),
         config = %path.display(),
         fd_limit = sys::fd_limit(),
-        max_connections = server.proxy().max_connections(&server.proxy().config()),
+        max_connections,
         "stickylb {} listening", env!("CARGO_PKG_VERSION")
     );
 
     let reloader = Reloader::new(server.clone());
-    // Dropping the watcher stops it; it lives until shutdown.
-    let _watcher = if watch {
+    // Dropping the watcher stops it; it lives until shutdown begins.
+    let mut watcher = if watch {
         match reloader.watch() {
             Ok(watcher) => Some(watcher),
             Err(e) => {
@@ -228,10 +280,16 @@ async fn serve(config: Config, demo: bool, watch: bool) -> i32 {
     } else {
         None
     };
+    if sys::take_hangup() {
+        tracing::info!("SIGHUP during start-up: reloading");
+        reloader.request(Trigger::Signal);
+    }
+    // A reload only asks: it runs on the reloader's own task, so that this loop is always
+    // ready for the next signal, SIGTERM included.
     loop {
         match signals.next().await {
             Signal::Hangup => {
-                let _ = reloader.reload(Trigger::Signal).await;
+                reloader.request(Trigger::Signal);
             }
             Signal::Stop(name) => {
                 tracing::info!(
@@ -243,21 +301,56 @@ async fn serve(config: Config, demo: bool, watch: bool) -> i32 {
             }
         }
     }
-    tokio::select! {
-        drained = server.shutdown() => {
-            if drained {
-                tracing::info!("all connections finished; exiting");
-            } else {
-                tracing::warn!("shutdownTimeout reached; the remaining connections were reset");
+    // No reload from now on: the drain must not reopen a listener or switch the config. A
+    // reload still running is abandoned, not awaited.
+    reloader.stop();
+    watcher.take();
+    let shutdown = server.shutdown();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            drained = &mut shutdown => {
+                if drained {
+                    tracing::info!("all connections finished; exiting");
+                } else {
+                    tracing::warn!("shutdownTimeout reached; the remaining connections were reset");
+                }
+                return 0;
             }
-            0
-        }
-        signal = signals.next_stop() => {
-            tracing::warn!(signal, open = server.active(), "second signal: resetting every connection and exiting");
-            server.cut_all().await;
-            1
+            signal = signals.next() => match signal {
+                Signal::Hangup => tracing::info!("SIGHUP ignored: shutting down"),
+                Signal::Stop(name) => {
+                    tracing::warn!(signal = name, open = server.active(), "second signal: resetting every connection and exiting");
+                    server.cut_all().await;
+                    return 1;
+                }
+            },
         }
     }
+}
+
+/// The warning for a config where one client address can hold every connection slot (see the
+/// README's "Limits"): `maxConnectionsPerClient` is 0 (unlimited) and `max_connections`, the
+/// limit in force (set, or derived from the fd limit), is within what one address can open.
+/// One address can hold at most one connection per source port to the listener, so a limit
+/// above 65,535 cannot be filled from one address, and no warning is given then.
+fn one_address_can_take_every_slot(config: &Config, max_connections: u64) -> Option<String> {
+    const ONE_ADDRESS: u64 = 65_535;
+    if config.max_connections_per_client != 0 || max_connections > ONE_ADDRESS {
+        return None;
+    }
+    let how = match config.max_connections {
+        0 => "derived from the file descriptor limit",
+        _ => "set",
+    };
+    Some(format!(
+        "{}: maxConnectionsPerClient: 0 (unlimited) while maxConnections is {max_connections} \
+         ({how}): one client address can take every connection slot and lock everyone else \
+         out; set maxConnectionsPerClient (for example {}) unless many clients share one \
+         address (NAT)",
+        config.path.display(),
+        (max_connections / 10).max(1)
+    ))
 }
 
 enum Signal {
@@ -285,13 +378,6 @@ impl Signals {
             _ = self.term.recv() => Signal::Stop("SIGTERM"),
             _ = self.int.recv() => Signal::Stop("SIGINT"),
             _ = self.hup.recv() => Signal::Hangup,
-        }
-    }
-
-    async fn next_stop(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
         }
     }
 }

@@ -22,11 +22,14 @@ pub enum Reject {
     NoTarget,
     /// A trusted upstream (`acceptProxyProtocol`) sent no valid PROXY header in time.
     ProxyHeader,
+    /// The client is stickylb itself: the connection came from one of its own outgoing
+    /// sockets, so a target leads back into the listener.
+    Loop,
 }
 
 impl Reject {
     /// How many reasons there are (the size of per-reason arrays).
-    pub const COUNT: usize = 5;
+    pub const COUNT: usize = 6;
 
     /// Every reason, in the order of their counters.
     pub const ALL: [Reject; Reject::COUNT] = [
@@ -35,6 +38,7 @@ impl Reject {
         Reject::ClientLimit,
         Reject::NoTarget,
         Reject::ProxyHeader,
+        Reject::Loop,
     ];
 
     /// The `reason` label value.
@@ -45,6 +49,7 @@ impl Reject {
             Reject::ClientLimit => "client_limit",
             Reject::NoTarget => "no_target",
             Reject::ProxyHeader => "proxy_header",
+            Reject::Loop => "loop",
         }
     }
 }

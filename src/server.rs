@@ -45,7 +45,8 @@ pub struct Server {
     proxy: Arc<Proxy>,
     /// The accept loop of the current listener; `None` once stopped.
     accept: Mutex<Option<AcceptLoop>>,
-    /// Turns true at shutdown: stops the session sweeper.
+    /// Turns true at shutdown: stops the session sweeper, and tells a reload still running
+    /// that it may change nothing any more.
     stopped: watch::Sender<bool>,
     /// The health-check tasks of the targets that have checks.
     health: Checks,
@@ -153,7 +154,8 @@ impl Server {
     }
 
     /// Starts accepting on `listener`, then closes the previous listener. Connections the old
-    /// one accepted go on. Returns the new address.
+    /// one accepted go on. Returns the new address. Once the server is stopping, refuses (and
+    /// closes `listener`): a reload that finishes during the drain must not listen again.
     pub(crate) async fn replace_listener(
         &self,
         listener: std::net::TcpListener,
@@ -161,7 +163,20 @@ impl Server {
     ) -> io::Result<SocketAddr> {
         let new = AcceptLoop::start(listener, self.proxy.clone(), keepalive)?;
         let addr = new.addr;
-        let old = self.lock_accept().replace(new);
+        let (old, refused) = {
+            let mut accept = self.lock_accept();
+            // Checked under the lock `stop_accepting` takes after setting the flag, so either
+            // it sees this listener and stops it, or this sees the flag.
+            if self.is_stopping() {
+                (None, Some(new))
+            } else {
+                (accept.replace(new), None)
+            }
+        };
+        if let Some(refused) = refused {
+            refused.stop().await;
+            return Err(io::Error::other("shutting down"));
+        }
         if let Some(old) = old {
             old.stop().await;
         }
@@ -183,10 +198,15 @@ impl Server {
         }
     }
 
+    /// True once [`Server::stop_accepting`] (or [`Server::shutdown`]) has begun.
+    pub fn is_stopping(&self) -> bool {
+        *self.stopped.borrow()
+    }
+
     /// Closes the listener: from now on new connects are refused; open connections go on.
     /// Returns once the listener is closed.
     pub async fn stop_accepting(&self) {
-        let _ = self.stopped.send(true);
+        self.stopped.send_replace(true);
         self.health.stop();
         let current = self.lock_accept().take();
         if let Some(current) = current {

@@ -1,5 +1,6 @@
-//! What stickylb asks of the operating system directly: the file-descriptor limit and dropping
-//! privileges after binding.
+//! What stickylb asks of the operating system directly: the file-descriptor limit, dropping
+//! privileges after binding, the machine's own addresses, handing freed memory back, and a
+//! SIGHUP caught before the runtime's signal handling is up.
 //!
 //! Each proxied connection costs two descriptors (two more per direction that holds a splice
 //! pipe), so the soft limit, often 1024, would cap a balancer at a few hundred connections.
@@ -8,12 +9,56 @@
 
 use std::ffi::CString;
 use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// `downgradeToUser`: a user name or a numeric uid.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UserSpec {
     Name(String),
     Uid(u32),
+}
+
+impl std::fmt::Display for UserSpec {
+    /// As written in the config: the name, or `uid N`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UserSpec::Name(name) => f.write_str(name),
+            UserSpec::Uid(uid) => write!(f, "uid {uid}"),
+        }
+    }
+}
+
+/// Set by [`hold_hangups`]'s handler: a SIGHUP arrived.
+static HANGUP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn note_hangup(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    HANGUP.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGHUP harmless from the first instruction: its default action ends the process,
+/// and `systemctl reload` right after `start` can send one before the runtime's own signal
+/// handling is installed. The handler only notes that a SIGHUP came ([`take_hangup`]); the
+/// runtime's handler, installed later, chains to it and takes over.
+pub fn hold_hangups() -> io::Result<()> {
+    // SAFETY: a zeroed sigaction is valid; the handler is an extern "C" fn that only stores an
+    // atomic, and sigemptyset/sigaction get valid pointers.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = note_hangup as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(libc::SIGHUP, &action, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Whether a SIGHUP arrived since the last call (or since [`hold_hangups`]).
+pub fn take_hangup() -> bool {
+    HANGUP.swap(false, Ordering::SeqCst)
 }
 
 /// The current `RLIMIT_NOFILE`.
@@ -52,6 +97,51 @@ pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
 #[allow(clippy::unnecessary_cast)]
 pub fn fd_limit() -> u64 {
     nofile().map_or(1024, |limit| limit.rlim_cur as u64)
+}
+
+/// The hard `RLIMIT_NOFILE`: the soft limit stickylb runs with, since start-up raises it to
+/// this (1024 if it cannot be read).
+#[allow(clippy::unnecessary_cast)]
+pub fn fd_hard_limit() -> u64 {
+    nofile().map_or(1024, |limit| limit.rlim_max as u64)
+}
+
+/// The addresses of this machine's network interfaces, IPv4 and IPv6 (getifaddrs(3)): what a
+/// wildcard listener (`0.0.0.0`, `::`) also receives connections on.
+pub fn local_addresses() -> io::Result<Vec<IpAddr>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list that freeifaddrs releases below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut addrs = Vec::new();
+    let mut next = list;
+    while !next.is_null() {
+        // SAFETY: `next` is a node of the list getifaddrs returned, not yet freed; ifa_addr,
+        // when not null, points to a sockaddr whose family says which struct it is.
+        unsafe {
+            let ifa = &*next;
+            if !ifa.ifa_addr.is_null() {
+                match i32::from((*ifa.ifa_addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                        addrs.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                            sin.sin_addr.s_addr,
+                        ))));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                        addrs.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+                    }
+                    _ => {}
+                }
+            }
+            next = ifa.ifa_next;
+        }
+    }
+    // SAFETY: the list from getifaddrs, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(addrs)
 }
 
 /// A user looked up in the password database.
@@ -106,9 +196,9 @@ pub fn lookup_user(spec: &UserSpec) -> io::Result<User> {
                 uid: *uid,
                 gid: *uid,
             }),
-            UserSpec::Name(name) => Err(io::Error::new(
+            UserSpec::Name(_) => Err(io::Error::new(
                 io::ErrorKind::NotFound,
-                format!("no user named {name:?} in the password database"),
+                "no such user in the password database",
             )),
         };
     }
@@ -148,6 +238,35 @@ pub fn drop_privileges(user: &User) -> io::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Hands memory the allocator holds but no longer uses back to the OS (glibc's
+/// `malloc_trim(0)`, which goes through every thread's arena and releases whole free pages
+/// inside the heaps too, not only at their tops). Called after parsing a large config: without
+/// it, the blocks of a big parsed document stay with the allocator after it is dropped, and
+/// RSS stays at the peak of the parse. Elsewhere than glibc it does nothing.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions; it only walks the allocator's own lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Pins glibc's mmap threshold at its default, 128 KiB, which also keeps the trim threshold at
+/// its default (glibc stops adapting both once either is set). By default glibc raises them
+/// each time a large block is freed (up to 32 and 64 MiB): after a large config was parsed and
+/// freed once, the next parse's large blocks come from the heap instead of mmap(2), and up to
+/// 64 MiB of freed heap stays in the process, which [`release_free_memory`] cannot give back
+/// from a worker thread's heap. Pinned, a block of 128 KiB or more is always its own mapping,
+/// returned to the OS when freed. The data path allocates nothing that large per connection.
+/// Elsewhere than glibc it does nothing.
+pub fn pin_malloc_thresholds() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's tuning; called before other threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
 }
 
 fn with_context(call: &str, error: io::Error) -> io::Error {

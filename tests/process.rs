@@ -218,7 +218,97 @@ fn an_unknown_user_is_a_startup_error() {
     let stderr = startup_error(&format!(
         r#"{{"sourceHost": "127.0.0.1", "sourcePort": {port}, "metricsPort": null, "downgradeToUser": "no-such-user-xyz", "targets": [{{"host": "127.0.0.1", "port": 9}}]}}"#
     ));
-    assert!(stderr.contains("no-such-user-xyz"), "{stderr}");
+    assert!(
+        stderr.contains("downgradeToUser: cannot switch to user no-such-user-xyz: no such user"),
+        "the name as written: {stderr}"
+    );
+    assert!(!stderr.contains("Name("), "no Rust debug form: {stderr}");
+}
+
+/// `stickylb check --config` on `config` (with `nofile` as the soft and hard fd limit, if
+/// given): exit code and stderr.
+fn check_with(config: serde_json::Value, nofile: Option<u64>) -> (Option<i32>, String) {
+    let dir = TempDir::new("check");
+    let path = dir.path("config.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let mut command = Command::new(BIN);
+    command.args(["check", "--config"]).arg(&path);
+    if let Some(n) = nofile {
+        child::limit_nofile(&mut command, n);
+    }
+    let out = command.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn with(extra: serde_json::Value) -> serde_json::Value {
+    let mut config: serde_json::Value =
+        serde_json::from_str(&config_text(&[dead_port()], extra)).unwrap();
+    config["sourcePort"] = dead_port().port().into();
+    config
+}
+
+#[test]
+fn downgrade_to_root_is_legal_but_warned_about() {
+    for user in [serde_json::json!("root"), serde_json::json!(0)] {
+        let (code, stderr) = check_with(with(serde_json::json!({"downgradeToUser": user})), None);
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(
+            stderr.contains("warning: ") && stderr.contains("downgradeToUser: names root (uid 0)"),
+            "{user}: {stderr}"
+        );
+    }
+    let (_, stderr) = check_with(with(serde_json::json!({"downgradeToUser": "nobody"})), None);
+    assert!(!stderr.contains("names root"), "{stderr}");
+}
+
+/// One client address can hold at most 65,535 connections to one listener (one per source
+/// port): a `maxConnections` within that, with no per-client limit, lets one address take every
+/// slot. Legal (clients behind one NAT need it), but warned about.
+#[test]
+fn one_address_able_to_take_every_slot_is_warned_about() {
+    let warning = "maxConnectionsPerClient: 0 (unlimited) while maxConnections is";
+    let (code, stderr) = check_with(with(serde_json::json!({"maxConnections": 1000})), None);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains(warning), "{stderr}");
+    assert!(stderr.contains("1000 (set)"), "{stderr}");
+    assert!(stderr.contains("set maxConnectionsPerClient"), "{stderr}");
+    // Derived from the fd limit: (1024 - 128) / 2 = 448.
+    let (_, stderr) = check_with(with(serde_json::json!({})), Some(1024));
+    assert!(
+        stderr.contains(&format!(
+            "{warning} 448 (derived from the file descriptor limit)"
+        )),
+        "{stderr}"
+    );
+    // No warning with a per-client limit, or a limit one address cannot fill.
+    for extra in [
+        serde_json::json!({"maxConnections": 1000, "maxConnectionsPerClient": 50}),
+        serde_json::json!({"maxConnections": 100000}),
+    ] {
+        let (code, stderr) = check_with(with(extra.clone()), None);
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(!stderr.contains(warning), "{extra}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_up_log_warns_when_one_address_can_take_every_slot() {
+    let backend = Backend::start("echo", Mode::Echo).await;
+    let lb = Balancer::spawn_with_args(
+        BIN,
+        "slots",
+        &[],
+        &[backend.addr],
+        serde_json::json!({"maxConnections": 500}),
+    );
+    let line = lb.wait_for_line("maxConnectionsPerClient: 0 (unlimited)");
+    assert!(
+        line.contains("WARN") && line.contains("500 (set)"),
+        "{line}"
+    );
 }
 
 /// SIGHUP reloads (here with `--no-watch`, so the signal is the only trigger): a bad file is

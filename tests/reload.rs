@@ -183,6 +183,75 @@ async fn bad_edits_leave_the_running_config_serving() {
     assert!(!server.snapshot().last_reload_failed);
 }
 
+/// A path that is not a regular file (a named pipe with no writer here) is a counted, logged
+/// failure at once, never a read that waits, and nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_pipe_in_place_of_the_file_is_a_counted_failure_not_a_hang() {
+    let f = fixture("fifo").await;
+    let path = f.dir.path("config.json");
+    std::fs::write(&path, config_text(&[f.a.addr], serde_json::json!({}))).unwrap();
+    let server = start_from_file(&path, false);
+    let reloader = Reloader::new(server.clone());
+    std::fs::remove_file(&path).unwrap();
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for trigger in [Trigger::Signal, Trigger::File] {
+        let result = tokio::time::timeout(PATIENCE, reloader.reload(trigger))
+            .await
+            .expect("the reload ends instead of waiting for a writer");
+        let error = result.expect_err("rejected").to_string();
+        assert!(error.contains("is a named pipe (FIFO)"), "{error}");
+    }
+    let s = server.snapshot();
+    assert_eq!((s.reloads_success, s.reloads_failure), (0, 2));
+    assert!(s.last_reload_failed);
+    assert_eq!(
+        which(client_ip(1), server.local_addr()).await.unwrap().0,
+        "a"
+    );
+}
+
+/// Once shutdown has begun, a reload changes nothing: above all, it does not listen again
+/// on a new port during the drain. It is not counted as a failure either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_after_shutdown_began_changes_nothing() {
+    let f = fixture("stopping").await;
+    let path = f.dir.path("config.json");
+    std::fs::write(&path, config_text(&[f.a.addr], serde_json::json!({}))).unwrap();
+    let server = start_from_file(&path, false);
+    let reloader = Reloader::new(server.clone());
+    server.stop_accepting().await;
+    let new_port = dead_port();
+    std::fs::write(
+        &path,
+        config_text(
+            &[f.b.addr],
+            serde_json::json!({"sourcePort": new_port.port()}),
+        ),
+    )
+    .unwrap();
+    let result = reloader.reload(Trigger::Signal).await;
+    assert!(
+        matches!(result, Err(stickylb::reload::ReloadError::ShuttingDown)),
+        "{result:?}"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(new_port).await.is_err(),
+        "no listener on the new port"
+    );
+    assert_eq!(
+        server.config().targets[0].addr,
+        f.a.addr,
+        "config unchanged"
+    );
+    let s = server.snapshot();
+    assert_eq!((s.reloads_success, s.reloads_failure), (0, 0));
+    // And no reload is even started by a request after `stop`.
+    reloader.stop();
+    assert!(!reloader.request(Trigger::Signal));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_written_file_is_never_applied_and_the_complete_one_is() {
     let f = fixture("half").await;

@@ -13,21 +13,27 @@
 //!   exchange within [`HEAD_TIMEOUT`] + [`WRITE_TIMEOUT`] (a client that stops reading the
 //!   response is dropped then). One request per connection (`Connection: close`).
 //! - **Slots after accept**: at most [`MAX_CONNECTIONS`] connections are served at once. A slot
-//!   is taken once a connection is accepted, and a connection that finds none is answered
-//!   `503` at once; so trickling clients cannot queue a new scrape behind them, and each of
-//!   them is gone after [`HEAD_TIMEOUT`].
-//! - **One render for concurrent scrapes**: scrapes that arrive while the exposition is being
-//!   rendered wait for the next render rather than each starting their own, and share its
-//!   bytes (a client that never reads holds a reference, not a copy).
+//!   is taken once a connection is accepted, never before, so a new scrape is never queued
+//!   behind trickling clients. When every slot is taken, the connection that has waited longest
+//!   for its request head is closed to make room (a trickling client holds a slot only until
+//!   enough newer connections arrive, and never longer than [`HEAD_TIMEOUT`]); only when every
+//!   slot is answering a request is a new connection answered `503` at once.
+//! - **One render for concurrent scrapes, at most one per [`RENDER_INTERVAL`]**: scrapes that
+//!   arrive while the exposition is being rendered, or less than the interval after a render
+//!   began, wait for the next render rather than each starting their own, and share its bytes
+//!   (a client that never reads holds a reference, not a copy). A scrape never sees numbers
+//!   older than its request.
 //!
 //! What it serves comes through one narrow interface, [`Source`]: a [`Snapshot`] of the
 //! balancer's counters and target states.
 
 pub mod prometheus;
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,13 +44,15 @@ use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::oneshot;
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::proxy::Snapshot;
 use crate::sockets;
 
-/// Connections served at once; a connection past it is answered `503` and closed.
+/// Connections served at once. Past it, the oldest connection still waiting for its request
+/// head makes room; if none is waiting, the new connection is answered `503` and closed.
 pub const MAX_CONNECTIONS: usize = 64;
 /// A request head (request line and headers) larger than this is answered `431`.
 pub const MAX_HEAD: usize = 16 * 1024;
@@ -57,6 +65,11 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The endpoint thread's nice value: under load the proxy's workers win the CPU.
 pub const NICE: i32 = 10;
+/// The shortest time between two renders of the exposition. Scrapers looping on `/metrics`
+/// get at most one render per interval between them (each render shared by all that wait
+/// for it), which bounds what they cost: renders, and bytes written. A Prometheus scraping
+/// every few seconds never waits.
+pub const RENDER_INTERVAL: Duration = Duration::from_millis(250);
 
 /// What the admin endpoint reads.
 pub trait Source: Send + Sync + 'static {
@@ -185,10 +198,17 @@ fn lower_priority() {
     }
 }
 
-/// Accepts connections and serves each in its own task, with a slot taken after `accept`. Like
-/// the balancer's, it never ends on an accept error.
+/// Accepts connections and serves each in its own task, at most [`MAX_CONNECTIONS`] at once.
+/// Like the balancer's, it never ends on an accept error.
+///
+/// When every slot is taken, the connection that has waited longest for its request head is
+/// closed to make room: a client that trickles its request (or sends nothing) holds a slot only
+/// until [`MAX_CONNECTIONS`] newer connections arrive, so trickling clients cannot keep a
+/// normal scrape out, however many there are. Only when every slot is answering a request (a
+/// response being written, to a client that may be slow to read it) is a new connection
+/// answered `503`.
 async fn accept_loop(listener: TcpListener, pages: Arc<Pages>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut served: VecDeque<Served> = VecDeque::with_capacity(MAX_CONNECTIONS);
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -201,30 +221,64 @@ async fn accept_loop(listener: TcpListener, pages: Arc<Pages>) {
                 continue;
             }
         };
-        match slots.clone().try_acquire_owned() {
-            Ok(slot) => {
-                let pages = pages.clone();
-                tokio::spawn(async move {
-                    serve(stream, pages).await;
-                    drop(slot);
-                });
+        served.retain(|s| !s.task.is_finished());
+        if served.len() >= MAX_CONNECTIONS {
+            // Oldest first: `served` is in accept order.
+            match served
+                .iter()
+                .position(|s| !s.answering.load(Ordering::Relaxed))
+            {
+                Some(i) => {
+                    if let Some(evicted) = served.remove(i) {
+                        tracing::debug!(
+                            "metrics connection without a request head closed to make room"
+                        );
+                        evicted.task.abort();
+                    }
+                }
+                None => {
+                    busy(stream);
+                    continue;
+                }
             }
-            Err(_) => busy(stream),
         }
+        let answering = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(serve(stream, pages.clone(), answering.clone()));
+        served.push_back(Served {
+            task: task.abort_handle(),
+            answering,
+        });
     }
 }
 
-/// Every slot is taken: answers `503` with what fits in the socket buffer now, and closes.
+/// A connection being served, as the accept loop keeps track of it.
+struct Served {
+    task: AbortHandle,
+    /// Set once its request head has arrived: it is answering, not waiting.
+    answering: Arc<AtomicBool>,
+}
+
+/// Every slot is answering a request: answers `503` with what fits in the socket buffer now,
+/// and closes. What the client sent already is read first (without waiting), so that the
+/// close is a FIN and the client can read the answer, not a reset.
 fn busy(stream: TcpStream) {
+    let mut discard = [0u8; 4096];
+    for _ in 0..16 {
+        if !matches!(stream.try_read(&mut discard), Ok(n) if n > 0) {
+            break;
+        }
+    }
     let _ = stream.try_write(
         b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n\
           Connection: close\r\n\r\n",
     );
 }
 
-/// Serves one connection: one request, within the timeouts.
-async fn serve(stream: TcpStream, pages: Arc<Pages>) {
+/// Serves one connection: one request, within the timeouts. Sets `answering` once the request
+/// head has arrived.
+async fn serve(stream: TcpStream, pages: Arc<Pages>, answering: Arc<AtomicBool>) {
     let service = hyper::service::service_fn(move |request| {
+        answering.store(true, Ordering::Relaxed);
         let pages = pages.clone();
         async move { Ok::<_, Infallible>(pages.respond(request).await) }
     });
@@ -285,7 +339,9 @@ impl Pages {
     }
 
     /// The exposition, rendered after this call began: a scrape never sees numbers older than
-    /// its request. Scrapes that queue behind one render share the next.
+    /// its request. Scrapes that queue behind one render share the next, and renders start at
+    /// least [`RENDER_INTERVAL`] apart: a scrape that comes sooner waits for the next one
+    /// (holding the lock, so that every scrape arriving meanwhile shares it too).
     async fn exposition(&self) -> Bytes {
         let arrived = Instant::now();
         let mut last = self.exposition.lock().await;
@@ -293,6 +349,7 @@ impl Pages {
             if *started >= arrived {
                 return body.clone();
             }
+            tokio::time::sleep_until(*started + RENDER_INTERVAL).await;
         }
         let started = Instant::now();
         let body = Bytes::from(prometheus::render(&self.source.snapshot()));

@@ -22,7 +22,13 @@ pub enum ConfigError {
         source: std::io::Error,
     },
 
-    /// The text is not JSON. `line` and `column` are 1-based, as editors show them.
+    /// The path is not a file stickylb reads as a config: not a regular file (a directory, a
+    /// named pipe, a device, ...), or larger than [`super::MAX_BYTES`].
+    #[error("{}: {message}", file.display())]
+    File { file: PathBuf, message: String },
+
+    /// The text is not JSON, or nests deeper or holds more values than a config file may (see
+    /// [`super::MAX_DEPTH`]). `line` and `column` are 1-based, as editors show them.
     #[error("{}:{line}:{column}: invalid JSON: {message}", file.display())]
     Syntax {
         file: PathBuf,

@@ -1,6 +1,9 @@
 //! The config file: LoadBalancer.js-compatible JSON → a validated, resolved [`Config`].
 //!
 //! Stages, each of which can fail with a [`ConfigError`] that names the file and the JSON path:
+//! 0. the file: only a regular file of at most [`MAX_BYTES`] is read, and its JSON may nest at
+//!    most [`MAX_DEPTH`] deep and hold at most [`MAX_VALUES`] values, so that no file can make
+//!    a read block or a parse take unbounded memory (see `file.rs`);
 //! 1. syntax: the text is parsed as JSON (errors carry line and column);
 //! 2. shape: every key is checked against the table of §1 of the design (unknown keys are
 //!    rejected with the nearest valid key as a suggestion, wrong types and out-of-range values
@@ -18,6 +21,7 @@ use std::time::Duration;
 
 mod cidr;
 mod error;
+mod file;
 mod parse;
 
 pub use crate::addr::ClientPrefix;
@@ -26,6 +30,7 @@ pub use crate::sockets::Keepalive;
 pub use crate::sys::UserSpec;
 pub use cidr::{Cidr, ParseCidrError};
 pub use error::ConfigError;
+pub use file::{MAX_BYTES, MAX_CONTAINERS, MAX_DEPTH, MAX_VALUES};
 
 /// A target as configured and resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,6 +164,12 @@ impl Config {
     /// DNS): call it from a blocking context.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         parse::load(path)
+    }
+
+    /// Reads the config file at `path` as text: a regular file of at most [`MAX_BYTES`] (see
+    /// stage 0 above). Blocking, but never waits for a writer or reads without bound.
+    pub fn read(path: &Path) -> Result<String, ConfigError> {
+        file::read(path)
     }
 
     /// Parses, validates and resolves `text`, naming `path` in any error.

@@ -20,11 +20,12 @@
 //!   carry the mean), above [`MAX_HASH_BALANCE_FACTOR`] too; with `stickiness: false` it is
 //!   accepted with a warning that it has no effect.
 use super::{Cidr, ClientPrefix, Config, ConfigError, Keepalive, TargetSpec, UserSpec};
+use crate::addr::canonical_ip;
 use crate::proxy_protocol::Version as ProxyVersion;
 use health_check::TargetCheck;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -127,6 +128,16 @@ const KEYS: &[(&str, Apply)] = &[
             }
             _ => return Err(f.expected("a user name such as \"nobody\", or a numeric uid")),
         };
+        if matches!(&b.downgrade_to_user, Some(UserSpec::Uid(0)))
+            || matches!(&b.downgrade_to_user, Some(UserSpec::Name(n)) if n == "root")
+        {
+            b.warn(
+                f,
+                "names root (uid 0): dropping to it keeps every privilege; name an \
+                 unprivileged user such as \"nobody\""
+                    .to_string(),
+            );
+        }
         Ok(())
     }),
     ("schedulingPolicy", |b, f| {
@@ -291,18 +302,28 @@ const TARGET_KEYS: &[&str] = &[
 /// The keys of `clientPrefix`.
 const CLIENT_PREFIX_KEYS: &[&str] = &["ipv4", "ipv6"];
 
-/// Reads the file at `path` and parses it.
+/// Reads the file at `path` (see `file.rs` for what it refuses) and parses it.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-        file: path.to_path_buf(),
-        source,
-    })?;
-    parse(path, &text)
+    parse(path, &super::file::read(path)?)
 }
+
+/// Above this many bytes of text, the memory a parse freed is handed back to the OS at its end.
+const TRIM_ABOVE: usize = 64 * 1024;
 
 /// Parses, validates and resolves `text`; `path` is only named in errors and kept in the
 /// result.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let result = parse_document(path, text);
+    // The JSON tree is gone by now. Its many small blocks would stay with the allocator
+    // (glibc keeps freed memory for reuse), so a large file, rejected or not, would leave the
+    // process as big as its parse was; trimming gives them back (`sys::release_free_memory`).
+    if text.len() > TRIM_ABOVE {
+        crate::sys::release_free_memory();
+    }
+    result
+}
+
+fn parse_document(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let doc = syntax(path, text)?;
     let Value::Object(map) = &doc else {
         return Err(ConfigError::Invalid {
@@ -338,6 +359,7 @@ fn syntax(path: &Path, text: &str) -> Result<Value, ConfigError> {
             message: "the file is empty (expected a JSON object)".to_string(),
         });
     }
+    super::file::check_shape(path, text)?;
     serde_json::from_str(text).map_err(|e| {
         let full = e.to_string();
         // serde_json appends " at line L column C"; the position goes in front instead.
@@ -487,10 +509,17 @@ impl Builder {
             }
         }
 
+        // Only a wildcard listener receives on the interfaces' addresses; ask the OS once. If it
+        // cannot say, loopback and the listener's own address are still checked.
+        let local = if listen.ip().is_unspecified() {
+            crate::sys::local_addresses().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let mut resolved = Vec::with_capacity(targets.len());
         for (i, t) in targets.into_iter().enumerate() {
             let addr = resolve(file, i, &t.host, t.port)?;
-            if is_own_listener(listen, addr) {
+            if is_own_listener(listen, addr, &local) {
                 let target = match t.host.parse::<IpAddr>() {
                     Ok(_) => addr.to_string(),
                     Err(_) => format!("{}:{} (resolved to {addr})", t.host, t.port),
@@ -551,14 +580,27 @@ impl Builder {
     }
 }
 
-/// Whether connecting to `target` reaches the listener itself: the same port, on the
-/// listening address or on a loopback or wildcard address that the listener covers.
-/// (A target on the same port of another machine is the common case and is fine.)
-fn is_own_listener(listen: SocketAddr, target: SocketAddr) -> bool {
-    let ip = target.ip();
-    target.port() == listen.port()
-        && binds_over(listen.ip(), ip)
-        && (ip == listen.ip() || ip.is_loopback() || ip.is_unspecified())
+/// Whether connecting to `target` reaches the listener itself, in any spelling: the same port,
+/// and an address the listener receives on. `::ffff:a.b.c.d` is `a.b.c.d`; a connect to the
+/// unspecified address (`0.0.0.0`, `::`) goes to the loopback address of its family; a
+/// wildcard listener (`0.0.0.0`, or `::`, which is dual-stack) receives on every loopback
+/// address and every address of the machine's interfaces (`local`, from getifaddrs). (A
+/// target on the same port of another machine is the common case and is fine.)
+fn is_own_listener(listen: SocketAddr, target: SocketAddr, local: &[IpAddr]) -> bool {
+    if target.port() != listen.port() {
+        return false;
+    }
+    let to = match canonical_ip(target.ip()) {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    let on_this_machine = || to.is_loopback() || local.contains(&to);
+    match canonical_ip(listen.ip()) {
+        IpAddr::V4(ip) if ip.is_unspecified() => to.is_ipv4() && on_this_machine(),
+        IpAddr::V6(ip) if ip.is_unspecified() => on_this_machine(),
+        ip => to == ip,
+    }
 }
 
 /// Whether a socket bound to `bound` also receives connections addressed to `ip` on the same

@@ -6,8 +6,10 @@
 //! (`connections_rejected_total{reason}`) and logged at most once a second per reason, with the
 //! number suppressed meanwhile, so a flood cannot flood the log too.
 //!
-//! The checks, in order, all read from the connection's config snapshot (so a reload changes
-//! them for new connections):
+//! Before these checks, a connection from one of stickylb's own outgoing sockets (a target that
+//! leads back to the listener) is refused as `loop` (see `own_sockets.rs`). The checks, in
+//! order, all read from the connection's config snapshot (so a reload changes them for new
+//! connections):
 //! 1. `allow`/`deny` (deny wins; a non-empty allow admits only its ranges);
 //! 2. `maxConnections`: open client connections, including this one. `0` (the default) derives
 //!    it from the file-descriptor limit, see [`derived_max_connections`];

@@ -3,6 +3,8 @@
 //! - [`listener`]: binds the listening socket and runs the accept loop.
 //! - [`admission`]: which accepted connections are served, and which are refused at once.
 //! - [`connect`]: connect to a target with a timeout.
+//! - [`own_sockets`]: the local addresses of stickylb's own outgoing sockets, so that a target
+//!   that loops back into the listener is refused at its first turn.
 //! - [`relay`]: both directions of one connection, half-close and reset semantics;
 //!   `splice` (Linux) and [`copy`]: the two ways one direction moves bytes.
 //! - [`cut`]: how a connection ended when it did not end cleanly (who failed, and how), and
@@ -25,6 +27,7 @@ pub(crate) mod copy;
 pub(crate) mod cut;
 mod header;
 pub(crate) mod listener;
+pub(crate) mod own_sockets;
 pub(crate) mod relay;
 mod snapshot;
 #[cfg(target_os = "linux")]
@@ -49,6 +52,7 @@ use crate::proxy_protocol::Header;
 use crate::sockets;
 use admission::{derived_max_connections, ClientCounts, ClientSlot, RefusalLog};
 use cut::{Cut, CutSignal};
+use own_sockets::{Held, OwnSockets};
 use relay::{Ended, Meter};
 
 /// Everything a connection handler reads.
@@ -69,6 +73,9 @@ pub(crate) struct Proxy {
     refusals: RefusalLog,
     /// `maxConnections` when the config leaves it at 0: derived from the fd limit at start.
     derived_max_connections: u64,
+    /// Local addresses of live connections to targets: a client connecting from one of them
+    /// is stickylb itself (a target that loops back), refused as `loop`.
+    own: OwnSockets,
 }
 
 impl Proxy {
@@ -83,6 +90,7 @@ impl Proxy {
             clients: ClientCounts::default(),
             refusals: RefusalLog::default(),
             derived_max_connections: derived_max_connections(crate::sys::fd_limit()),
+            own: OwnSockets::new(crate::sys::fd_limit()),
         })
     }
 
@@ -142,6 +150,12 @@ impl Proxy {
         let accepted = Instant::now();
         let generation = self.store.load_full();
         let config = &generation.config;
+        // A connection from one of our own outgoing sockets: a target leads back into the
+        // listener (through DNS or NAT, beyond what the config check can see). Refused at its
+        // first turn, so a loop costs one connection, not thousands.
+        if self.own.contains(peer) {
+            return self.refuse(Reject::Loop, "", peer.ip());
+        }
         if self.active() > self.max_connections(config) {
             return self.refuse(Reject::Limit, "", peer.ip());
         }
@@ -165,8 +179,8 @@ impl Proxy {
             _ = self.cut.wait() => return,
             connected = self.connect(&mut route, config) => connected,
         };
-        let server = match connected {
-            Ok(server) => server,
+        let (server, _own) = match connected {
+            Ok(connected) => connected,
             Err(reason) => return self.refuse(reason, "", client_ip),
         };
         let mut server_guard = ResetOnDrop::new(&server);
@@ -287,18 +301,23 @@ impl Proxy {
     }
 
     /// Connects to the route's target, and on failure deactivates it and tries the next one,
-    /// until one connects or the route gives up.
-    async fn connect(&self, route: &mut Route<'_>, config: &Config) -> Result<TcpStream, Reject> {
+    /// until one connects or the route gives up. The connection's local address stays in the
+    /// own-sockets table while the returned [`Held`] lives.
+    async fn connect(
+        &self,
+        route: &mut Route<'_>,
+        config: &Config,
+    ) -> Result<(TcpStream, Held<'_>), Reject> {
         loop {
             let target = route.target();
             let attempt = Instant::now();
-            match connect::connect(target.addr, config.connect_timeout).await {
-                Ok(server) => {
+            match connect::connect(target.addr, config.connect_timeout, &self.own).await {
+                Ok((server, held)) => {
                     route.state().connect_duration.record(attempt.elapsed());
                     // The client socket inherited TCP_NODELAY and SO_KEEPALIVE from the
                     // listener; the target socket gets them here.
                     sockets::tune(&server, config.tcp_keepalive.as_ref());
-                    return Ok(server);
+                    return Ok((server, held));
                 }
                 // Our own shortage (no fd for the socket, no local port): the target is not to
                 // blame, so it is not deactivated; the client is refused like any over-limit one.

@@ -1139,3 +1139,105 @@ fn json_paths_quote_odd_keys() {
     assert_eq!(join("", "a.b"), "[\"a.b\"]");
     assert_eq!(join("targets[0]", ""), "targets[0][\"\"]");
 }
+
+#[test]
+fn downgrade_to_root_warns_and_an_unprivileged_user_does_not() {
+    for spec in [r#""root""#, "0"] {
+        let c = ok(&format!(r#""downgradeToUser": {spec}"#));
+        assert_eq!(c.warnings.len(), 1, "{spec}: {:?}", c.warnings);
+        let w = &c.warnings[0];
+        assert!(
+            w.starts_with("config.json: downgradeToUser: names root (uid 0)"),
+            "{w}"
+        );
+        assert!(w.contains("keeps every privilege"), "{w}");
+    }
+    for spec in [r#""nobody""#, "65534", r#""rooter""#] {
+        let c = ok(&format!(r#""downgradeToUser": {spec}"#));
+        assert!(c.warnings.is_empty(), "{spec}: {:?}", c.warnings);
+    }
+}
+
+#[test]
+fn the_listener_is_found_in_every_spelling() {
+    let loops = [
+        // (sourceHost, target host)
+        ("0.0.0.0", "::ffff:127.0.0.1"),
+        ("0.0.0.0", "0.0.0.0"),
+        ("0.0.0.0", "127.0.0.5"),
+        ("0.0.0.0", "127.1"),
+        ("127.0.0.1", "0.0.0.0"),
+        ("127.0.0.1", "::ffff:127.0.0.1"),
+        ("127.0.0.1", "localhost"),
+        ("::", "::"),
+        ("::", "::1"),
+        ("::", "127.0.0.1"),
+        ("::", "::ffff:127.0.0.1"),
+        ("::", "0.0.0.0"),
+        ("::1", "::"),
+    ];
+    for (listen, host) in loops {
+        rejects(
+            &format!(
+                r#""sourceHost": "{listen}", "targets": [{{"host": "{host}", "port": 8080}}]"#
+            ),
+            &["targets[0]: ", "is stickylb's own listener", "loop back"],
+        );
+    }
+    // Not the listener: another loopback address than a specific listener's, another
+    // family than a v4-only wildcard's, or another port.
+    for (listen, host, port) in [
+        ("127.0.0.1", "127.0.0.2", 8080),
+        ("127.0.0.2", "0.0.0.0", 8080),
+        ("0.0.0.0", "::1", 8080),
+        ("0.0.0.0", "::", 8080),
+        ("::1", "0.0.0.0", 8080),
+        ("0.0.0.0", "127.0.0.1", 8081),
+    ] {
+        ok(&format!(
+            r#""sourceHost": "{listen}", "targets": [{{"host": "{host}", "port": {port}}}]"#
+        ));
+    }
+}
+
+#[test]
+fn a_wildcard_listener_is_reached_through_every_interface_address() {
+    let listen: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+    let dual: SocketAddr = "[::]:8080".parse().unwrap();
+    let eth: IpAddr = "192.0.2.7".parse().unwrap();
+    let eth6: IpAddr = "2001:db8::7".parse().unwrap();
+    let local = [eth, eth6];
+    let at = |ip: IpAddr| SocketAddr::new(ip, 8080);
+    assert!(is_own_listener(listen, at(eth), &local));
+    assert!(is_own_listener(
+        listen,
+        at("::ffff:192.0.2.7".parse().unwrap()),
+        &local
+    ));
+    assert!(
+        !is_own_listener(listen, at(eth6), &local),
+        "v4-only wildcard"
+    );
+    assert!(is_own_listener(dual, at(eth6), &local));
+    assert!(is_own_listener(dual, at(eth), &local));
+    assert!(!is_own_listener(
+        listen,
+        at("192.0.2.8".parse().unwrap()),
+        &local
+    ));
+    // A specific listener receives only on its own address.
+    let specific: SocketAddr = "192.0.2.8:8080".parse().unwrap();
+    assert!(!is_own_listener(specific, at(eth), &local));
+    // And through the config, with this machine's real addresses.
+    for ip in crate::sys::local_addresses().expect("getifaddrs") {
+        if let IpAddr::V6(v6) = ip {
+            if v6.segments()[0] & 0xffc0 == 0xfe80 {
+                continue; // link-local: needs a scope id to be connected to
+            }
+        }
+        rejects(
+            &format!(r#""sourceHost": "::", "targets": [{{"host": "{ip}", "port": 8080}}]"#),
+            &["is stickylb's own listener"],
+        );
+    }
+}

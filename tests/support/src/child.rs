@@ -117,8 +117,21 @@ impl Balancer {
         bin: &str,
         tag: &str,
         args: &[&str],
+        config: serde_json::Value,
+        nofile: Option<u64>,
+    ) -> io::Result<Balancer> {
+        Balancer::start_with_env(bin, tag, args, config, nofile, &[])
+    }
+
+    /// As [`Balancer::start`], with extra environment variables (for tests that signal the
+    /// process during start-up, or change what it resolves).
+    pub fn start_with_env(
+        bin: &str,
+        tag: &str,
+        args: &[&str],
         mut config: serde_json::Value,
         nofile: Option<u64>,
+        env: &[(&str, &str)],
     ) -> io::Result<Balancer> {
         let dir = TempDir::new(tag);
         let port = dead_port().port();
@@ -130,24 +143,12 @@ impl Balancer {
             .arg("--config")
             .arg(&path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         if let Some(n) = nofile {
-            // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else
-            // between fork and exec.
-            unsafe {
-                command.pre_exec(move || {
-                    let limit = libc::rlimit {
-                        rlim_cur: n as libc::rlim_t,
-                        rlim_max: n as libc::rlim_t,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            limit_nofile(&mut command, n);
         }
         let mut child = command.spawn()?;
         let stderr = child.stderr.take().expect("stderr");
@@ -170,6 +171,11 @@ impl Balancer {
         self.process.pid()
     }
 
+    /// The config file the process was started with.
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.dir.path("config.json")
+    }
+
     /// Waits (bounded) for a stderr line containing `needle`.
     pub fn wait_for_line(&self, needle: &str) -> String {
         let deadline = Instant::now() + PATIENCE;
@@ -182,6 +188,62 @@ impl Balancer {
                 "no stderr line with {needle:?}; saw:\n{}",
                 self.lines().join("\n")
             );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits (bounded) for a stderr line containing any of `needles`; returns it.
+    pub fn wait_for_any(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let found = self
+                .lines()
+                .into_iter()
+                .find(|l| needles.iter().any(|n| l.contains(n)));
+            if let Some(line) = found {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no stderr line with any of {needles:?}; saw:\n{}",
+                self.lines().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits (bounded) until `n` stderr lines contain `needle`; returns the `n`th.
+    pub fn wait_for_count(&self, needle: &str, n: usize) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let found: Vec<String> = self
+                .lines()
+                .into_iter()
+                .filter(|l| l.contains(needle))
+                .collect();
+            if found.len() >= n {
+                return found[n - 1].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fewer than {n} stderr lines with {needle:?}; saw:\n{}",
+                self.lines().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits up to `limit` for the process to exit: its exit code (-1 for a signal), or `None`
+    /// if it still runs.
+    pub fn exit_within(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.process.0.try_wait().expect("wait") {
+                return Some(status.code().unwrap_or(-1));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -258,7 +320,7 @@ impl Balancer {
 }
 
 /// A `kB` field of /proc/PID/status.
-fn status_kib(pid: u32, field: &str) -> u64 {
+pub fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     status
         .lines()
@@ -331,4 +393,23 @@ pub fn serve_backend_process_if_asked() {
         let _ = std::io::stdout().flush();
         std::future::pending::<()>().await
     });
+}
+
+/// Makes `command`'s process start with `n` as its soft and hard RLIMIT_NOFILE (setrlimit
+/// between fork and exec, as `prlimit --nofile=N:N` does).
+pub fn limit_nofile(command: &mut Command, n: u64) {
+    // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else between
+    // fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: n as libc::rlim_t,
+                rlim_max: n as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }

@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -196,4 +196,61 @@ async fn join_all<F: Future<Output = ()>>(futures: impl Iterator<Item = F>) {
         }
     })
     .await
+}
+
+/// What [`echo_once`] sends and expects back.
+pub const ECHO_REQUEST: [u8; 32] = *b"GET /ping 0123456789abcdefghijk\n";
+
+/// One short connection from `ip` through `lb` to an echo target: sends [`ECHO_REQUEST`],
+/// reads it back, closes.
+pub async fn echo_once(ip: Ipv4Addr, lb: SocketAddr) -> io::Result<()> {
+    let mut stream = connect_from(ip, lb).await?;
+    stream.write_all(&ECHO_REQUEST).await?;
+    let mut reply = [0u8; ECHO_REQUEST.len()];
+    stream.read_exact(&mut reply).await?;
+    if reply != ECHO_REQUEST {
+        return Err(io::Error::other("wrong echo"));
+    }
+    Ok(())
+}
+
+/// Keeps `count` connections to `addr` open, each sending a request head one byte every
+/// `every` and never finishing it; a connection the server closes is replaced. Counts the
+/// connections open now in `open`. Runs until `stop`.
+pub fn slowloris(
+    addr: SocketAddr,
+    count: usize,
+    every: Duration,
+    open: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..count)
+        .map(|_| {
+            let (open, stop) = (open.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut stream) = TcpStream::connect(addr).await else {
+                        tokio::time::sleep(every).await;
+                        continue;
+                    };
+                    open.fetch_add(1, Ordering::Relaxed);
+                    let mut head = b"GET /metrics HTTP/1.1\r\nX-Slow: ".iter().cycle();
+                    let mut byte = [0u8; 1];
+                    while !stop.load(Ordering::Relaxed) {
+                        byte[0] = *head.next().unwrap_or(&b'a');
+                        if stream.write_all(&byte).await.is_err() {
+                            break;
+                        }
+                        // A read that ends (EOF, reset, an answer) means the server let go.
+                        if let Ok(Ok(_)) =
+                            tokio::time::timeout(every, stream.read(&mut [0u8; 256])).await
+                        {
+                            break;
+                        }
+                    }
+                    open.fetch_sub(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect()
 }

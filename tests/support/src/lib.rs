@@ -46,10 +46,12 @@ pub mod temp;
 pub mod tools;
 
 pub use backend::{dead_port, Backend, Mode, Sink};
-pub use child::{backend_process, serve_backend_process_if_asked, Balancer, Process};
+pub use child::{
+    backend_process, limit_nofile, serve_backend_process_if_asked, status_kib, Balancer, Process,
+};
 pub use client::{
-    assert_same_mapping, client_ip, connect_from, first_read, mapping, name_of, offer, open_many,
-    served, which,
+    assert_same_mapping, client_ip, connect_from, echo_once, first_read, mapping, name_of, offer,
+    open_many, served, slowloris, which, ECHO_REQUEST,
 };
 pub use inproc::{config, config_text, start, start_at, start_from_file, wait_drained};
 pub use pattern::{check_pattern, echo_exact, send_pattern, Pattern, Rng};

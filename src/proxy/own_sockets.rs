@@ -1,0 +1,201 @@
+//! The backstop against a target that leads back into stickylb: the local addresses of its own
+//! live outgoing connections, so that a client connection arriving *from* one of them is
+//! recognised and refused.
+//!
+//! The config already refuses a target that is the listener in any spelling (see
+//! `config/parse.rs`), but a loop can also go through something the config cannot see: a
+//! name that resolves differently later, a NAT rule that sends a remote address back to this
+//! machine. Each turn of such a loop is a new client connection whose peer address is the
+//! local address of the outgoing socket stickylb just opened. Without this set, every turn
+//! connects again, until `maxConnections` (thousands of connections from one client); with
+//! it, the first looped connection is refused (`connections_rejected_total{reason="loop"}`)
+//! and the loop costs one connection.
+//!
+//! A socket's local address is known as soon as connect(2) has started (the kernel picks the
+//! source address and port before it sends the SYN), so it is recorded before the handshake can
+//! complete, and a looped connection cannot be accepted and checked before its address is in
+//! the set (but for the microseconds between connect(2) returning and the insert: a loop that
+//! wins that race once is caught at its next turn).
+//!
+//! Cost on the data path: no lock and no allocation. The set is a fixed table of atomic slots
+//! (sized once from the fd limit, which bounds the number of live sockets); an address is
+//! stored in the first free slot of a window of [`WINDOW`] slots from its hash, and a lookup
+//! reads that window (two cache lines). A full window (not expected below a half-full table)
+//! leaves that one socket untracked: the loop would then be caught one turn later.
+
+use std::alloc::{alloc_zeroed, handle_alloc_error, Layout};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Slots searched from an address's hash.
+const WINDOW: usize = 16;
+
+/// The local addresses of live outgoing connections to targets (a multiset: two sockets to
+/// two different targets may share a local address and port).
+#[derive(Debug)]
+pub struct OwnSockets {
+    slots: Box<[AtomicU64]>,
+    mask: usize,
+}
+
+impl OwnSockets {
+    /// A set for up to `sockets` live sockets (the fd limit): twice that many slots, a power of
+    /// two from 1,024 to 2^21 (16 MiB of address space, touched only as slots are used).
+    pub fn new(sockets: u64) -> OwnSockets {
+        let want = usize::try_from(sockets.saturating_mul(2)).unwrap_or(usize::MAX);
+        let len = want.clamp(1024, 1 << 21).next_power_of_two();
+        let layout = Layout::array::<AtomicU64>(len).unwrap_or_else(|_| Layout::new::<u64>());
+        // SAFETY: a zeroed AtomicU64 is a valid 0; the allocation has the layout of
+        // `[AtomicU64; len]`, which is what the Box frees it with. Zeroed allocation leaves
+        // untouched pages unbacked (calloc → mmap for a large table).
+        let slots = unsafe {
+            let ptr = alloc_zeroed(layout).cast::<AtomicU64>();
+            if ptr.is_null() {
+                handle_alloc_error(layout);
+            }
+            Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len))
+        };
+        OwnSockets {
+            slots,
+            mask: len - 1,
+        }
+    }
+
+    /// Records `addr`, the local address of a new outgoing socket. False if its window was
+    /// full (the socket then goes untracked).
+    pub fn insert(&self, addr: SocketAddr) -> bool {
+        let key = key(addr);
+        self.window(key).any(|slot| {
+            slot.compare_exchange(0, key, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        })
+    }
+
+    /// Forgets one record of `addr` (the socket closed).
+    pub fn remove(&self, addr: SocketAddr) {
+        let key = key(addr);
+        self.window(key).any(|slot| {
+            slot.compare_exchange(key, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        });
+    }
+
+    /// Whether `addr` is the local address of a live outgoing socket: a client connecting from
+    /// it is stickylb itself.
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        let key = key(addr);
+        self.window(key)
+            .any(|slot| slot.load(Ordering::Acquire) == key)
+    }
+
+    /// Records `addr` until the returned guard is dropped.
+    pub fn hold(&self, addr: SocketAddr) -> Held<'_> {
+        let held = self.insert(addr).then_some((self, addr));
+        Held(held)
+    }
+
+    /// A guard that holds no record (a socket without an IP address).
+    pub fn hold_nothing(&self) -> Held<'_> {
+        Held(None)
+    }
+
+    fn window(&self, key: u64) -> impl Iterator<Item = &AtomicU64> {
+        let start = mix(key) as usize;
+        (0..WINDOW).map(move |i| &self.slots[(start.wrapping_add(i)) & self.mask])
+    }
+}
+
+/// A record in [`OwnSockets`], removed on drop.
+#[derive(Debug)]
+pub struct Held<'a>(Option<(&'a OwnSockets, SocketAddr)>);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if let Some((set, addr)) = self.0 {
+            set.remove(addr);
+        }
+    }
+}
+
+/// A non-zero key for `addr`: exact for IPv4 (address and port side by side), a 63-bit hash
+/// for IPv6 (a false match needs a collision of 63 bits between two live sockets). An
+/// IPv4-mapped address is its IPv4 address, so a dual-stack listener's view of a peer and
+/// the outgoing socket's own view of its address agree.
+fn key(addr: SocketAddr) -> u64 {
+    let port = u64::from(addr.port());
+    match crate::addr::canonical_ip(addr.ip()) {
+        IpAddr::V4(ip) => 1 << 62 | u64::from(u32::from(ip)) << 16 | port,
+        IpAddr::V6(ip) => {
+            let bits = u128::from(ip);
+            let hash = mix(mix((bits >> 64) as u64) ^ bits as u64 ^ port);
+            1 << 63 | hash >> 1
+        }
+    }
+}
+
+/// splitmix64's finalizer: spreads keys over the table.
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ x >> 31
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_address_is_held_until_its_guard_drops() {
+        let set = OwnSockets::new(100);
+        let a = at("127.0.0.1:40000");
+        assert!(!set.contains(a));
+        let held = set.hold(a);
+        assert!(set.contains(a));
+        assert!(
+            set.contains(at("[::ffff:127.0.0.1]:40000")),
+            "as a dual-stack listener reports it"
+        );
+        assert!(!set.contains(at("127.0.0.1:40001")));
+        assert!(!set.contains(at("127.0.0.2:40000")));
+        drop(held);
+        assert!(!set.contains(a));
+    }
+
+    #[test]
+    fn the_same_address_twice_stays_until_both_close() {
+        let set = OwnSockets::new(100);
+        let a = at("[2001:db8::1]:5000");
+        let first = set.hold(a);
+        let second = set.hold(a);
+        drop(first);
+        assert!(set.contains(a));
+        drop(second);
+        assert!(!set.contains(a));
+    }
+
+    #[test]
+    fn a_full_table_keeps_every_address_it_took() {
+        let set = OwnSockets::new(0); // the smallest table: 1,024 slots
+        let addrs: Vec<SocketAddr> = (0..1024u32)
+            .map(|i| SocketAddr::new(IpAddr::V4((0x7f00_0001 + (i >> 8)).into()), 1 + i as u16))
+            .collect();
+        let taken: Vec<bool> = addrs.iter().map(|&a| set.insert(a)).collect();
+        let kept = taken.iter().filter(|&&t| t).count();
+        assert!(kept > 900, "a full table still takes most: {kept}");
+        for (a, t) in addrs.iter().zip(&taken) {
+            assert_eq!(set.contains(*a), *t, "{a}");
+        }
+        for (a, t) in addrs.iter().zip(&taken) {
+            if *t {
+                set.remove(*a);
+            }
+        }
+        assert!(set.slots.iter().all(|s| s.load(Ordering::Relaxed) == 0));
+    }
+}
