@@ -59,8 +59,10 @@ mod proxy;
 mod sockets;
 mod sys;
 
-pub use counters::{HistogramSnapshot, Reject};
+pub use balance::target::TargetStatus;
+pub use counters::{HistogramSnapshot, LastReload, Reject};
 pub use proxy::admission::derived_max_connections;
 #[cfg(target_os = "linux")]
 pub use proxy::splice::spliced_bytes;
 pub use proxy::{Snapshot, TargetSnapshot};
+pub use sockets::Fault;
