@@ -9,6 +9,7 @@
 //!   the same port, a [`Sink`] that never reads, [`dead_port`]s.
 //! - [`pattern`]: a deterministic generator ([`Rng`]) and the byte [`Pattern`] made from it, so
 //!   a transfer is checked byte for byte without keeping a copy of what was sent.
+//! - [`http`]: one HTTP/1.1 request to the admin endpoint, and its raw answer.
 //! - [`inproc`]: balancers started in the test's own runtime on `127.0.0.1:0`, and the JSON of
 //!   their configs.
 //! - [`child`]: processes a test starts and ends by their PID: the `stickylb` binary
@@ -37,6 +38,7 @@ use std::time::Duration;
 pub mod backend;
 pub mod child;
 pub mod client;
+pub mod http;
 pub mod inproc;
 pub mod netns;
 pub mod pattern;
@@ -50,7 +52,10 @@ pub use child::{backend_process, serve_backend_process_if_asked, Balancer, Proce
 pub use client::{
     client_ip, connect_from, first_read, mapping, name_of, offer, open_many, served, which,
 };
-pub use inproc::{config, config_text, start, start_at, start_from_file, wait_drained};
+pub use http::{http_request, HttpResponse};
+pub use inproc::{
+    config, config_json, config_text, start, start_at, start_from_file, target_json, wait_drained,
+};
 pub use pattern::{check_pattern, echo_exact, send_pattern, Pattern, Rng};
 pub use temp::TempDir;
 pub use tools::{require_root, require_tool};
