@@ -21,6 +21,8 @@
 //!   of their own where a whole documentation prefix is local.
 //! - [`rolling`]: a rolling restart of a Node.js cluster behind stickylb, the scenario that
 //!   `tests/rolling_restart.rs` asserts on and `benches/rolling.rs` measures.
+//! - [`browser`]: a headless Chromium driven over the DevTools protocol on a pipe, for the
+//!   status page: load a page, read its DOM after its scripts ran, take a screenshot.
 //! - [`temp`]: temporary directories, removed on drop.
 //! - [`tools`]: outside tools a test runs (promtool, prometheus, ...): required under
 //!   `scripts/test`, skipped with a line that says so under a plain `cargo test`.
@@ -36,6 +38,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 pub mod backend;
+pub mod browser;
 pub mod child;
 pub mod client;
 pub mod http;
@@ -48,6 +51,7 @@ pub mod temp;
 pub mod tools;
 
 pub use backend::{dead_port, Backend, Mode, Sink};
+pub use browser::Browser;
 pub use child::{backend_process, serve_backend_process_if_asked, Balancer, Process};
 pub use client::{
     client_ip, connect_from, first_read, mapping, name_of, offer, open_many, served, which,
