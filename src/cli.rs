@@ -193,9 +193,11 @@ async fn serve(config: Config, demo: bool, watch: bool) -> i32 {
     };
     if demo {
         match crate::demo::spawn_targets(&config).await {
-            Ok(addrs) => {
-                tracing::info!(targets = ?addrs, "demo targets answering with their names")
-            }
+            Ok(addrs) => tracing::info!(
+                targets = ?addrs,
+                "demo targets answering with their names; {}",
+                crate::demo::hint(&config)
+            ),
             Err(e) => {
                 tracing::error!("{e}");
                 return 1;

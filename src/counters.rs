@@ -4,9 +4,11 @@
 //! should need the other to do so. The data path never formats, allocates or locks to count:
 //! [`Stats`] holds the process-wide counts, [`TargetCounters`] each target's, and
 //! [`Histogram`] the latency histograms, all atomics. One [`Stats`] lives as long as the
-//! process's balancer state, across reloads.
+//! process's balancer state, across reloads. The one thing kept under a lock is the last
+//! reload's outcome ([`LastReload`]), written once per reload, far from any connection.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Why a client connection was accepted and then closed without being proxied.
@@ -77,6 +79,23 @@ pub struct Stats {
     pub last_reload_failed: AtomicBool,
     /// `connection_duration_seconds`: accept to close of proxied connections.
     pub connection_duration: Histogram,
+    /// The last reload attempt's outcome (`None` before any), for the status page.
+    last_reload: Mutex<Option<LastReload>>,
+}
+
+/// How the last reload attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastReload {
+    /// When (clock ms).
+    pub at_ms: u64,
+    /// Why it was rejected (at most [`LastReload::MAX_ERROR`] bytes); `None`: applied.
+    pub error: Option<Arc<str>>,
+}
+
+impl LastReload {
+    /// The longest error text kept, in bytes: a config error quotes what the file holds
+    /// (key names), and the file is the operator's, not to be echoed without bound.
+    pub const MAX_ERROR: usize = 2048;
 }
 
 impl Default for Stats {
@@ -93,6 +112,7 @@ impl Default for Stats {
             reloads_failure: AtomicU64::new(0),
             last_reload_failed: AtomicBool::new(false),
             connection_duration: Histogram::new(&CONNECTION_BUCKETS_US),
+            last_reload: Mutex::new(None),
         }
     }
 }
@@ -104,6 +124,33 @@ impl Stats {
 
     pub fn rejected(&self, reason: Reject) -> u64 {
         self.rejected[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Records a reload attempt that ended at `at_ms`: applied (`error` is `None`) or rejected
+    /// for `error`, which is cut to [`LastReload::MAX_ERROR`] bytes (on a character boundary,
+    /// with `…`).
+    pub fn reloaded(&self, at_ms: u64, error: Option<String>) {
+        let error = error.map(|mut text| {
+            if text.len() > LastReload::MAX_ERROR {
+                let mut end = LastReload::MAX_ERROR - '…'.len_utf8();
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                text.truncate(end);
+                text.push('…');
+            }
+            Arc::from(text)
+        });
+        *self.lock_last_reload() = Some(LastReload { at_ms, error });
+    }
+
+    /// The last reload attempt's outcome; `None` before any.
+    pub fn last_reload(&self) -> Option<LastReload> {
+        self.lock_last_reload().clone()
+    }
+
+    fn lock_last_reload(&self) -> std::sync::MutexGuard<'_, Option<LastReload>> {
+        self.last_reload.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -248,5 +295,33 @@ mod tests {
         assert_eq!(s.counts[CONNECT_BUCKETS_US.len()], 1);
         assert_eq!(s.count(), 3);
         assert_eq!(s.sum_us, 100 + 101 + 60_000_000);
+    }
+
+    #[test]
+    fn the_last_reload_is_kept_and_a_long_error_is_cut_on_a_character_boundary() {
+        let stats = Stats::default();
+        assert_eq!(stats.last_reload(), None);
+        stats.reloaded(5, Some("config.json: targets[0].port: bad".into()));
+        let last = stats.last_reload().expect("recorded");
+        assert_eq!(last.at_ms, 5);
+        assert_eq!(
+            last.error.as_deref(),
+            Some("config.json: targets[0].port: bad")
+        );
+        stats.reloaded(9, Some("é".repeat(LastReload::MAX_ERROR)));
+        let cut = stats.last_reload().and_then(|l| l.error).expect("an error");
+        assert!(
+            cut.len() <= LastReload::MAX_ERROR && cut.ends_with('…'),
+            "{}",
+            cut.len()
+        );
+        stats.reloaded(12, None);
+        assert_eq!(
+            stats.last_reload(),
+            Some(LastReload {
+                at_ms: 12,
+                error: None
+            })
+        );
     }
 }

@@ -5,9 +5,12 @@
 //! A demo target answers an HTTP request (anything starting with a method such as `GET `) with
 //! a one-line `200 OK` page and closes; any other client (say `nc`) gets the same line at once
 //! and then an echo of what it types, prefixed with the target's name.
+//!
+//! The demo's start-up line says what to try ([`hint`]): `curl` on the listener, and the
+//! status page's URL.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -37,6 +40,25 @@ pub async fn spawn_targets(config: &Config) -> io::Result<Vec<SocketAddr>> {
         tokio::spawn(serve(listener, name));
     }
     Ok(bound)
+}
+
+/// What to try once the demo runs: `curl` on the listener, and the status page in a browser
+/// (or that it is off, with `metricsPort: null`). A wildcard address reads as `localhost`.
+pub fn hint(config: &Config) -> String {
+    let curl = format!("try `curl {}`", local(config.listen));
+    match config.metrics {
+        Some(admin) => format!("{curl}; status page: http://{}/", local(admin)),
+        None => format!("{curl}; status page off (metricsPort is null)"),
+    }
+}
+
+/// `addr` as a client on this machine would write it: `localhost:port` for a wildcard.
+fn local(addr: SocketAddr) -> String {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => format!("localhost:{}", addr.port()),
+        IpAddr::V6(ip) if ip.is_unspecified() => format!("localhost:{}", addr.port()),
+        _ => addr.to_string(),
+    }
 }
 
 async fn serve(listener: TcpListener, name: String) {
@@ -90,4 +112,33 @@ fn is_http(bytes: &[u8]) -> bool {
         b"PATCH ",
     ];
     METHODS.iter().any(|m| bytes.starts_with(m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(extra: &str) -> Config {
+        let text = format!(
+            r#"{{"sourcePort": 8080, "targets": [{{"host": "127.0.0.1", "port": 9001}}] {extra}}}"#
+        );
+        Config::parse(Path::new("demo.json"), &text).expect("valid")
+    }
+
+    #[test]
+    fn the_hint_names_the_curl_command_and_the_status_page() {
+        assert_eq!(
+            hint(&config("")),
+            "try `curl localhost:8080`; status page: http://127.0.0.1:9898/"
+        );
+        assert_eq!(
+            hint(&config(
+                r#", "sourceHost": "127.0.0.2", "metricsHost": "::", "metricsPort": 9000"#
+            )),
+            "try `curl 127.0.0.2:8080`; status page: http://localhost:9000/"
+        );
+        assert!(hint(&config(r#", "metricsPort": null"#))
+            .ends_with("status page off (metricsPort is null)"));
+    }
 }

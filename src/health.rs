@@ -48,7 +48,7 @@ use crate::balance::target::{Health, TargetState};
 use crate::balance::{hash, Balancer};
 use crate::clock::{duration_ms, Clock};
 use crate::config::HealthCheck;
-use crate::sockets;
+use crate::sockets::{self, Fault};
 
 /// The health-check tasks of one balancer, one per checked target, keyed by target identity.
 /// Dropping it stops them all.
@@ -91,7 +91,7 @@ impl Checks {
                 if let Some(old) = old {
                     old.task.abort();
                 }
-                if state.set_health(Health::Unchecked) == Health::Down {
+                if state.set_health(Health::Unchecked, self.clock.now_ms()) == Health::Down {
                     tracing::info!(
                         target_id = %spec.id,
                         "health checks of target {} turned off: it takes clients again", spec.id
@@ -118,7 +118,8 @@ impl Checks {
         // verdict (if it comes back, it is checked afresh).
         for (_, gone) in running.drain() {
             gone.task.abort();
-            gone.state.set_health(Health::Unchecked);
+            gone.state
+                .set_health(Health::Unchecked, self.clock.now_ms());
         }
         *running = next;
     }
@@ -127,7 +128,7 @@ impl Checks {
         let check = Arc::new(check.clone());
         let fresh = state.health() == Health::Unchecked;
         if fresh {
-            state.set_health(Health::Up);
+            state.set_health(Health::Up, self.clock.now_ms());
         }
         let task = tokio::spawn(run(state.clone(), check.clone(), addr, self.clock, fresh));
         Checker {
@@ -179,7 +180,7 @@ async fn run(
             Err(Failure::Local(error)) => {
                 tracing::debug!(target_id = %state.id, %error, "health check not made");
             }
-            Err(failure) => verdict.failed(&state, &failure),
+            Err(failure) => verdict.failed(&state, &failure, clock.now_ms()),
         }
         tokio::time::sleep_until(started + jittered(check.interval)).await;
     }
@@ -225,6 +226,7 @@ impl Verdict {
 
     fn passed(&mut self, state: &TargetState, now_ms: u64) {
         state.counters.checks_success.fetch_add(1, Relaxed);
+        state.checked(now_ms, Ok(()));
         self.failures = 0;
         let passive = state.counters.connect_failures.load(Relaxed);
         if passive != self.passive_failures {
@@ -235,7 +237,7 @@ impl Verdict {
         if self.successes < self.rise {
             return;
         }
-        let was_down = state.set_health(Health::Up) == Health::Down;
+        let was_down = state.set_health(Health::Up, now_ms) == Health::Down;
         let was_deactivated = state.reactivate(now_ms);
         if was_down {
             tracing::info!(
@@ -251,12 +253,13 @@ impl Verdict {
         }
     }
 
-    fn failed(&mut self, state: &TargetState, failure: &Failure) {
+    fn failed(&mut self, state: &TargetState, failure: &Failure, now_ms: u64) {
         state.counters.checks_failure.fetch_add(1, Relaxed);
+        state.checked(now_ms, Err(failure.fault()));
         self.successes = 0;
         self.failures = self.failures.saturating_add(1);
         tracing::debug!(target_id = %state.id, %failure, "health check failed");
-        if self.failures >= self.fall && state.set_health(Health::Down) != Health::Down {
+        if self.failures >= self.fall && state.set_health(Health::Down, now_ms) != Health::Down {
             tracing::warn!(
                 target_id = %state.id, reason = %failure,
                 "target {} is down: failed {} health checks in a row ({failure}); no client \
@@ -279,6 +282,20 @@ enum Failure {
     /// `expect` is not in the first [`HealthCheck::EXPECT_WINDOW`] bytes.
     NotFound,
     Timeout(Duration),
+}
+
+impl Failure {
+    /// Its class, as the status page shows the last check's result.
+    fn fault(&self) -> Fault {
+        match self {
+            Failure::Local(e) | Failure::Connect(e) | Failure::Send(e) | Failure::Receive(e) => {
+                Fault::of(e)
+            }
+            Failure::Closed => Fault::Closed,
+            Failure::NotFound => Fault::Unexpected,
+            Failure::Timeout(_) => Fault::Timeout,
+        }
+    }
 }
 
 impl fmt::Display for Failure {
@@ -439,18 +456,18 @@ mod tests {
     #[test]
     fn fall_failures_take_a_target_out_and_rise_successes_bring_it_back() {
         let hc = check(r#", "rise": 2, "fall": 3"#);
-        let state = TargetState::new("t".into());
-        state.set_health(Health::Up);
+        let state = TargetState::new("t".into(), 1);
+        state.set_health(Health::Up, 1);
         let mut v = Verdict::new(&hc, &state, false);
         for _ in 0..2 {
-            v.failed(&state, &Failure::Closed);
+            v.failed(&state, &Failure::Closed, 1);
         }
         assert_eq!(state.health(), Health::Up, "two failures of three");
         v.passed(&state, 1);
-        v.failed(&state, &Failure::Closed);
-        v.failed(&state, &Failure::Closed);
+        v.failed(&state, &Failure::Closed, 1);
+        v.failed(&state, &Failure::Closed, 1);
         assert_eq!(state.health(), Health::Up, "a success reset the count");
-        v.failed(&state, &Failure::Closed);
+        v.failed(&state, &Failure::Closed, 1);
         assert_eq!(state.health(), Health::Down);
         v.passed(&state, 1);
         assert_eq!(state.health(), Health::Down, "one success of two");
@@ -463,22 +480,24 @@ mod tests {
     #[test]
     fn a_fresh_target_is_taken_out_by_its_first_failure() {
         let hc = check(r#", "fall": 3"#);
-        let state = TargetState::new("t".into());
-        state.set_health(Health::Up);
+        let state = TargetState::new("t".into(), 1);
+        state.set_health(Health::Up, 1);
         let mut v = Verdict::new(&hc, &state, true);
-        v.failed(&state, &Failure::Closed);
+        v.failed(&state, &Failure::Closed, 7);
         assert_eq!(state.health(), Health::Down);
+        assert_eq!(state.last_check(), Some((7, Err(Fault::Closed))));
+        assert_eq!(state.since_ms(8), 7, "down since the failed check");
     }
 
     #[test]
     fn rise_successes_after_a_failed_connect_end_its_window() {
         let hc = check(r#", "rise": 2"#);
-        let state = TargetState::new("t".into());
-        state.set_health(Health::Up);
+        let state = TargetState::new("t".into(), 1);
+        state.set_health(Health::Up, 1);
         let mut v = Verdict::new(&hc, &state, false);
         v.passed(&state, 1);
         v.passed(&state, 1);
-        state.deactivate(10, Duration::from_secs(60));
+        state.deactivate(10, Duration::from_secs(60), Fault::Refused);
         v.passed(&state, 20);
         assert!(
             !state.is_usable(20),
@@ -514,7 +533,7 @@ mod tests {
         assert_eq!(checks.checked(), ["a".into(), "b".into()] as [Arc<str>; 2]);
         let task_of = |id: &str| checks.lock()[id].task.id();
         let a_task = task_of("a");
-        first.states()[1].set_health(Health::Down);
+        first.states()[1].set_health(Health::Down, 1);
         // a stays as it was; b changes its check; c gets one.
         let second = Balancer::new(
             config(

@@ -19,7 +19,8 @@
 //! 6. [`cli`]: the command line: `stickylb`, `stickylb check`, `stickylb demo`.
 //! 5. [`reload`], [`admin`]: SIGHUP and config-file watching, which validate completely and
 //!    then swap the store in one atomic step; the HTTP endpoint at `metricsHost:metricsPort`
-//!    (`/metrics`, rendered by [`admin::prometheus`] from a [`Snapshot`]).
+//!    (`/metrics`, rendered by [`admin::prometheus`] from a [`Snapshot`]; the status page `/`
+//!    and its JSON `/status`, by [`admin::status`] from the same snapshot).
 //! 4. [`server`], `demo`: a running balancer assembled from a config (listener, accept loop,
 //!    session sweeper, graceful shutdown; tests start one on `127.0.0.1:0`); the built-in demo
 //!    targets of `stickylb demo`.
@@ -59,8 +60,10 @@ mod proxy;
 mod sockets;
 mod sys;
 
-pub use counters::{HistogramSnapshot, Reject};
+pub use balance::target::TargetStatus;
+pub use counters::{HistogramSnapshot, LastReload, Reject};
 pub use proxy::admission::derived_max_connections;
 #[cfg(target_os = "linux")]
 pub use proxy::splice::spliced_bytes;
 pub use proxy::{Snapshot, TargetSnapshot};
+pub use sockets::Fault;

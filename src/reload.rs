@@ -223,6 +223,7 @@ impl Reloader {
                 let stats = &self.server.proxy().shared.stats;
                 stats.reloads_success.fetch_add(1, Ordering::Relaxed);
                 stats.last_reload_failed.store(false, Ordering::Relaxed);
+                self.server.proxy().shared.record_reload(None);
                 let config = self.server.proxy().config();
                 tracing::info!(
                     trigger = trigger.name(),
@@ -290,6 +291,7 @@ impl Reloader {
         let stats = &self.server.proxy().shared.stats;
         stats.reloads_failure.fetch_add(1, Ordering::Relaxed);
         stats.last_reload_failed.store(true, Ordering::Relaxed);
+        self.server.proxy().shared.record_reload(Some(&error));
         tracing::error!(
             trigger = trigger.name(),
             "reload rejected, the running config keeps serving: {error}"

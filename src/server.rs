@@ -144,9 +144,12 @@ impl Server {
         self.proxy.drained().await
     }
 
-    /// The balancer's counters and target states now (what the admin endpoint serves).
+    /// The balancer's counters and target states now (what the admin endpoint serves), with
+    /// the address it accepts clients on.
     pub fn snapshot(&self) -> Snapshot {
-        self.proxy.snapshot()
+        let mut snapshot = self.proxy.snapshot();
+        snapshot.listeners = self.lock_accept().iter().map(|a| a.addr).collect();
+        snapshot
     }
 
     fn lock_accept(&self) -> std::sync::MutexGuard<'_, Option<AcceptLoop>> {

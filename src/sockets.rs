@@ -141,3 +141,109 @@ pub fn is_fd_exhaustion(error: &io::Error) -> bool {
         Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
     )
 }
+
+/// What went wrong with a target: the reason of its last failed connect or health check, as
+/// the status page shows it. A small enum, so the failure path stores it in an atomic
+/// ([`Fault::code`]) instead of formatting a string per failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Fault {
+    /// Nothing listens there (`ECONNREFUSED`).
+    Refused = 1,
+    /// No answer in time (`connectTimeout`, the check's `timeout`, or the kernel's).
+    Timeout = 2,
+    /// The peer reset the connection (or it was aborted, or the pipe broke).
+    Reset = 3,
+    /// No route to the host or its network (`EHOSTUNREACH`, `ENETUNREACH`, ...).
+    Unreachable = 4,
+    /// A health check's target closed before the `expect`ed reply.
+    Closed = 5,
+    /// A health check's `expect` was not in the first bytes of the reply.
+    Unexpected = 6,
+    /// Any other error.
+    Other = 7,
+}
+
+impl Fault {
+    /// Every fault, in code order.
+    pub const ALL: [Fault; 7] = [
+        Fault::Refused,
+        Fault::Timeout,
+        Fault::Reset,
+        Fault::Unreachable,
+        Fault::Closed,
+        Fault::Unexpected,
+        Fault::Other,
+    ];
+
+    /// The class of a failed connect, send or receive.
+    pub fn of(error: &io::Error) -> Fault {
+        match error.kind() {
+            io::ErrorKind::ConnectionRefused => return Fault::Refused,
+            io::ErrorKind::TimedOut => return Fault::Timeout,
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe => return Fault::Reset,
+            _ => {}
+        }
+        match error.raw_os_error() {
+            Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN | libc::ENETDOWN) => {
+                Fault::Unreachable
+            }
+            _ => Fault::Other,
+        }
+    }
+
+    /// Its code in an atomic: never 0, which means "none".
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// The fault whose [`Fault::code`] is `code`; `None` for 0 (or any unknown code).
+    pub fn from_code(code: u8) -> Option<Fault> {
+        Fault::ALL.into_iter().find(|f| f.code() == code)
+    }
+
+    /// Its name in the status JSON (`reason`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Fault::Refused => "refused",
+            Fault::Timeout => "timeout",
+            Fault::Reset => "reset",
+            Fault::Unreachable => "unreachable",
+            Fault::Closed => "closed",
+            Fault::Unexpected => "unexpected_reply",
+            Fault::Other => "error",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_errors_are_classed_by_kind_and_errno() {
+        let os = io::Error::from_raw_os_error;
+        assert_eq!(Fault::of(&os(libc::ECONNREFUSED)), Fault::Refused);
+        assert_eq!(Fault::of(&os(libc::ETIMEDOUT)), Fault::Timeout);
+        assert_eq!(
+            Fault::of(&io::Error::new(io::ErrorKind::TimedOut, "no answer")),
+            Fault::Timeout
+        );
+        assert_eq!(Fault::of(&os(libc::ECONNRESET)), Fault::Reset);
+        assert_eq!(Fault::of(&os(libc::EPIPE)), Fault::Reset);
+        assert_eq!(Fault::of(&os(libc::EHOSTUNREACH)), Fault::Unreachable);
+        assert_eq!(Fault::of(&os(libc::ENETUNREACH)), Fault::Unreachable);
+        assert_eq!(Fault::of(&os(libc::EACCES)), Fault::Other);
+    }
+
+    #[test]
+    fn codes_round_trip_and_zero_is_none() {
+        for fault in Fault::ALL {
+            assert_ne!(fault.code(), 0);
+            assert_eq!(Fault::from_code(fault.code()), Some(fault));
+        }
+        assert_eq!(Fault::from_code(0), None);
+    }
+}

@@ -22,32 +22,6 @@ fn fast_checks() -> Value {
     json!({"interval": 50, "timeout": 200, "rise": 2, "fall": 2})
 }
 
-/// A config for `targets` (each `{"host", "port", ...}` as JSON) and extra top-level keys.
-fn config_json(targets: Vec<Value>, extra: Value) -> String {
-    let mut config = json!({
-        "sourceHost": "127.0.0.1",
-        "sourcePort": 1,
-        "metricsPort": null,
-        "targets": targets,
-    });
-    if let (Some(config), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
-        for (k, v) in extra {
-            config.insert(k.clone(), v.clone());
-        }
-    }
-    config.to_string()
-}
-
-fn target(addr: SocketAddr, id: &str, more: Value) -> Value {
-    let mut t = json!({"host": addr.ip().to_string(), "port": addr.port(), "id": id});
-    if let (Some(t), Some(more)) = (t.as_object_mut(), more.as_object()) {
-        for (k, v) in more {
-            t.insert(k.clone(), v.clone());
-        }
-    }
-    t
-}
-
 fn of<'a>(s: &'a Snapshot, id: &str) -> &'a TargetSnapshot {
     s.target(id)
         .unwrap_or_else(|| panic!("target {id} in {s:?}"))
@@ -100,9 +74,9 @@ async fn three() -> Three {
 fn checked_config(t: &Three, extra: Value) -> stickylb::config::Config {
     let text = config_json(
         vec![
-            target(t.a.addr, "a", json!({})),
-            target(t.b.addr, "b", json!({})),
-            target(t.c.addr, "c", json!({})),
+            target_json(t.a.addr, "a", json!({})),
+            target_json(t.b.addr, "b", json!({})),
+            target_json(t.c.addr, "c", json!({})),
         ],
         extra,
     );
@@ -202,10 +176,10 @@ async fn send_and_expect_decide_and_false_turns_checks_off_for_one_target() {
     // Named backends greet with their name, then echo: `send` comes back too.
     let text = config_json(
         vec![
-            target(good.addr, "good", json!({})),
-            target(bad.addr, "bad", json!({})),
-            target(bad.addr, "bad-unchecked", json!({"healthCheck": false})),
-            target(
+            target_json(good.addr, "good", json!({})),
+            target_json(bad.addr, "bad", json!({})),
+            target_json(bad.addr, "bad-unchecked", json!({"healthCheck": false})),
+            target_json(
                 good.addr,
                 "echo",
                 json!({"healthCheck": {"expect": "ping-1234"}}),
@@ -270,11 +244,11 @@ async fn checks_follow_reloads_by_target_identity() {
     let mut t = three().await;
     let targets = |t: &Three, with_c: bool| {
         let mut list = vec![
-            target(t.a.addr, "a", json!({})),
-            target(t.b.addr, "b", json!({})),
+            target_json(t.a.addr, "a", json!({})),
+            target_json(t.b.addr, "b", json!({})),
         ];
         if with_c {
-            list.push(target(t.c.addr, "c", json!({})));
+            list.push(target_json(t.c.addr, "c", json!({})));
         }
         list
     };
@@ -339,9 +313,9 @@ async fn a_drained_target_takes_no_new_client_but_keeps_its_sessions_and_connect
     let t = three().await;
     let targets = |drain_a: bool| {
         vec![
-            target(t.a.addr, "a", json!({"drain": drain_a})),
-            target(t.b.addr, "b", json!({})),
-            target(t.c.addr, "c", json!({})),
+            target_json(t.a.addr, "a", json!({"drain": drain_a})),
+            target_json(t.b.addr, "b", json!({})),
+            target_json(t.c.addr, "c", json!({})),
         ]
     };
     let extra = json!({"sessionExpiry": 600_000});
@@ -415,7 +389,7 @@ fn a_drain_is_logged_when_it_starts_when_the_last_connection_closes_and_when_it_
                 "sourceHost": "127.0.0.1",
                 "sourcePort": 1,
                 "metricsPort": null,
-                "targets": [target(a.addr, "worker-a", json!({"drain": drain}))],
+                "targets": [target_json(a.addr, "worker-a", json!({"drain": drain}))],
             })
         };
         let lb = tokio::task::spawn_blocking({

@@ -54,25 +54,8 @@ async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: */*\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        std::io::Result::Ok(String::from_utf8(response).expect("UTF-8 response"))
-    };
-    let response = tokio::time::timeout(PATIENCE, exchange)
-        .await
-        .expect("HTTP answer in time")
-        .expect("HTTP exchange");
-    let (head, body) = response.split_once("\r\n\r\n").expect("a response head");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status code");
-    (status, body.to_string())
+    let response = http_request(addr, method, path).await;
+    (response.status, response.body)
 }
 
 /// One sample line of the exposition.
@@ -335,13 +318,14 @@ async fn every_metric_is_there_from_start_up_and_promtool_accepts_the_exposition
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_get_metrics_is_served() {
+async fn only_get_and_head_of_the_endpoint_paths_are_served() {
     let backend = Backend::start("a", Mode::Echo).await;
     let server = start(&[backend.addr], serde_json::json!({}));
     let exporter = export(&server);
     let addr = exporter.local_addr();
     assert_eq!(http_get(addr, "/metrics?x=1").await.0, 200);
-    assert_eq!(http_get(addr, "/").await.0, 404);
+    // `/` and `/status` are the status page (tests/status.rs); nothing else is served.
+    assert_eq!(http_get(addr, "/metrics/x").await.0, 404);
     assert_eq!(http(addr, "POST", "/metrics").await.0, 405);
     let (status, body) = http(addr, "HEAD", "/metrics").await;
     assert_eq!((status, body.as_str()), (200, ""));

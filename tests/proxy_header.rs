@@ -293,11 +293,18 @@ async fn the_headers_client_is_the_client_for_deny_limits_and_the_hash() {
     assert_eq!(behind.snapshot().rejected(Reject::Denied), 1);
     // maxConnectionsPerClient counts the header's client: a second connection "from" it is
     // refused while the first is open, whatever the upstream's address.
-    let first = upstream(
+    let mut first = upstream(
         behind.local_addr(),
         b"PROXY TCP4 127.98.0.1 127.0.0.1 1 80\r\n",
     )
     .await;
+    // Served (its target's name arrived) before the second one is made, so the first holds
+    // the client's one slot.
+    let mut name = [0u8; 1];
+    tokio::time::timeout(PATIENCE, first.read_exact(&mut name))
+        .await
+        .expect("the first is served in time")
+        .expect("the first is served");
     let mut second = upstream(
         behind.local_addr(),
         b"PROXY TCP4 127.98.0.1 127.0.0.1 2 80\r\n",

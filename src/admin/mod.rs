@@ -1,5 +1,6 @@
 //! The admin endpoint at `metricsHost:metricsPort`: `GET /metrics` (the Prometheus
-//! exposition, [`prometheus`]).
+//! exposition, [`prometheus`]), and the status page `GET /` with its JSON `GET /status`
+//! ([`status`]).
 //!
 //! It is read-only, and built so that neither a slow or hostile client nor a large exposition
 //! can reach the data path or starve a normal scrape:
@@ -28,6 +29,7 @@
 //! balancer's counters and target states.
 
 pub mod prometheus;
+pub mod status;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -176,9 +178,11 @@ fn run(listener: std::net::TcpListener, source: Arc<dyn Source>, stopped: onesho
                 return;
             }
         };
+        let pages = Arc::new(Pages::new(source));
         tokio::select! {
             _ = stopped => {}
-            _ = accept_loop(listener, Arc::new(Pages::new(source))) => {}
+            _ = accept_loop(listener, pages.clone()) => {}
+            _ = status::sample_every(&*pages.source, &pages.status) => {}
         }
     });
     // Dropping the runtime here ends every connection still open.
@@ -300,6 +304,8 @@ struct Pages {
     source: Arc<dyn Source>,
     /// When the last render started, and its bytes.
     exposition: tokio::sync::Mutex<Option<(Instant, Bytes)>>,
+    /// Recent connect histograms, for the status page's last-minute connect times.
+    status: status::Status,
 }
 
 impl Pages {
@@ -307,6 +313,7 @@ impl Pages {
         Pages {
             source,
             exposition: tokio::sync::Mutex::new(None),
+            status: status::Status::new(),
         }
     }
 
@@ -331,9 +338,11 @@ impl Pages {
                 let body = self.exposition().await;
                 with_type(Response::new(Full::new(body)), prometheus::CONTENT_TYPE)
             }
+            "/" => status::page(),
+            "/status" => status::json(self.status.render(&self.source.snapshot(), Instant::now())),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "stickylb serves Prometheus metrics at /metrics\n",
+                "stickylb serves /metrics (Prometheus), / (status page) and /status (JSON)\n",
             ),
         }
     }

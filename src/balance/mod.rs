@@ -36,6 +36,7 @@ use std::sync::Arc;
 use crate::clock::{duration_ms, Clock};
 use crate::config::{Config, TargetSpec};
 use crate::counters::Stats;
+use crate::sockets::Fault;
 use hash::Table;
 use session::Sessions;
 pub use session::Swept;
@@ -67,6 +68,14 @@ impl Shared {
     pub fn sessions(&self) -> usize {
         self.sessions.len()
     }
+
+    /// Records, for the status page, that a reload attempt ended now: applied (`rejected` is
+    /// `None`), or rejected for the reason given. The reason is formatted here, once per
+    /// reload.
+    pub(crate) fn record_reload(&self, rejected: Option<&dyn std::fmt::Display>) {
+        let error = rejected.map(|reason| reason.to_string());
+        self.stats.reloaded(self.clock.now_ms(), error);
+    }
 }
 
 /// One config generation: what a new connection reads from the store.
@@ -84,7 +93,9 @@ impl Balancer {
     /// Builds the generation for `config`, adopting the runtime state of every target identity
     /// the registry already knows.
     pub fn new(config: Config, shared: &Shared) -> Balancer {
-        let states = shared.registry.adopt(&config.targets);
+        let states = shared
+            .registry
+            .adopt(&config.targets, shared.clock.now_ms());
         let table = Table::new(
             &states
                 .iter()
@@ -252,15 +263,16 @@ impl<'a> Route<'a> {
         }
     }
 
-    /// The connect to the current target failed: deactivates it for
-    /// `targetDeactivationDuration` and moves to the next target, or returns `None` when every
-    /// target has been tried once or `maxConnectAttempts` attempts were made.
-    pub fn failed(&mut self) -> Option<usize> {
+    /// The connect to the current target failed (why: `fault`, which the status page shows):
+    /// deactivates it for `targetDeactivationDuration` and moves to the next target, or
+    /// returns `None` when every target has been tried once or `maxConnectAttempts` attempts
+    /// were made.
+    pub fn failed(&mut self, fault: Fault) -> Option<usize> {
         let now = self.shared.clock.now_ms();
         // Off the failed target's load first, so the next choice counts this connection once.
         self.unassign();
         let failed = &self.balancer.states[self.current];
-        failed.deactivate(now, self.config().target_deactivation);
+        failed.deactivate(now, self.config().target_deactivation, fault);
         self.tried.insert(self.current);
         if self.attempts >= self.config().max_connect_attempts {
             // `maxConnectAttempts`: the client is not held for more connect timeouts.
@@ -387,11 +399,11 @@ mod tests {
         let mut b = balancer.route(&shared, ip(1));
         assert_eq!(a.current(), b.current(), "the second follows the session");
         let first = a.current();
-        let moved = a.failed().expect("another target");
+        let moved = a.failed(Fault::Refused).expect("another target");
         assert_ne!(moved, first);
         // b's connect to the same target fails too: it follows where a moved the session,
         // rather than choosing for itself.
-        assert_eq!(b.failed(), Some(moved));
+        assert_eq!(b.failed(Fault::Refused), Some(moved));
     }
 
     #[test]
@@ -430,7 +442,7 @@ mod tests {
         );
         let mut route = balancer.route(&shared, ip(2));
         let home = route.current();
-        let moved = route.failed().unwrap();
+        let moved = route.failed(Fault::Refused).unwrap();
         drop(route);
         // The window of `home` ends after 1 s, but the session (5 s after the last close)
         // keeps the client where it moved.
@@ -483,7 +495,11 @@ mod tests {
             })
             .expect("some client on target 2");
         let on_removed = old.route(&shared, client);
-        old.states()[0].deactivate(shared.clock.now_ms(), Duration::from_secs(60));
+        old.states()[0].deactivate(
+            shared.clock.now_ms(),
+            Duration::from_secs(60),
+            Fault::Refused,
+        );
         let new = Balancer::new(config(2, ""), &shared);
         assert!(
             Arc::ptr_eq(&old.states()[0], &new.states()[0]),
@@ -609,7 +625,11 @@ mod tests {
         let shared = Shared::new();
         let balancer = Balancer::new(config(4, r#", "hashBalanceFactor": 100"#), &shared);
         let down = 2;
-        balancer.states()[down].deactivate(shared.clock.now_ms(), Duration::from_secs(60));
+        balancer.states()[down].deactivate(
+            shared.clock.now_ms(),
+            Duration::from_secs(60),
+            Fault::Refused,
+        );
         let routes: Vec<Route> = (1..=200).map(|n| balancer.route(&shared, ip(n))).collect();
         assert!(routes.iter().all(|r| r.current() != down), "idle but down");
         // Factor 100 keeps the three usable targets within one connection of each other's
@@ -641,7 +661,7 @@ mod tests {
         assert!(hot_routes.iter().all(|r| r.current() == b));
         let mut route = balancer.route(&shared, x);
         assert_eq!(route.current(), a);
-        let next = route.failed().expect("another target");
+        let next = route.failed(Fault::Refused).expect("another target");
         assert!(next != a && next != b, "{next}");
         assert_eq!(overflows(&shared), 1);
         assert_eq!(balancer.states()[a].assigned.load(Ordering::Relaxed), 0);

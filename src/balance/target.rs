@@ -21,6 +21,11 @@
 //!
 //! Everything on the connection path is an atomic: no lock is taken to read or update a
 //! target's state.
+//!
+//! For the status page, each target also keeps when its [`TargetStatus`] last changed (`since`),
+//! and the time and [`Fault`] of its last failed connect and of its last health check, each
+//! packed into one atomic: recorded where the state changes (a deactivation, a health verdict,
+//! a drain or removal by a reload), never per connection.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -30,6 +35,7 @@ use std::time::Duration;
 use crate::clock::duration_ms;
 use crate::config::TargetSpec;
 use crate::counters::{Histogram, TargetCounters, CONNECT_BUCKETS_US};
+use crate::sockets::Fault;
 
 /// What the active health check says of a target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +57,42 @@ impl Health {
             _ => Health::Unchecked,
         }
     }
+}
+
+/// What a target is doing, as the status page names it. The inputs of
+/// [`TargetState::is_usable`] reduced to one word; the first that applies wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetStatus {
+    /// A reload removed it; its open connections drain.
+    Removed,
+    /// Down by its health check, or inside a deactivation window after a failed connect.
+    Down,
+    /// `"drain": true`: no new clients; its sessions and connections go on.
+    Draining,
+    /// Takes new clients.
+    Up,
+}
+
+impl TargetStatus {
+    /// Its name in the status JSON.
+    pub fn label(self) -> &'static str {
+        match self {
+            TargetStatus::Removed => "removed",
+            TargetStatus::Down => "down",
+            TargetStatus::Draining => "draining",
+            TargetStatus::Up => "up",
+        }
+    }
+}
+
+/// A moment (clock ms, never 0) and a code in one `u64`, so the two are stored and read
+/// together: the code in the low byte, the time above it. 0 means "never".
+fn pack(at_ms: u64, code: u8) -> u64 {
+    (at_ms.max(1) << 8) | u64::from(code)
+}
+
+fn unpack(packed: u64) -> Option<(u64, u8)> {
+    (packed != 0).then_some((packed >> 8, packed as u8))
 }
 
 /// The runtime state of one target identity.
@@ -88,10 +130,17 @@ pub struct TargetState {
     pub counters: TargetCounters,
     /// `target_connect_duration_seconds{target}`: successful connects.
     pub connect_duration: Histogram,
+    /// When (clock ms) its [`TargetStatus`] last changed by an event; see [`TargetState::since_ms`].
+    changed_ms: AtomicU64,
+    /// The last failed connect of a client: its time and [`Fault`] code, [`pack`]ed.
+    last_failure: AtomicU64,
+    /// The last health check: its time and 0 (passed) or the [`Fault`] code, [`pack`]ed.
+    last_check: AtomicU64,
 }
 
 impl TargetState {
-    pub fn new(id: Arc<str>) -> TargetState {
+    /// The state of a target first seen at `now_ms` (its `since`).
+    pub fn new(id: Arc<str>, now_ms: u64) -> TargetState {
         let seed = super::hash::target_seed(&id);
         TargetState {
             id,
@@ -105,6 +154,71 @@ impl TargetState {
             assigned: AtomicU64::new(0),
             counters: TargetCounters::default(),
             connect_duration: Histogram::new(&CONNECT_BUCKETS_US),
+            changed_ms: AtomicU64::new(now_ms),
+            last_failure: AtomicU64::new(0),
+            last_check: AtomicU64::new(0),
+        }
+    }
+
+    /// What it is doing now, in one word (see [`TargetStatus`]).
+    pub fn status(&self, now_ms: u64) -> TargetStatus {
+        if !self.is_present() {
+            TargetStatus::Removed
+        } else if self.health() == Health::Down || !self.is_up(now_ms) {
+            TargetStatus::Down
+        } else if self.drain.load(Ordering::Relaxed) {
+            TargetStatus::Draining
+        } else {
+            TargetStatus::Up
+        }
+    }
+
+    /// Since when (clock ms) it has been in its [`TargetStatus`] of `now_ms`. Every event that
+    /// changes the state records its time; the one change without an event, the end of a
+    /// deactivation window, is the window's end.
+    pub fn since_ms(&self, now_ms: u64) -> u64 {
+        let changed = self.changed_ms.load(Ordering::Relaxed);
+        let until = self.deactivated_until.load(Ordering::Relaxed);
+        let back_from_window = matches!(
+            self.status(now_ms),
+            TargetStatus::Up | TargetStatus::Draining
+        );
+        if back_from_window && changed < until && until <= now_ms {
+            until
+        } else {
+            changed
+        }
+    }
+
+    /// Runs `change` and, if the [`TargetStatus`] is not the same after it, records `now_ms` as the
+    /// moment it changed. Only on events (failures, verdicts, reloads), never per connection.
+    fn changing<R>(&self, now_ms: u64, change: impl FnOnce() -> R) -> R {
+        let before = self.status(now_ms);
+        let result = change();
+        if self.status(now_ms) != before {
+            self.changed_ms.store(now_ms, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// The time (clock ms) and reason of the last failed connect of a client, if any.
+    pub fn last_failure(&self) -> Option<(u64, Fault)> {
+        let (at, code) = unpack(self.last_failure.load(Ordering::Relaxed))?;
+        Some((at, Fault::from_code(code)?))
+    }
+
+    /// Records a health check's result (`Err`: why it failed).
+    pub fn checked(&self, now_ms: u64, result: Result<(), Fault>) {
+        let code = result.err().map_or(0, Fault::code);
+        self.last_check.store(pack(now_ms, code), Ordering::Relaxed);
+    }
+
+    /// The time (clock ms) and result of the last health check, if any.
+    pub fn last_check(&self) -> Option<(u64, Result<(), Fault>)> {
+        let (at, code) = unpack(self.last_check.load(Ordering::Relaxed))?;
+        match Fault::from_code(code) {
+            Some(fault) => Some((at, Err(fault))),
+            None => Some((at, Ok(()))),
         }
     }
 
@@ -131,16 +245,20 @@ impl TargetState {
         Health::from_u8(self.health.load(Ordering::Relaxed))
     }
 
-    /// Records the health check's verdict; returns the previous one.
-    pub fn set_health(&self, health: Health) -> Health {
-        Health::from_u8(self.health.swap(health as u8, Ordering::Relaxed))
+    /// Records the health check's verdict at `now_ms`; returns the previous one.
+    pub fn set_health(&self, health: Health, now_ms: u64) -> Health {
+        self.changing(now_ms, || {
+            Health::from_u8(self.health.swap(health as u8, Ordering::Relaxed))
+        })
     }
 
     /// Ends a deactivation window early (the health check saw the target answer). Returns
     /// true if the target was inside one.
     pub fn reactivate(&self, now_ms: u64) -> bool {
-        let before = self.deactivated_until.swap(0, Ordering::Relaxed);
-        now_ms < before
+        self.changing(now_ms, || {
+            let before = self.deactivated_until.swap(0, Ordering::Relaxed);
+            now_ms < before
+        })
     }
 
     /// A connection to this target closed. When it was the last one of a draining target, says
@@ -175,15 +293,20 @@ impl TargetState {
         self.present.load(Ordering::Relaxed)
     }
 
-    /// Records a failed connect and skips the target for `window`. Returns true when this call
-    /// took the target down (it was up before), which is what `deactivations` counts.
-    pub fn deactivate(&self, now_ms: u64, window: Duration) -> bool {
+    /// Records a failed connect (and why: `fault`) and skips the target for `window`. Returns
+    /// true when this call took the target down (it was up before), which is what
+    /// `deactivations` counts.
+    pub fn deactivate(&self, now_ms: u64, window: Duration, fault: Fault) -> bool {
         self.counters
             .connect_failures
             .fetch_add(1, Ordering::Relaxed);
+        self.last_failure
+            .store(pack(now_ms, fault.code()), Ordering::Relaxed);
         let until = now_ms.saturating_add(duration_ms(window));
-        let before = self.deactivated_until.swap(until, Ordering::Relaxed);
-        let was_up = now_ms >= before;
+        let was_up = self.changing(now_ms, || {
+            let before = self.deactivated_until.swap(until, Ordering::Relaxed);
+            now_ms >= before
+        });
         if was_up {
             self.counters.deactivations.fetch_add(1, Ordering::Relaxed);
         }
@@ -192,9 +315,9 @@ impl TargetState {
 }
 
 impl TargetState {
-    /// Applies the config's `drain` and logs a change.
-    fn set_drain(&self, drain: bool) {
-        if self.drain.swap(drain, Ordering::Relaxed) == drain {
+    /// Applies the config's `drain` (at `now_ms`) and logs a change.
+    fn set_drain(&self, drain: bool, now_ms: u64) {
+        if self.changing(now_ms, || self.drain.swap(drain, Ordering::Relaxed)) == drain {
             return;
         }
         let open = self.active.load(Ordering::Relaxed);
@@ -230,24 +353,26 @@ impl Registry {
 
     /// The states for `targets`, in the same order, reusing the state of every identity seen
     /// before. Identities not in `targets` are marked absent (their sessions move) and are
-    /// forgotten once nothing else holds them. Called at start-up and on each reload, never on
-    /// the connection path.
-    pub fn adopt(&self, targets: &[TargetSpec]) -> Vec<Arc<TargetState>> {
+    /// forgotten once nothing else holds them. Called at start-up and on each reload (at
+    /// `now_ms`), never on the connection path.
+    pub fn adopt(&self, targets: &[TargetSpec], now_ms: u64) -> Vec<Arc<TargetState>> {
         let mut states = self.lock();
         let adopted: Vec<Arc<TargetState>> = targets
             .iter()
             .map(|t| {
                 let state = states
                     .entry(t.id.clone())
-                    .or_insert_with(|| Arc::new(TargetState::new(t.id.clone())));
-                state.present.store(true, Ordering::Relaxed);
-                state.set_drain(t.drain);
+                    .or_insert_with(|| Arc::new(TargetState::new(t.id.clone(), now_ms)));
+                state.changing(now_ms, || state.present.store(true, Ordering::Relaxed));
+                state.set_drain(t.drain, now_ms);
                 state.clone()
             })
             .collect();
         let listed: HashSet<&str> = targets.iter().map(|t| &*t.id).collect();
         for (id, state) in states.iter() {
-            if !listed.contains(&**id) && state.present.swap(false, Ordering::Relaxed) {
+            let removed = !listed.contains(&**id)
+                && state.changing(now_ms, || state.present.swap(false, Ordering::Relaxed));
+            if removed {
                 let open = state.active.load(Ordering::Relaxed);
                 tracing::info!(
                     target_id = %id, connections = open,
@@ -298,12 +423,12 @@ mod tests {
 
     #[test]
     fn deactivation_window_ends_and_counts_once() {
-        let t = TargetState::new("a".into());
+        let t = TargetState::new("a".into(), 1);
         assert!(t.is_up(10));
-        assert!(t.deactivate(10, Duration::from_millis(100)));
+        assert!(t.deactivate(10, Duration::from_millis(100), Fault::Refused));
         assert!(!t.is_up(50));
         // A second failure inside the window extends it but is not a new deactivation.
-        assert!(!t.deactivate(50, Duration::from_millis(100)));
+        assert!(!t.deactivate(50, Duration::from_millis(100), Fault::Timeout));
         assert!(!t.is_up(149));
         assert!(t.is_up(150));
         assert_eq!(t.counters.deactivations.load(Ordering::Relaxed), 1);
@@ -312,16 +437,16 @@ mod tests {
 
     #[test]
     fn drain_keeps_sessions_health_down_and_windows_do_not() {
-        let t = TargetState::new("a".into());
+        let t = TargetState::new("a".into(), 1);
         assert!(t.is_usable(1) && t.keeps_clients(1) && !t.is_draining());
-        t.set_drain(true);
+        t.set_drain(true, 1);
         assert!(!t.is_usable(1) && t.keeps_clients(1) && t.is_draining());
-        t.set_drain(false);
-        assert_eq!(t.set_health(Health::Down), Health::Unchecked);
+        t.set_drain(false, 1);
+        assert_eq!(t.set_health(Health::Down, 1), Health::Unchecked);
         assert!(!t.is_usable(1) && !t.keeps_clients(1));
-        t.set_health(Health::Up);
+        t.set_health(Health::Up, 1);
         assert!(t.is_usable(1));
-        t.deactivate(1, Duration::from_secs(60));
+        t.deactivate(1, Duration::from_secs(60), Fault::Refused);
         assert!(!t.is_usable(2) && !t.keeps_clients(2));
         assert!(t.reactivate(2), "was inside a window");
         assert!(t.is_usable(2));
@@ -333,10 +458,10 @@ mod tests {
         let r = Registry::default();
         let mut drained = spec("a");
         drained.drain = true;
-        let first = r.adopt(&[drained, spec("b")]);
+        let first = r.adopt(&[drained, spec("b")], 1);
         assert!(first[0].is_draining() && !first[0].is_usable(1));
         assert!(!first[1].is_draining());
-        let second = r.adopt(&[spec("a")]);
+        let second = r.adopt(&[spec("a")], 1);
         assert!(!second[0].is_draining(), "undrained by removing the key");
         assert!(first[1].is_draining(), "b was removed");
     }
@@ -344,9 +469,9 @@ mod tests {
     #[test]
     fn registry_keeps_state_by_identity_across_adoptions() {
         let r = Registry::default();
-        let first = r.adopt(&[spec("a"), spec("b")]);
-        first[1].deactivate(1, Duration::from_secs(60));
-        let second = r.adopt(&[spec("b"), spec("c")]);
+        let first = r.adopt(&[spec("a"), spec("b")], 1);
+        first[1].deactivate(1, Duration::from_secs(60), Fault::Refused);
+        let second = r.adopt(&[spec("b"), spec("c")], 1);
         assert!(Arc::ptr_eq(&first[1], &second[0]), "b keeps its state");
         assert!(!second[0].is_up(2), "b stays deactivated");
         assert!(!first[0].is_present(), "a was removed");
@@ -355,5 +480,75 @@ mod tests {
         drop(first);
         assert_eq!(r.prune(), 1, "a is forgotten once nothing holds it");
         assert_eq!(r.all().len(), 2);
+    }
+
+    #[test]
+    fn the_state_names_the_first_reason_and_since_is_when_it_last_changed() {
+        let t = TargetState::new("a".into(), 5);
+        assert_eq!((t.status(10), t.since_ms(10)), (TargetStatus::Up, 5));
+        // A failed connect: down from then, for the window; a second one inside the window
+        // changes nothing but the last failure.
+        t.deactivate(20, Duration::from_millis(100), Fault::Refused);
+        assert_eq!((t.status(30), t.since_ms(30)), (TargetStatus::Down, 20));
+        t.deactivate(40, Duration::from_millis(100), Fault::Timeout);
+        assert_eq!((t.status(50), t.since_ms(50)), (TargetStatus::Down, 20));
+        assert_eq!(t.last_failure(), Some((40, Fault::Timeout)));
+        // The window ends at 140 with no event: up since then.
+        assert_eq!((t.status(200), t.since_ms(200)), (TargetStatus::Up, 140));
+        // Drained by a reload; a health verdict of down wins over the drain.
+        t.set_drain(true, 300);
+        assert_eq!(
+            (t.status(310), t.since_ms(310)),
+            (TargetStatus::Draining, 300)
+        );
+        t.set_health(Health::Down, 400);
+        assert_eq!((t.status(410), t.since_ms(410)), (TargetStatus::Down, 400));
+        // A verdict that repeats itself is no change.
+        t.set_health(Health::Down, 450);
+        assert_eq!(t.since_ms(460), 400);
+        t.set_health(Health::Up, 500);
+        assert_eq!(
+            (t.status(510), t.since_ms(510)),
+            (TargetStatus::Draining, 500)
+        );
+        // Up by its check while a window still runs: still down, and since the window began.
+        t.set_drain(false, 600);
+        t.deactivate(700, Duration::from_millis(100), Fault::Reset);
+        t.set_health(Health::Down, 750);
+        t.set_health(Health::Up, 760);
+        assert_eq!((t.status(770), t.since_ms(770)), (TargetStatus::Down, 700));
+        assert_eq!((t.status(900), t.since_ms(900)), (TargetStatus::Up, 800));
+    }
+
+    #[test]
+    fn a_removed_target_reads_removed_since_the_reload_that_removed_it() {
+        let r = Registry::default();
+        let first = r.adopt(&[spec("a"), spec("b")], 10);
+        first[1].deactivate(20, Duration::from_millis(100), Fault::Refused);
+        r.adopt(&[spec("a")], 50);
+        assert_eq!(
+            (first[1].status(500), first[1].since_ms(500)),
+            (TargetStatus::Removed, 50)
+        );
+        assert_eq!(
+            (first[0].status(500), first[0].since_ms(500)),
+            (TargetStatus::Up, 10)
+        );
+        r.adopt(&[spec("a"), spec("b")], 600);
+        assert_eq!(
+            (first[1].status(610), first[1].since_ms(610)),
+            (TargetStatus::Up, 600)
+        );
+    }
+
+    #[test]
+    fn the_last_check_keeps_its_time_and_result() {
+        let t = TargetState::new("a".into(), 1);
+        assert_eq!(t.last_check(), None);
+        assert_eq!(t.last_failure(), None);
+        t.checked(10, Err(Fault::Unexpected));
+        assert_eq!(t.last_check(), Some((10, Err(Fault::Unexpected))));
+        t.checked(20, Ok(()));
+        assert_eq!(t.last_check(), Some((20, Ok(()))));
     }
 }

@@ -328,7 +328,8 @@ impl Proxy {
                         deactivated_ms = config.target_deactivation.as_millis() as u64,
                         "connect to target failed; deactivating it and retrying elsewhere"
                     );
-                    if route.failed().is_none() {
+                    // The reason, as a small enum (the status page shows the last one).
+                    if route.failed(sockets::Fault::of(&error)).is_none() {
                         return Err(Reject::NoTarget);
                     }
                 }

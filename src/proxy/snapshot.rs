@@ -1,19 +1,41 @@
 //! A snapshot of the balancer's counters and target states: what the admin endpoint renders
-//! (`/metrics` today), read through this one narrow interface rather than the proxy's insides.
+//! (`/metrics`, `/status` and the status page), read through this one narrow interface rather
+//! than the proxy's insides.
 //!
 //! Taking one reads the atomics the data path keeps and locks nothing the data path takes but
 //! the target registry (never touched per connection), so a scrape costs a connection nothing.
+//!
+//! Moments are in the balancer's clock (milliseconds since it started, see `clock`), all
+//! measured against [`Snapshot::at_ms`]; [`Snapshot::wall`] is the wall clock at that same
+//! moment, which turns any of them into a date.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use super::Proxy;
-use crate::balance::target::Health;
-use crate::counters::{HistogramSnapshot, Reject};
+use crate::balance::target::{Health, TargetStatus};
+use crate::counters::{HistogramSnapshot, LastReload, Reject};
+use crate::sockets::Fault;
 
 /// The balancer at one moment.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
+    /// The moment of the snapshot on the balancer's clock (ms; the clock starts at 1).
+    pub at_ms: u64,
+    /// The wall clock at [`Snapshot::at_ms`].
+    pub wall: SystemTime,
+    /// How long the balancer has been running, in ms.
+    pub uptime_ms: u64,
+    /// The config file it runs (and reloads).
+    pub config_path: PathBuf,
+    /// The addresses it accepts clients on now (none once it stopped accepting). Filled in by
+    /// the server, which owns the listener; empty in a snapshot of the proxy alone.
+    pub listeners: Vec<SocketAddr>,
+    /// How the last reload attempt ended; `None` before any.
+    pub last_reload: Option<LastReload>,
     /// Every accepted socket, including those then refused.
     pub accepted: u64,
     /// Client connections open now.
@@ -54,6 +76,17 @@ impl Snapshot {
 #[derive(Debug, Clone)]
 pub struct TargetSnapshot {
     pub id: Arc<str>,
+    /// The address it is connected to (resolved), and its weight; `None` once removed from
+    /// the config.
+    pub address: Option<SocketAddr>,
+    pub weight: Option<u32>,
+    /// What it is doing, in one word, and since when (clock ms).
+    pub status: TargetStatus,
+    pub since_ms: u64,
+    /// The time (clock ms) and reason of the last failed connect of a client.
+    pub last_failure: Option<(u64, Fault)>,
+    /// The time (clock ms) and result of the last health check.
+    pub last_check: Option<(u64, Result<(), Fault>)>,
     /// Listed in the current config (false: removed, its connections draining).
     pub listed: bool,
     /// Takes new clients: listed, not draining, not down by its health check, and not in a
@@ -86,9 +119,19 @@ impl Proxy {
         let stats = &shared.stats;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let now = shared.clock.now_ms();
+        let wall = SystemTime::now();
         let generation = self.store.load();
-        let mut targets: Vec<TargetSnapshot> =
-            generation.states().iter().map(|s| target(s, now)).collect();
+        let mut targets: Vec<TargetSnapshot> = generation
+            .states()
+            .iter()
+            .zip(&generation.config.targets)
+            .map(|(s, spec)| {
+                let mut t = target(s, now);
+                t.address = Some(spec.addr);
+                t.weight = Some(spec.weight);
+                t
+            })
+            .collect();
         // Removed targets that still drain, after the listed ones (sorted: a stable order).
         let mut draining: Vec<TargetSnapshot> = shared
             .registry
@@ -100,6 +143,12 @@ impl Proxy {
         draining.sort_by(|a, b| a.id.cmp(&b.id));
         targets.extend(draining);
         Snapshot {
+            at_ms: now,
+            wall,
+            uptime_ms: now.saturating_sub(1),
+            config_path: generation.config.path.clone(),
+            listeners: Vec::new(),
+            last_reload: stats.last_reload(),
             accepted: load(&stats.accepted),
             active: load(&stats.active),
             rejected: Reject::ALL.map(|r| stats.rejected(r)),
@@ -122,6 +171,12 @@ fn target(state: &crate::balance::target::TargetState, now: u64) -> TargetSnapsh
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     TargetSnapshot {
         id: state.id.clone(),
+        address: None,
+        weight: None,
+        status: state.status(now),
+        since_ms: state.since_ms(now),
+        last_failure: state.last_failure(),
+        last_check: state.last_check(),
         listed: state.is_present(),
         up: state.is_usable(now),
         draining: state.is_draining(),

@@ -1,11 +1,13 @@
 //! Balancers in the test's own runtime, each on a fresh `127.0.0.1:0` listener, as mini-redis
 //! tests its server: the test reads the balancer's counters and target states directly
-//! ([`Server::snapshot`]) besides what its clients see. And the JSON of a test config.
+//! ([`Server::snapshot`]) besides what its clients see. And the JSON of a test config
+//! ([`config_text`], [`config_json`] with [`target_json`]).
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use serde_json::{json, Value};
 use stickylb::config::Config;
 use stickylb::server::{self, Server};
 
@@ -13,22 +15,42 @@ use crate::PATIENCE;
 
 /// The JSON text of a config with `targets` on loopback and the given extra keys: listening
 /// on 127.0.0.1 (its `sourcePort` 1 is replaced by whoever binds it), metrics off.
-pub fn config_text(targets: &[SocketAddr], extra: serde_json::Value) -> String {
-    let mut config = serde_json::json!({
+pub fn config_text(targets: &[SocketAddr], extra: Value) -> String {
+    let targets = targets
+        .iter()
+        .map(|a| json!({"host": a.ip().to_string(), "port": a.port()}))
+        .collect();
+    config_json(targets, extra)
+}
+
+/// As [`config_text`], with each target given whole as JSON (see [`target_json`]).
+pub fn config_json(targets: Vec<Value>, extra: Value) -> String {
+    let config = json!({
         "sourceHost": "127.0.0.1",
         "sourcePort": 1,
         "metricsPort": null,
-        "targets": targets
-            .iter()
-            .map(|a| serde_json::json!({"host": a.ip().to_string(), "port": a.port()}))
-            .collect::<Vec<_>>(),
+        "targets": targets,
     });
-    if let (Some(config), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+    serde_json::to_string_pretty(&with(config, extra)).expect("json")
+}
+
+/// A target of a config: `addr` with the identity `id` and the extra keys `more`
+/// (`{"drain": true}`, `{"healthCheck": false}`, ...).
+pub fn target_json(addr: SocketAddr, id: &str, more: Value) -> Value {
+    with(
+        json!({"host": addr.ip().to_string(), "port": addr.port(), "id": id}),
+        more,
+    )
+}
+
+/// `object` with the keys of `extra` added (replacing those it has).
+fn with(mut object: Value, extra: Value) -> Value {
+    if let (Some(object), Some(extra)) = (object.as_object_mut(), extra.as_object()) {
         for (k, v) in extra {
-            config.insert(k.clone(), v.clone());
+            object.insert(k.clone(), v.clone());
         }
     }
-    serde_json::to_string_pretty(&config).expect("json")
+    object
 }
 
 /// The config of [`config_text`], parsed and validated.

@@ -9,6 +9,7 @@
 //!   the same port, a [`Sink`] that never reads, [`dead_port`]s.
 //! - [`pattern`]: a deterministic generator ([`Rng`]) and the byte [`Pattern`] made from it, so
 //!   a transfer is checked byte for byte without keeping a copy of what was sent.
+//! - [`http`]: one HTTP/1.1 request to the admin endpoint, and its raw answer.
 //! - [`inproc`]: balancers started in the test's own runtime on `127.0.0.1:0`, and the JSON of
 //!   their configs.
 //! - [`child`]: processes a test starts and ends by their PID: the `stickylb` binary
@@ -20,6 +21,8 @@
 //!   of their own where a whole documentation prefix is local.
 //! - [`rolling`]: a rolling restart of a Node.js cluster behind stickylb, the scenario that
 //!   `tests/rolling_restart.rs` asserts on and `benches/rolling.rs` measures.
+//! - [`browser`]: a headless Chromium driven over the DevTools protocol on a pipe, for the
+//!   status page: load a page, read its DOM after its scripts ran, take a screenshot.
 //! - [`temp`]: temporary directories, removed on drop.
 //! - [`tools`]: outside tools a test runs (promtool, prometheus, ...): required under
 //!   `scripts/test`, skipped with a line that says so under a plain `cargo test`.
@@ -35,8 +38,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 pub mod backend;
+pub mod browser;
 pub mod child;
 pub mod client;
+pub mod http;
 pub mod inproc;
 pub mod netns;
 pub mod pattern;
@@ -46,6 +51,7 @@ pub mod temp;
 pub mod tools;
 
 pub use backend::{dead_port, Backend, Mode, Sink};
+pub use browser::Browser;
 pub use child::{
     backend_process, limit_nofile, serve_backend_process_if_asked, status_kib, Balancer, Process,
 };
@@ -53,7 +59,10 @@ pub use client::{
     assert_same_mapping, client_ip, connect_from, echo_once, first_read, mapping, name_of, offer,
     open_many, served, slowloris, which, ECHO_REQUEST,
 };
-pub use inproc::{config, config_text, start, start_at, start_from_file, wait_drained};
+pub use http::{http_request, HttpResponse};
+pub use inproc::{
+    config, config_json, config_text, start, start_at, start_from_file, target_json, wait_drained,
+};
 pub use pattern::{check_pattern, echo_exact, send_pattern, Pattern, Rng};
 pub use temp::TempDir;
 pub use tools::{require_root, require_tool};
