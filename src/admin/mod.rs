@@ -134,7 +134,8 @@ pub fn install(addr: Option<SocketAddr>, source: Arc<dyn Source>) -> Result<Opti
     let admin = start(addr, source)?;
     tracing::info!(
         url = %format!("http://{}/metrics", admin.local_addr()),
-        "serving Prometheus metrics"
+        status = %format!("http://{}/", admin.local_addr()),
+        "serving Prometheus metrics and the status page"
     );
     Ok(Some(admin))
 }
