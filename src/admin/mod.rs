@@ -87,6 +87,8 @@ pub enum Error {
 #[derive(Debug)]
 pub struct Admin {
     local_addr: SocketAddr,
+    /// The listening socket, owned by the endpoint's thread: open as long as this is.
+    fd: std::os::fd::RawFd,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -95,6 +97,14 @@ impl Admin {
     /// The address the endpoint is served on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Another descriptor of the listening socket (an upgrade hands it to the new process, so
+    /// that a scrape is never refused).
+    pub fn clone_listener(&self) -> io::Result<std::net::TcpListener> {
+        // SAFETY: the endpoint's thread holds the listener open while `self` exists.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd) };
+        Ok(std::net::TcpListener::from(fd.try_clone_to_owned()?))
     }
 }
 
@@ -127,9 +137,25 @@ pub fn install(addr: Option<SocketAddr>, source: Arc<dyn Source>) -> Result<Opti
 /// Binds `addr` (port 0 picks a free one: see [`Admin::local_addr`]) and serves the endpoint
 /// for `source` on a thread of its own.
 pub fn start(addr: SocketAddr, source: Arc<dyn Source>) -> Result<Admin, Error> {
-    let bind_error = |source| Error::Bind { addr, source };
-    let listener = sockets::bind(addr).map_err(bind_error)?;
-    let local_addr = listener.local_addr().map_err(bind_error)?;
+    let listener = sockets::bind(addr).map_err(|source| Error::Bind { addr, source })?;
+    start_on(listener, source)
+}
+
+/// Serves the endpoint for `source` on `listener` (bound and listening: an older process's,
+/// handed over by an upgrade) on a thread of its own.
+pub fn start_on(listener: std::net::TcpListener, source: Arc<dyn Source>) -> Result<Admin, Error> {
+    use std::os::fd::AsRawFd;
+    let local_addr = listener.local_addr().map_err(|source| Error::Bind {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| Error::Bind {
+            addr: local_addr,
+            source,
+        })?;
+    let fd = listener.as_raw_fd();
     let (stop, stopped) = oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("stickylb-admin".into())
@@ -137,6 +163,7 @@ pub fn start(addr: SocketAddr, source: Arc<dyn Source>) -> Result<Admin, Error> 
         .map_err(Error::Thread)?;
     Ok(Admin {
         local_addr,
+        fd,
         stop: Some(stop),
         thread: Some(thread),
     })
