@@ -55,6 +55,8 @@ pub const MAX_BODY: u64 = 1024;
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 /// The response must be written within this (after the head arrived).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// When the endpoint stops, how long the requests being answered may take to finish.
+pub const STOP_GRACE: Duration = Duration::from_secs(1);
 /// The endpoint thread's nice value: under load the proxy's workers win the CPU.
 pub const NICE: i32 = 10;
 
@@ -190,10 +192,15 @@ fn run(listener: std::net::TcpListener, source: Arc<dyn Source>, stopped: onesho
                 return;
             }
         };
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         tokio::select! {
             _ = stopped => {}
-            _ = accept_loop(listener, Arc::new(Pages::new(source))) => {}
+            _ = accept_loop(listener, Arc::new(Pages::new(source)), slots.clone()) => {}
         }
+        // No more accepts (connects wait in the backlog, for the next process of an upgrade);
+        // the scrapes being answered finish first, within STOP_GRACE.
+        let all = MAX_CONNECTIONS as u32;
+        let _ = tokio::time::timeout(STOP_GRACE, slots.acquire_many(all)).await;
     });
     // Dropping the runtime here ends every connection still open.
 }
@@ -214,8 +221,7 @@ fn lower_priority() {
 
 /// Accepts connections and serves each in its own task, with a slot taken after `accept`. Like
 /// the balancer's, it never ends on an accept error.
-async fn accept_loop(listener: TcpListener, pages: Arc<Pages>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+async fn accept_loop(listener: TcpListener, pages: Arc<Pages>, slots: Arc<Semaphore>) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,

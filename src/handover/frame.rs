@@ -218,6 +218,14 @@ impl Reader {
         }
     }
 
+    /// Waits until something arrives (bytes, or the end of the stream) and keeps it for
+    /// [`Reader::next`]. Cancel-safe: dropping it loses nothing.
+    pub async fn fill(&mut self, stream: &UnixStream) -> io::Result<usize> {
+        stream
+            .async_io(Interest::READABLE, || self.receive(stream.as_raw_fd()))
+            .await
+    }
+
     /// The first buffered frame, once all its bytes and descriptors are here.
     fn complete(&mut self) -> io::Result<Option<Frame>> {
         let unread = &self.buf[self.start..];

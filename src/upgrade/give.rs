@@ -38,6 +38,9 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a batch sent after the commit may take to be taken up.
 const LATE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a failed send waits for the refusal the new process may have sent before it went.
+const REFUSAL_WAIT: Duration = Duration::from_millis(500);
+
 /// How often the collection looks whether every relaying connection has reported.
 const COLLECT_TICK: Duration = Duration::from_millis(1);
 
@@ -83,8 +86,18 @@ pub(super) async fn attempt(parts: Parts<'_>, signalled: Instant) -> Result<Hand
     let exe = spawn::exe().map_err(|e| format!("cannot start a new process: {e}"))?;
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()
         .map_err(|e| format!("cannot make the handover socket: {e}"))?;
-    let child =
-        spawn::spawn(&exe, &theirs).map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+    // A binary just written may still be open for writing in a process that forked meanwhile
+    // (until its exec): that is ETXTBSY, and passes.
+    let mut tries = 0;
+    let child = loop {
+        match spawn::spawn(&exe, &theirs) {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 20 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => break other.map_err(|e| format!("cannot start {}: {e}", exe.display()))?,
+        }
+    };
     drop(theirs);
     let child_pid = child.id();
     rollback.child = Some(child);
@@ -115,7 +128,7 @@ pub(super) async fn attempt(parts: Parts<'_>, signalled: Instant) -> Result<Hand
         listeners,
     };
     if let Err(e) = send(&socket, Kind::Hello, hello.encode()).await {
-        return Err(rollback.send_failed(e).await);
+        return Err(rollback.send_failed(e, &socket, &mut reader).await);
     }
     let build = match within(
         PREPARE_TIMEOUT,
@@ -129,13 +142,23 @@ pub(super) async fn attempt(parts: Parts<'_>, signalled: Instant) -> Result<Hand
     };
     let prepared = signalled.elapsed();
 
+    // The metrics endpoint stops (the scrapes it is answering finish; new ones wait in the
+    // backlog for the new process): no scrape shows a count the state below does not hold.
+    let admin = parts.admin.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(admin) = admin {
+        rollback.admin_listener = admin_listener;
+        // Dropping it joins its thread: off the worker threads.
+        let _ = tokio::task::spawn_blocking(move || drop(admin)).await;
+    }
+
     // The connections: every relay stops between two polls and reports.
     let proxy = server.proxy();
     let mut handoffs = proxy.handover.begin();
     rollback.collecting = true;
     let mut collected = Collected::default();
-    if let Err(e) = collect(&socket, &mut handoffs, server, &mut collected).await {
-        return Err(rollback.send_failed(e).await);
+    let collecting = collect(&socket, &mut reader, &mut handoffs, server, &mut collected).await;
+    if let Err(e) = collecting {
+        return Err(rollback.send_failed(e, &socket, &mut reader).await);
     }
     let collecting = signalled.elapsed() - prepared;
 
@@ -143,15 +166,9 @@ pub(super) async fn attempt(parts: Parts<'_>, signalled: Instant) -> Result<Hand
     // state read now is what the new process starts from.
     server.pause_accepting().await;
     rollback.paused = Some(listener);
-    let admin = parts.admin.lock().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some(admin) = admin {
-        rollback.admin_listener = admin_listener;
-        // Dropping it joins its thread: off the worker threads.
-        let _ = tokio::task::spawn_blocking(move || drop(admin)).await;
-    }
     let state = proxy.shared.export();
     if let Err(e) = send(&socket, Kind::State, state.encode()).await {
-        return Err(rollback.send_failed(e).await);
+        return Err(rollback.send_failed(e, &socket, &mut reader).await);
     }
     match within(
         READY_TIMEOUT,
@@ -166,7 +183,7 @@ pub(super) async fn attempt(parts: Parts<'_>, signalled: Instant) -> Result<Hand
 
     // The commit: from here the new process relays and accepts; this one lets go.
     if let Err(e) = frame::send(&socket, Kind::Commit as u8, &[], &[]).await {
-        return Err(rollback.send_failed(e).await);
+        return Err(rollback.send_failed(e, &socket, &mut reader).await);
     }
     rollback.commit();
     let connections = collected.verdicts.len();
@@ -202,15 +219,18 @@ fn millis(d: Duration) -> u64 {
 
 /// What the collection gathered.
 #[derive(Default)]
-struct Collected {
-    verdicts: Vec<oneshot::Sender<Verdict>>,
+pub(super) struct Collected {
+    pub(super) verdicts: Vec<oneshot::Sender<Verdict>>,
     batches: u32,
 }
 
 /// Receives handoffs and sends them in batches, until every connection in its relay stage has
-/// reported (handed off, or staying because it is failing), or [`COLLECT_TIMEOUT`].
-async fn collect(
+/// reported (handed off, or staying because it is failing), or [`COLLECT_TIMEOUT`]. The new
+/// process says nothing meanwhile unless it refuses: any message from it ends the collection
+/// with an error (the caller reads it).
+pub(super) async fn collect(
     socket: &UnixStream,
+    reader: &mut frame::Reader,
     handoffs: &mut mpsc::UnboundedReceiver<Handoff>,
     server: &Server,
     collected: &mut Collected,
@@ -244,6 +264,14 @@ async fn collect(
                 None => return Ok(()),
             },
             _ = tokio::time::sleep(COLLECT_TICK) => {}
+            // Cancel-safe: what was read stays in the reader for the caller.
+            read = reader.fill(socket) => {
+                return Err(match read {
+                    Ok(0) => std::io::ErrorKind::BrokenPipe.into(),
+                    Ok(_) => std::io::Error::other("the new process spoke during the collection"),
+                    Err(e) => e,
+                });
+            }
             _ = tokio::time::sleep_until(deadline) => {
                 tracing::warn!(
                     reported, relaying = proxy.relaying(),
@@ -310,7 +338,7 @@ async fn reply(
             "the new process ended before it was ready ({})",
             rollback.child_status().await
         )),
-        Err(e) => Err(format!("handover socket: {e}")),
+        Err(e) => Err(rollback.ended(e).await),
     }
 }
 
@@ -425,8 +453,25 @@ impl<'a> Rollback<'a> {
         self.committed = true;
     }
 
-    /// Why a send to the new process failed: it ended (and how), or the error.
-    async fn send_failed(&mut self, error: std::io::Error) -> String {
+    /// Why a send to the new process failed: the refusal it sent before it went (read now),
+    /// or how it ended, or the error.
+    async fn send_failed(
+        &mut self,
+        error: std::io::Error,
+        socket: &UnixStream,
+        reader: &mut frame::Reader,
+    ) -> String {
+        let pending = tokio::time::timeout(REFUSAL_WAIT, reader.next(socket)).await;
+        if let Ok(Ok(Some(f))) = pending {
+            if let Ok(Reply::Refused(reason)) = Reply::decode(f.kind, &f.payload) {
+                return format!("the new process refused: {reason}");
+            }
+        }
+        self.ended(error).await
+    }
+
+    /// Why a read from (or send to) the new process failed: it ended (and how), or the error.
+    async fn ended(&mut self, error: std::io::Error) -> String {
         use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
         if matches!(error.kind(), BrokenPipe | ConnectionReset) {
             format!(
@@ -434,7 +479,7 @@ impl<'a> Rollback<'a> {
                 self.child_status().await
             )
         } else {
-            format!("cannot send to the new process: {error}")
+            format!("handover socket: {error}")
         }
     }
 

@@ -17,15 +17,17 @@
 //!    listening sockets. The new process checks that it reads this format version, takes the
 //!    listeners (binding new ones only where the config moved them), and answers `prepared`.
 //!    Until here the old process has stopped nothing.
-//! 3. **Connections.** Every connection in its relay stage stops between two polls and offers
+//! 3. **Connections.** The old process stops its metrics endpoint (the scrapes it is answering
+//!    finish; new ones wait in the backlog of the shared listening socket, for whichever process
+//!    serves next). Every connection in its relay stage stops between two polls and offers
 //!    itself (`proxy::handoff`); the old process sends them in batches of at most 253
 //!    descriptors: both sockets, and each splice pipe that holds bytes, as it is; a copy
 //!    buffer's bytes; the half-closed flags; client, target, start time, byte counts. It waits
 //!    until every relaying connection has reported (or one second).
 //! 4. **State.** The old process stops accepting (connects wait in the backlog of the shared
-//!    listening socket: none is refused) and stops its metrics endpoint (scrapes wait in its
-//!    backlog), then sends the state of that quiet moment: the clock, counters and histograms,
-//!    every target's deactivation window, health verdict and counters, and the session table.
+//!    listening socket: none is refused), then sends the state of that quiet moment: the clock,
+//!    counters and histograms, every target's deactivation window, health verdict and counters,
+//!    and the session table. No scrape of the old process showed a count above it.
 //! 5. **Ready.** The new process restores the state, checks every connection (TCP sockets,
 //!    directions a relay can be in, pipes that hold exactly what the record says) and
 //!    registers them, and answers `ready`. It has still neither accepted nor relayed.
@@ -226,3 +228,6 @@ impl Inner {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+#[cfg(test)]
+mod tests;

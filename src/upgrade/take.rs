@@ -228,7 +228,7 @@ async fn prepare(
 }
 
 /// Checks every record and registers its sockets here.
-fn resume_all(
+pub(super) fn resume_all(
     records: Vec<handover::Connection<OwnedFd>>,
     shared: &Shared,
     config: &Config,

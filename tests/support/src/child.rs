@@ -117,6 +117,18 @@ impl Balancer {
         bin: &str,
         tag: &str,
         args: &[&str],
+        config: serde_json::Value,
+        nofile: Option<u64>,
+    ) -> io::Result<Balancer> {
+        Balancer::start_env(bin, tag, args, &[], config, nofile)
+    }
+
+    /// As [`Balancer::start`], with extra environment variables (`NOTIFY_SOCKET`, ...).
+    pub fn start_env(
+        bin: &str,
+        tag: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
         mut config: serde_json::Value,
         nofile: Option<u64>,
     ) -> io::Result<Balancer> {
@@ -130,6 +142,7 @@ impl Balancer {
             .arg("--config")
             .arg(&path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

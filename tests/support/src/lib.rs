@@ -11,6 +11,8 @@
 //!   a transfer is checked byte for byte without keeping a copy of what was sent.
 //! - [`inproc`]: balancers started in the test's own runtime on `127.0.0.1:0`, and the JSON of
 //!   their configs.
+//! - [`metrics`]: scrapes of `/metrics`: one series' value, `build_info`'s version, and the
+//!   counters that went down between two scrapes.
 //! - [`child`]: processes a test starts and ends by their PID: the `stickylb` binary
 //!   ([`Balancer`], with its stderr lines, CPU time, memory and descriptors), and a
 //!   [`Backend`] in a process of its own.
@@ -20,6 +22,9 @@
 //!   of their own where a whole documentation prefix is local.
 //! - [`rolling`]: a rolling restart of a Node.js cluster behind stickylb, the scenario that
 //!   `tests/rolling_restart.rs` asserts on and `benches/rolling.rs` measures.
+//! - [`upgrade`]: upgrades of stickylb itself under load (long-lived, idle and short
+//!   connections, a pinned client, a scraper), the scenario that `tests/upgrade.rs` asserts on
+//!   and `benches/upgrade.rs` measures.
 //! - [`temp`]: temporary directories, removed on drop.
 //! - [`tools`]: outside tools a test runs (promtool, prometheus, ...): required under
 //!   `scripts/test`, skipped with a line that says so under a plain `cargo test`.
@@ -38,12 +43,14 @@ pub mod backend;
 pub mod child;
 pub mod client;
 pub mod inproc;
+pub mod metrics;
 pub mod netns;
 pub mod pattern;
 pub mod population;
 pub mod rolling;
 pub mod temp;
 pub mod tools;
+pub mod upgrade;
 
 pub use backend::{dead_port, Backend, Mode, Sink};
 pub use child::{backend_process, serve_backend_process_if_asked, Balancer, Process};
