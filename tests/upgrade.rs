@@ -22,6 +22,7 @@ async fn upgrades_under_load_refuse_cut_and_forget_nothing() {
         short_parallel: 4,
         chunk: 4096,
         tick: Duration::from_millis(20),
+        interval: Duration::from_millis(300),
     };
     let report = upgrade::run(BIN, &options).await;
     let versions: Vec<&str> = report.upgrades.iter().map(|u| u.version.as_str()).collect();

@@ -183,6 +183,18 @@ impl Shared {
         }
     }
 
+    /// A connection of client `ip` (hash key `key`) that held an open count in its session
+    /// closed: the session's expiry starts with its last connection.
+    fn close_session(&self, key: u64, ip: &IpAddr) {
+        let mut shard = self.sessions.lock(key);
+        if let Some(session) = shard.get_mut(ip) {
+            session.open = session.open.saturating_sub(1);
+            if session.open == 0 {
+                session.last_close_ms = self.clock.now_ms();
+            }
+        }
+    }
+
     fn add_stats(&self, counters: &[(String, u64)], histograms: &[handover::Histogram]) {
         let named = self.stats.named();
         for (name, value) in counters {
@@ -354,15 +366,8 @@ impl Hold<'_> {
 impl Drop for Hold<'_> {
     fn drop(&mut self) {
         self.target.assigned.fetch_sub(1, Ordering::Relaxed);
-        if !self.pinned {
-            return;
-        }
-        let mut shard = self.shared.sessions.lock(self.key);
-        if let Some(session) = shard.get_mut(&self.ip) {
-            session.open = session.open.saturating_sub(1);
-            if session.open == 0 {
-                session.last_close_ms = self.shared.clock.now_ms();
-            }
+        if self.pinned {
+            self.shared.close_session(self.key, &self.ip);
         }
     }
 }
@@ -575,15 +580,8 @@ impl<'a> Route<'a> {
 impl Drop for Route<'_> {
     fn drop(&mut self) {
         self.unassign();
-        if !self.pinned {
-            return;
-        }
-        let mut shard = self.shared.sessions.lock(self.key);
-        if let Some(session) = shard.get_mut(&self.ip) {
-            session.open = session.open.saturating_sub(1);
-            if session.open == 0 {
-                session.last_close_ms = self.shared.clock.now_ms();
-            }
+        if self.pinned {
+            self.shared.close_session(self.key, &self.ip);
         }
     }
 }

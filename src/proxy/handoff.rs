@@ -22,10 +22,12 @@
 //! upgrade starts go on here; they hand themselves over when they reach the relay stage (the
 //! coordinator sends them late, after the commit), or end here.
 //!
-//! **Taking up.** [`Resumed::new`] checks a record an older process sent (its descriptors are
+//! **Taking up.** [`Checked::new`] checks a record an older process sent (its descriptors are
 //! TCP sockets, its directions are states a relay can be in, a pipe holds exactly the bytes
-//! the record says) and registers the sockets with this runtime; `Proxy::resume` then runs the
-//! same relay stage as a fresh connection, on the directions as they were.
+//! the record says) and registers the sockets with this runtime, as the records arrive;
+//! [`Checked::on`] then puts it on its target's state once the state has come, and
+//! `Proxy::resume` runs the same relay stage as a fresh connection, on the directions as they
+//! were.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -194,13 +196,18 @@ impl Proxied<'_> {
 }
 
 /// A connection an older process handed over, checked and registered with this runtime,
-/// ready for `Proxy::resume`.
+/// ready for `Proxy::resume` once it is on its target's state (`T`: the target's identity
+/// until then, see [`Checked`]).
+///
+/// The sockets are checked but not yet registered with the runtime's reactor: each connection's
+/// own task registers its two when it starts (after the commit), so that the registrations of
+/// thousands of connections are spread over the worker threads instead of delaying the commit.
 #[derive(Debug)]
-pub(crate) struct Resumed {
-    pub(super) client: TcpStream,
-    pub(super) server: TcpStream,
+pub(crate) struct Resumed<T = Arc<TargetState>> {
+    pub(super) client: std::net::TcpStream,
+    pub(super) server: std::net::TcpStream,
     pub(super) peer: SocketAddr,
-    pub(super) target: Arc<TargetState>,
+    pub(super) target: T,
     pub(super) pinned: bool,
     pub(super) accepted: Instant,
     pub(super) proxied: Option<Instant>,
@@ -210,14 +217,19 @@ pub(crate) struct Resumed {
     pub(super) directions: [Direction; 2],
 }
 
-impl Resumed {
-    /// Checks `record` and takes its descriptors. Must be called inside the runtime that will
-    /// relay it. The target identity is found (or made, draining) in `shared`'s registry.
+/// A connection record checked and registered with this runtime as it arrived, its target
+/// known by identity only: the target states come with the runtime state, after the
+/// connections (see [`Checked::on`]).
+pub(crate) type Checked = Resumed<String>;
+
+impl Checked {
+    /// Checks `record` and takes its descriptors: both sockets must be non-blocking TCP
+    /// sockets, both directions states a relay can be in. `zero_copy`: this process's
+    /// `zeroCopy`.
     pub(crate) fn new(
         record: handover::Connection<OwnedFd>,
-        shared: &Shared,
         zero_copy: bool,
-    ) -> Result<Resumed, String> {
+    ) -> Result<Checked, String> {
         let client = stream(record.client).map_err(|e| format!("client socket: {e}"))?;
         let server = stream(record.server).map_err(|e| format!("target socket: {e}"))?;
         let up = Direction::resume(record.up, zero_copy).map_err(|e| format!("upload: {e}"))?;
@@ -229,7 +241,7 @@ impl Resumed {
             client,
             server,
             peer: record.peer,
-            target: shared.registry.get_or_absent(&record.target),
+            target: record.target,
             pinned: record.pinned,
             accepted: ago(record.age_us),
             proxied: record.proxied_us.map(ago),
@@ -239,19 +251,44 @@ impl Resumed {
             directions: [up, down],
         })
     }
+
+    /// The connection on its target identity's state, found (or made, draining) in
+    /// `shared`'s registry.
+    pub(crate) fn on(self, shared: &Shared) -> Resumed {
+        Resumed {
+            target: shared.registry.get_or_absent(&self.target),
+            client: self.client,
+            server: self.server,
+            peer: self.peer,
+            pinned: self.pinned,
+            accepted: self.accepted,
+            proxied: self.proxied,
+            to_target: self.to_target,
+            to_client: self.to_client,
+            quiet: self.quiet,
+            directions: self.directions,
+        }
+    }
 }
 
-/// A handed-over socket as a tokio stream: it must be a TCP socket (IPv4 or IPv6).
-fn stream(fd: OwnedFd) -> std::io::Result<TcpStream> {
+/// A handed-over socket: it must be a TCP socket (IPv4 or IPv6), non-blocking (as every socket
+/// of ours is: the flag belongs to the socket's open file, shared with the old process). Two
+/// system calls: thousands of these stand between the old process's collection and the commit.
+fn stream(fd: OwnedFd) -> std::io::Result<std::net::TcpStream> {
     let socket = socket2::Socket::from(fd);
-    let is_tcp = socket.r#type()? == socket2::Type::STREAM
-        && socket.protocol()? == Some(socket2::Protocol::TCP);
-    if !is_tcp {
+    if socket.protocol()? != Some(socket2::Protocol::TCP) {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "not a TCP socket",
         ));
     }
-    socket.set_nonblocking(true)?;
-    TcpStream::from_std(std::net::TcpStream::from(socket))
+    // SAFETY: F_GETFL on a descriptor we own.
+    let flags = unsafe { libc::fcntl(socket.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if flags & libc::O_NONBLOCK == 0 {
+        socket.set_nonblocking(true)?;
+    }
+    Ok(std::net::TcpStream::from(socket))
 }

@@ -213,10 +213,14 @@ impl Proxy {
             &to_target,
             &to_client,
         );
-        let relayed = self.relay_stage(&client, &server, relay, &proxied).await;
-        let guards = [client_guard, server_guard];
+        let ends = Ends {
+            client: &client,
+            server: &server,
+            guards: [client_guard, server_guard],
+        };
         let meters = [&to_target, &to_client];
-        self.relayed(relayed, guards, on_target, meters, &proxied, config);
+        self.relay_to_end(ends, relay, on_target, meters, &proxied, config)
+            .await;
     }
 
     /// Serves a connection an older process handed over in an upgrade (see [`handoff`]) to
@@ -238,6 +242,17 @@ impl Proxy {
             quiet,
             directions,
         } = resumed;
+        // Registered with the reactor here, in the connection's own task (see `Resumed`).
+        let (client, server) = match (TcpStream::from_std(client), TcpStream::from_std(server)) {
+            (Ok(client), Ok(server)) => (client, server),
+            (client, server) => {
+                tracing::error!(
+                    client = ?client.err(), target = ?server.err(),
+                    "cannot register a handed-over connection; it is lost"
+                );
+                return;
+            }
+        };
         let client_guard = ResetOnDrop::new(&client);
         let server_guard = ResetOnDrop::new(&server);
         let generation = self.store.load_full();
@@ -271,10 +286,30 @@ impl Proxy {
             &to_target,
             &to_client,
         );
-        let relayed = self.relay_stage(&client, &server, relay, &proxied).await;
-        let guards = [client_guard, server_guard];
+        let ends = Ends {
+            client: &client,
+            server: &server,
+            guards: [client_guard, server_guard],
+        };
         let meters = [&to_target, &to_client];
-        self.relayed(relayed, guards, on_target, meters, &proxied, config);
+        self.relay_to_end(ends, relay, on_target, meters, &proxied, config)
+            .await;
+    }
+
+    /// The relay stage to its end (see [`Proxy::relay_stage`] and [`Proxy::relayed`]).
+    async fn relay_to_end(
+        &self,
+        ends: Ends<'_>,
+        relay: Relay<'_>,
+        on_target: TargetOpen<'_>,
+        meters: [&Meter<'_>; 2],
+        proxied: &Proxied<'_>,
+        config: &Config,
+    ) {
+        let relayed = self
+            .relay_stage(ends.client, ends.server, relay, proxied)
+            .await;
+        self.relayed(relayed, ends.guards, on_target, meters, proxied, config);
     }
 
     /// Relays until the relay ends, the shutdown cut, or an upgrade takes the connection over
@@ -488,6 +523,13 @@ impl Proxy {
             );
         }
     }
+}
+
+/// Both sockets of a proxied connection, and the guards that reset them on a cut.
+struct Ends<'a> {
+    client: &'a TcpStream,
+    server: &'a TcpStream,
+    guards: [ResetOnDrop<'a>; 2],
 }
 
 /// How a relay stage ended.

@@ -67,6 +67,8 @@ pub(super) struct Handed {
     handoffs: mpsc::UnboundedReceiver<Handoff>,
     /// The next batch's sequence number.
     seq: u32,
+    /// Connections handed over after the commit.
+    late_connections: usize,
 }
 
 /// One attempt, from the signal (`signalled`) to the commit.
@@ -153,6 +155,7 @@ pub(super) async fn attempt(parts: Parts<'_>, signalled: Instant) -> Result<Hand
 
     // The connections: every relay stops between two polls and reports.
     let proxy = server.proxy();
+    let still_from = Instant::now();
     let mut handoffs = proxy.handover.begin();
     rollback.collecting = true;
     let mut collected = Collected::default();
@@ -164,6 +167,7 @@ pub(super) async fn attempt(parts: Parts<'_>, signalled: Instant) -> Result<Hand
 
     // A quiet moment: no accept, no scrape, no byte moving in a collected connection; the
     // state read now is what the new process starts from.
+    let paused_from = Instant::now();
     server.pause_accepting().await;
     rollback.paused = Some(listener);
     let state = proxy.shared.export();
@@ -196,6 +200,9 @@ pub(super) async fn attempt(parts: Parts<'_>, signalled: Instant) -> Result<Hand
         connections,
         prepare_ms = millis(prepared),
         collect_ms = millis(collecting),
+        // The longest a handed-over connection stood still, and how long nobody accepted.
+        still_ms = millis(still_from.elapsed()),
+        no_accept_ms = millis(paused_from.elapsed()),
         total_ms = millis(took),
         "upgrade: process {child_pid} ({build}) took over {connections} connections, {} ms after \
          the signal",
@@ -210,6 +217,7 @@ pub(super) async fn attempt(parts: Parts<'_>, signalled: Instant) -> Result<Hand
         reader,
         handoffs,
         seq: collected.batches,
+        late_connections: 0,
     })
 }
 
@@ -237,22 +245,17 @@ pub(super) async fn collect(
 ) -> std::io::Result<()> {
     let proxy = server.proxy();
     let deadline = Instant::now() + COLLECT_TIMEOUT;
-    let mut batch = Vec::new();
+    let mut pending = Pending::default();
+    let mut next = None;
     loop {
-        let mut fds = 0;
-        let mut bytes = 0;
-        while let Ok(handoff) = handoffs.try_recv() {
-            let (f, b) = size(&handoff);
-            if !batch.is_empty() && (fds + f > frame::MAX_FDS || bytes + b > BATCH_BYTES) {
-                flush(socket, &mut batch, collected, false).await?;
-                (fds, bytes) = (0, 0);
+        while let Some(handoff) = next.take().or_else(|| handoffs.try_recv().ok()) {
+            if !pending.fits(&handoff) {
+                flush(socket, &mut pending.take(), collected, false).await?;
             }
-            fds += f;
-            bytes += b;
-            batch.push(handoff);
+            pending.push(handoff);
         }
-        if !batch.is_empty() {
-            flush(socket, &mut batch, collected, false).await?;
+        if !pending.is_empty() {
+            flush(socket, &mut pending.take(), collected, false).await?;
         }
         let reported = collected.verdicts.len() as u64 + proxy.handover.staying();
         if reported >= proxy.relaying() {
@@ -260,7 +263,7 @@ pub(super) async fn collect(
         }
         tokio::select! {
             handoff = handoffs.recv() => match handoff {
-                Some(handoff) => batch.push(handoff),
+                Some(handoff) => next = Some(handoff),
                 None => return Ok(()),
             },
             _ = tokio::time::sleep(COLLECT_TICK) => {}
@@ -284,14 +287,50 @@ pub(super) async fn collect(
     }
 }
 
-/// Descriptors and (roughly) bytes a handoff takes in a batch.
-fn size(handoff: &Handoff) -> (usize, usize) {
-    let c = &handoff.connection;
-    let held = |d: &handover::Direction<RawFd>| match &d.held {
-        handover::Held::Bytes(b) => b.len(),
-        _ => 0,
-    };
-    (c.fd_count(), 128 + held(&c.up) + held(&c.down))
+/// Handoffs gathered for the next batch: at most [`frame::MAX_FDS`] descriptors and (roughly)
+/// [`BATCH_BYTES`].
+#[derive(Default)]
+struct Pending {
+    handoffs: Vec<Handoff>,
+    fds: usize,
+    bytes: usize,
+}
+
+impl Pending {
+    /// Descriptors and (roughly) bytes `handoff` takes in a batch.
+    fn size(handoff: &Handoff) -> (usize, usize) {
+        let c = &handoff.connection;
+        let held = |d: &handover::Direction<RawFd>| match &d.held {
+            handover::Held::Bytes(b) => b.len(),
+            _ => 0,
+        };
+        (c.fd_count(), 128 + held(&c.up) + held(&c.down))
+    }
+
+    /// Whether `handoff` still fits (one always fits an empty batch: a connection has at most
+    /// six descriptors).
+    fn fits(&self, handoff: &Handoff) -> bool {
+        let (fds, bytes) = Pending::size(handoff);
+        self.handoffs.is_empty()
+            || (self.fds + fds <= frame::MAX_FDS && self.bytes + bytes <= BATCH_BYTES)
+    }
+
+    fn push(&mut self, handoff: Handoff) {
+        let (fds, bytes) = Pending::size(&handoff);
+        self.fds += fds;
+        self.bytes += bytes;
+        self.handoffs.push(handoff);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.handoffs.is_empty()
+    }
+
+    fn take(&mut self) -> Vec<Handoff> {
+        self.fds = 0;
+        self.bytes = 0;
+        std::mem::take(&mut self.handoffs)
+    }
 }
 
 /// Sends `batch` as one frame and keeps its verdicts.
@@ -363,18 +402,25 @@ impl Handed {
     pub(super) async fn retire(mut self, server: &Server, deadline: Instant) {
         let proxy = server.proxy();
         let mut working = true;
+        let mut next = None;
         loop {
             tokio::select! {
                 handoff = self.handoffs.recv(), if working => {
                     let Some(first) = handoff else { break };
-                    let mut batch = vec![first];
-                    while batch.len() < 64 {
-                        match self.handoffs.try_recv() {
-                            Ok(h) => batch.push(h),
-                            Err(_) => break,
+                    let mut pending = Pending::default();
+                    pending.push(first);
+                    while let Ok(handoff) = self.handoffs.try_recv() {
+                        if !pending.fits(&handoff) {
+                            next = Some(handoff);
+                            break;
                         }
+                        pending.push(handoff);
                     }
-                    if let Err(e) = self.late(batch).await {
+                    let mut result = self.late(pending.take()).await;
+                    if let (Ok(()), Some(handoff)) = (&result, next.take()) {
+                        result = self.late(vec![handoff]).await;
+                    }
+                    if let Err(e) = result {
                         tracing::error!("upgrade: cannot hand over a late connection ({e}); the rest stay here");
                         proxy.handover.end();
                         working = false;
@@ -392,6 +438,12 @@ impl Handed {
             let state = proxy.shared.export();
             let _ = send(&self.socket, Kind::Final, state.encode()).await;
         }
+        tracing::info!(
+            late = self.late_connections,
+            "upgrade: {} more connections handed over after the commit (they were connecting \
+             then); the final counts sent",
+            self.late_connections
+        );
     }
 
     /// Hands over connections that reached their relay stage after the commit.
@@ -413,6 +465,7 @@ impl Handed {
             .ok_or("the new process closed the handover socket")?;
         match Reply::decode(taken.kind, &taken.payload) {
             Ok(Reply::Taken { seq: s }) if s == seq => {
+                self.late_connections += collected.verdicts.len();
                 for verdict in collected.verdicts {
                     let _ = verdict.send(Verdict::Taken);
                 }

@@ -65,6 +65,12 @@ pub fn exe() -> io::Result<PathBuf> {
 
 /// Starts `exe` with this process's arguments and environment, plus `socket` as its handover
 /// socket. Stdin, stdout and stderr are shared (its log lines go where ours go).
+///
+/// `socket` is made inheritable for the moment of the spawn only, rather than in a `pre_exec`
+/// hook: with a hook, std must `fork()` this process (tens of milliseconds with thousands of
+/// descriptors and a large address space), without one it uses `posix_spawn` (a vfork). No
+/// other process is started by stickylb meanwhile (one upgrade at a time, nothing else spawns),
+/// so the descriptor leaks nowhere else.
 pub fn spawn(exe: &std::path::Path, socket: &std::os::unix::net::UnixStream) -> io::Result<Child> {
     let fd: RawFd = socket.as_raw_fd();
     let start = start();
@@ -73,18 +79,26 @@ pub fn spawn(exe: &std::path::Path, socket: &std::os::unix::net::UnixStream) -> 
         .arg0(&start.arg0)
         .args(&start.args)
         .env(SOCKET_VARIABLE, fd.to_string());
-    // SAFETY: fcntl is async-signal-safe; the closure touches nothing else between fork and
-    // exec. It lets the child inherit this one descriptor.
+    set_cloexec(fd, false)?;
+    let spawned = command.spawn();
+    set_cloexec(fd, true)?;
+    spawned
+}
+
+fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
+    // SAFETY: F_GETFD/F_SETFD on a descriptor the caller owns.
     unsafe {
-        command.pre_exec(move || {
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        let flags = libc::fcntl(fd, libc::F_GETFD);
+        let flags = if on {
+            flags | libc::FD_CLOEXEC
+        } else {
+            flags & !libc::FD_CLOEXEC
+        };
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags) < 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
-    command.spawn()
+    Ok(())
 }
 
 /// The handover socket this process was started with, if an upgrade started it: takes it from

@@ -18,7 +18,7 @@ use crate::admin::{self, Admin};
 use crate::balance::Shared;
 use crate::config::Config;
 use crate::handover::{self, frame, Batch, Hello, Kind, Reply, Role, State};
-use crate::proxy::handoff::Resumed;
+use crate::proxy::handoff::{Checked, Resumed};
 use crate::proxy::Proxy;
 use crate::server::Server;
 use crate::sockets;
@@ -195,7 +195,8 @@ async fn prepare(
     .map_err(|e| format!("cannot answer the hello: {e}"))?;
 
     // The connections, then the state.
-    let mut records = Vec::new();
+    let mut checking = Vec::new();
+    let mut received = 0;
     let state = loop {
         let f = reader
             .next(socket)
@@ -204,15 +205,33 @@ async fn prepare(
             .ok_or("the running process closed the handover socket")?;
         match Kind::from_u8(f.kind) {
             Some(Kind::Batch) => {
+                // Checked as they come, on the blocking pool (in parallel with reading the next
+                // batches), while the old process collects the rest.
                 let batch = Batch::decode(&f.payload, f.fds).map_err(|e| e.to_string())?;
-                records.extend(batch.connections);
+                let (first, zero_copy) = (received, config.zero_copy);
+                received += batch.connections.len();
+                checking.push(tokio::task::spawn_blocking(move || {
+                    let records = batch.connections.into_iter().enumerate();
+                    records
+                        .map(|(i, record)| {
+                            Checked::new(record, zero_copy)
+                                .map_err(|e| format!("connection {}: {e}", first + i))
+                        })
+                        .collect::<Result<Vec<_>, String>>()
+                }));
             }
             Some(Kind::State) => break State::decode(&f.payload).map_err(|e| e.to_string())?,
             _ => return Err(format!("unexpected message of kind {}", f.kind)),
         }
     };
     let (shared, held) = Shared::restored(&state).map_err(|e| format!("state: {e}"))?;
-    let connections = resume_all(records, &shared, &config)?;
+    let mut connections = Vec::with_capacity(received);
+    for batch in checking {
+        let checked = batch
+            .await
+            .map_err(|e| format!("checking connections: {e}"))??;
+        connections.extend(checked.into_iter().map(|c| c.on(&shared)));
+    }
     Ok(Ready {
         old_pid: hello.pid,
         old_build: hello.build,
@@ -227,7 +246,7 @@ async fn prepare(
     })
 }
 
-/// Checks every record and registers its sockets here.
+/// Checks every record and registers its sockets here, on their targets in `shared`.
 pub(super) fn resume_all(
     records: Vec<handover::Connection<OwnedFd>>,
     shared: &Shared,
@@ -237,7 +256,9 @@ pub(super) fn resume_all(
         .into_iter()
         .enumerate()
         .map(|(i, r)| {
-            Resumed::new(r, shared, config.zero_copy).map_err(|e| format!("connection {i}: {e}"))
+            Checked::new(r, config.zero_copy)
+                .map(|c| c.on(shared))
+                .map_err(|e| format!("connection {i}: {e}"))
         })
         .collect()
 }

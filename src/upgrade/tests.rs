@@ -17,8 +17,8 @@ use super::give::{collect, Collected};
 use super::take::resume_all;
 use crate::balance::Shared;
 use crate::config::Config;
-use crate::handover::{frame, Batch, Held};
-use crate::proxy::handoff::Verdict;
+use crate::handover::{frame, Batch, Connection, Held};
+use crate::proxy::handoff::{Handoff, Verdict};
 use crate::server::{self, Server};
 
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -84,6 +84,17 @@ async fn read_stream(mut r: tokio::net::tcp::OwnedReadHalf, seed: u8) -> usize {
         }
         got += n;
     }
+}
+
+/// Reads both far ends to EOF (the target gets stream 1, the client stream 2): the bytes each.
+async fn read_both(
+    target: tokio::net::tcp::OwnedReadHalf,
+    client: tokio::net::tcp::OwnedReadHalf,
+) -> (usize, usize) {
+    let both = async { tokio::join!(read_stream(target, 1), read_stream(client, 2)) };
+    tokio::time::timeout(PATIENCE, both)
+        .await
+        .expect("streams end")
 }
 
 /// Waits until `progress` has not moved for a while: the writer is stuck on full buffers.
@@ -189,16 +200,8 @@ async fn a_connection_handed_over_mid_transfer_keeps_every_byte_and_its_counts()
         s.old.proxy().handover.end();
         // The old one lets go without a reset; the new one relays the rest.
         assert!(s.old.drain(PATIENCE).await, "the old handler ends");
-        let both = async {
-            tokio::join!(
-                read_stream(s.target_reader, 1),
-                read_stream(s.client_reader, 2)
-            )
-        };
-        let (up, down) = tokio::time::timeout(PATIENCE, both)
-            .await
-            .expect("streams end");
-        assert_eq!((up, down), (LEN, LEN), "every byte, then a FIN, each way");
+        let both = read_both(s.target_reader, s.client_reader).await;
+        assert_eq!(both, (LEN, LEN), "every byte, then a FIN, each way");
         assert!(new.drain(PATIENCE).await);
         let t = &new.snapshot().targets[0];
         assert_eq!(
@@ -221,16 +224,10 @@ async fn a_connection_whose_handover_is_called_off_relays_on_in_the_old_process(
     drop(batch);
     drop(collected);
     s.old.proxy().handover.end();
-    let both = async {
-        tokio::join!(
-            read_stream(s.target_reader, 1),
-            read_stream(s.client_reader, 2)
-        )
-    };
-    let (up, down) = tokio::time::timeout(PATIENCE, both)
-        .await
-        .expect("streams end");
-    assert_eq!((up, down), (LEN, LEN));
+    assert_eq!(
+        read_both(s.target_reader, s.client_reader).await,
+        (LEN, LEN)
+    );
     let t = &s.old.snapshot().targets[0];
     assert_eq!(
         (t.bytes_to_target, t.bytes_to_client),
@@ -312,5 +309,96 @@ async fn the_state_carries_sessions_windows_and_the_clock() {
         assert_eq!(restored.sessions.len(), 1, "the session carries over");
         let again = restored.export();
         assert_eq!(again.sessions[0].open, 0, "its connections open it again");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_connections_go_in_batches_of_at_most_253_descriptors() {
+    // 300 connections relaying, so the collection waits for 300 handoffs; they come in two
+    // waves, the second while it waits (the way connections reaching their relay stage during
+    // an upgrade come), each with its two descriptors.
+    const N: usize = 300;
+    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = config(target.local_addr().unwrap(), true);
+    let old = start(&config, Shared::new());
+    let mut held = Vec::new();
+    for _ in 0..N {
+        held.push(TcpStream::connect(old.local_addr()).await.unwrap());
+        held.push(target.accept().await.unwrap().0);
+    }
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while old.proxy().relaying() < N as u64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connections relaying"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let devnull = std::fs::File::open("/dev/null").unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&devnull);
+    let (tx, mut handoffs) = tokio::sync::mpsc::unbounded_channel();
+    let mut answers = Vec::new();
+    let mut offer = |n: usize| {
+        for _ in 0..n {
+            let (verdict, answer) = tokio::sync::oneshot::channel();
+            answers.push(answer);
+            let connection = Connection {
+                client: fd,
+                server: fd,
+                peer: "127.0.0.1:1".parse().unwrap(),
+                target: "t".into(),
+                pinned: false,
+                age_us: 0,
+                proxied_us: None,
+                to_target: 0,
+                to_client: 0,
+                quiet_ms: None,
+                up: idle_direction(),
+                down: idle_direction(),
+            };
+            tx.send(Handoff {
+                connection,
+                verdict,
+            })
+            .unwrap();
+        }
+    };
+    offer(N / 2);
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let mut collected = Collected::default();
+    let mut reader = frame::Reader::new();
+    let receiving = async {
+        let mut reader = frame::Reader::new();
+        let mut frames = Vec::new();
+        let mut connections = 0;
+        while connections < N {
+            let f = reader.next(&theirs).await.unwrap().unwrap();
+            let fds = f.fds.len();
+            connections += Batch::decode(&f.payload, f.fds).unwrap().connections.len();
+            frames.push(fds);
+        }
+        frames
+    };
+    let second_wave = async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        offer(N / 2);
+    };
+    let sending = collect(&ours, &mut reader, &mut handoffs, &old, &mut collected);
+    let receiving = tokio::time::timeout(PATIENCE, receiving);
+    let (sent, frames, ()) = tokio::join!(sending, receiving, second_wave);
+    sent.expect("every batch sent");
+    let frames = frames.expect("every batch received");
+    assert_eq!(collected.verdicts.len(), N);
+    assert!(frames.iter().all(|&f| f <= frame::MAX_FDS), "{frames:?}");
+    assert_eq!(frames.iter().sum::<usize>(), 2 * N);
+    assert!(frames.len() >= 3, "{frames:?}");
+}
+
+fn idle_direction() -> crate::handover::Direction<std::os::fd::RawFd> {
+    crate::handover::Direction {
+        splice: false,
+        may_splice: true,
+        ended: false,
+        held: Held::Nothing,
     }
 }

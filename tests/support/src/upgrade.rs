@@ -52,6 +52,8 @@ pub struct Options {
     /// What each long-lived connection sends (and gets back) per tick.
     pub chunk: usize,
     pub tick: Duration,
+    /// How long the load runs before the first upgrade, between two, and after the last.
+    pub interval: Duration,
 }
 
 /// One upgrade as measured.
@@ -66,6 +68,39 @@ pub struct Upgrade {
     pub signal_to_serving_ms: u64,
     /// The `stickylb upgrade` command's own run time (start, connect, signal, outcome).
     pub command_ms: u64,
+    /// From the old process's log line: from the signal to the new process's `prepared`
+    /// (started, config loaded, listeners taken), the collection of the connections, the
+    /// longest a handed-over connection stood still, and how long no process accepted.
+    pub prepare_ms: Option<u64>,
+    pub collect_ms: Option<u64>,
+    pub still_ms: Option<u64>,
+    pub no_accept_ms: Option<u64>,
+}
+
+impl Upgrade {
+    /// Fills in the figures the old process logged (its line names the new pid).
+    async fn read_log(&mut self, lb: &Balancer) {
+        let pid = format!("pid={}", self.new_pid);
+        let deadline = Instant::now() + PATIENCE;
+        while Instant::now() < deadline {
+            let line = lb
+                .lines()
+                .into_iter()
+                .find(|l| l.contains(&pid) && l.contains("still_ms="));
+            if let Some(line) = line {
+                let field = |name: &str| {
+                    line.split_whitespace()
+                        .find_map(|w| w.strip_prefix(name)?.parse().ok())
+                };
+                self.prepare_ms = field("prepare_ms=");
+                self.collect_ms = field("collect_ms=");
+                self.still_ms = field("still_ms=");
+                self.no_accept_ms = field("no_accept_ms=");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 /// What a run saw.
@@ -155,11 +190,13 @@ pub async fn run(bin: &str, options: &Options) -> Report {
     let scraper = Arc::new(Scraper::default());
     tasks.spawn(scrape_loop(metrics, scraper.clone(), stopped.clone()));
 
-    // The upgrades, alternating two builds.
+    // The upgrades, alternating two builds, with the load running before, between and after.
     for i in 0..options.upgrades {
+        tokio::time::sleep(options.interval).await;
         let tag = if i % 2 == 0 { "b" } else { "a" };
         match bins.upgrade(tag).await {
-            Ok(upgrade) => {
+            Ok(mut upgrade) => {
+                upgrade.read_log(&lb).await;
                 report
                     .wrong
                     .extend(check_after(&upgrade, metrics, &bins).await);
@@ -175,6 +212,7 @@ pub async fn run(bin: &str, options: &Options) -> Report {
         }
     }
 
+    tokio::time::sleep(options.interval).await;
     // The end: every connection says how it ended.
     let _ = stop.send(true);
     while let Some(outcome) = tasks.join_next().await {
@@ -196,28 +234,42 @@ pub async fn run(bin: &str, options: &Options) -> Report {
     report
 }
 
+/// What [`timing`] measured.
+#[derive(Debug, Default)]
+pub struct Timing {
+    pub upgrades: Vec<Upgrade>,
+    /// Connections that did not survive the upgrades, and upgrades that failed.
+    pub failures: Vec<String>,
+    /// New connections opened one after another during the upgrades (connect, a byte, its
+    /// echo), and the longest any of them took: what a new client saw of the handovers.
+    pub probes: u64,
+    pub probe_max_ms: f64,
+    pub probe_failures: Vec<String>,
+}
+
 /// The time from the signal to the new process serving, `upgrades` times, with `connections`
-/// idle connections through the balancer to the echo target at `target`. Returns the
-/// upgrades, and the connections that did not survive them (each pinged at the end).
-pub async fn timing(
-    bin: &str,
-    target: SocketAddr,
-    connections: u32,
-    upgrades: u32,
-) -> (Vec<Upgrade>, Vec<String>) {
+/// idle connections through the balancer to the echo target at `target`, while a probe opens
+/// new connections one after another. Each connection is pinged at the end.
+pub async fn timing(bin: &str, target: SocketAddr, connections: u32, upgrades: u32) -> Timing {
     let bins = Binaries::new(bin, "upgrade-timing");
     let config =
         serde_json::from_str(&config_text(&[target], serde_json::json!({}))).expect("json");
     let lb = bins.launch("upgrade-timing", config);
     let streams = open_many(lb.addr, 0, connections, true).await;
-    let mut done = Vec::new();
-    let mut failures = Vec::new();
+    let mut timing = Timing::default();
+    let (stop, stopped) = watch::channel(false);
+    let probe = tokio::spawn(probe_loop(lb.addr, connections, stopped));
     for i in 0..upgrades {
         match bins.upgrade(if i % 2 == 0 { "b" } else { "a" }).await {
-            Ok(upgrade) => done.push(upgrade),
-            Err(e) => failures.push(e),
+            Ok(mut upgrade) => {
+                upgrade.read_log(&lb).await;
+                timing.upgrades.push(upgrade);
+            }
+            Err(e) => timing.failures.push(e),
         }
     }
+    let _ = stop.send(true);
+    (timing.probes, timing.probe_max_ms, timing.probe_failures) = probe.await.expect("probe task");
     for mut s in streams {
         let ping = async {
             s.write_all(b"ping\n").await?;
@@ -227,12 +279,41 @@ pub async fn timing(
         };
         match tokio::time::timeout(PATIENCE, ping).await {
             Ok(Ok(buf)) if &buf == b"ping\n" => {}
-            other => failures.push(format!("{:?}: {other:?}", s.local_addr())),
+            other => timing
+                .failures
+                .push(format!("{:?}: {other:?}", s.local_addr())),
         }
     }
     bins.stop_current().await;
     drop(lb);
-    (done, failures)
+    timing
+}
+
+/// New connections one after another (from addresses after the first `skip`) until told to
+/// stop: how many, the slowest in milliseconds, and the failures.
+async fn probe_loop(
+    lb: SocketAddr,
+    skip: u32,
+    stop: watch::Receiver<bool>,
+) -> (u64, f64, Vec<String>) {
+    let (mut n, mut max, mut failures) = (0u64, 0f64, Vec::new());
+    while !*stop.borrow() {
+        let ip = client_ip(skip + (n % 1000) as u32);
+        n += 1;
+        let started = Instant::now();
+        let one = async {
+            let mut s = connect_from(ip, lb).await?;
+            s.write_all(b"p").await?;
+            let mut buf = [0u8; 1];
+            s.read_exact(&mut buf).await?;
+            Ok::<_, std::io::Error>(())
+        };
+        match tokio::time::timeout(PATIENCE, one).await {
+            Ok(Ok(())) => max = max.max(started.elapsed().as_secs_f64() * 1000.0),
+            other => failures.push(format!("{ip}: {other:?}")),
+        }
+    }
+    (n, max, failures)
 }
 
 /// The binaries of a run: the real one (a copy), the path the balancer runs from (at first
@@ -365,12 +446,21 @@ impl Binaries {
             .position(|w| *w == "ms")
             .and_then(|i| words.get(i.checked_sub(1)?)?.parse().ok())
             .ok_or_else(|| format!("unexpected output {stdout:?}"))?;
+        // The new process writes the pid file once it serves: the next upgrade reads it.
+        let deadline = Instant::now() + PATIENCE;
+        while self.pid() != Some(new_pid) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         Ok(Upgrade {
             version: format!("{}+{tag}", env_version(&self.bin)),
             old_pid,
             new_pid,
             signal_to_serving_ms: ms,
             command_ms,
+            prepare_ms: None,
+            collect_ms: None,
+            still_ms: None,
+            no_accept_ms: None,
         })
     }
 
