@@ -74,6 +74,12 @@ pub struct Stats {
     pub accept_errors_other: AtomicU64,
     pub reloads_success: AtomicU64,
     pub reloads_failure: AtomicU64,
+    /// Upgrades (design §13) in which a new process took over (counted by the new process,
+    /// which carries on the old one's counts).
+    pub upgrades_success: AtomicU64,
+    /// Upgrades that failed: the new process did not start, crashed, refused the config or
+    /// the handover, or was not ready in time (counted by the old process, which goes on).
+    pub upgrades_failure: AtomicU64,
     /// Whether the last reload attempt failed (false before any), so the gauge
     /// `config_last_reload_success` is its negation.
     pub last_reload_failed: AtomicBool,
@@ -110,6 +116,8 @@ impl Default for Stats {
             accept_errors_other: AtomicU64::new(0),
             reloads_success: AtomicU64::new(0),
             reloads_failure: AtomicU64::new(0),
+            upgrades_success: AtomicU64::new(0),
+            upgrades_failure: AtomicU64::new(0),
             last_reload_failed: AtomicBool::new(false),
             connection_duration: Histogram::new(&CONNECTION_BUCKETS_US),
             last_reload: Mutex::new(None),
@@ -152,9 +160,41 @@ impl Stats {
     fn lock_last_reload(&self) -> std::sync::MutexGuard<'_, Option<LastReload>> {
         self.last_reload.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Every monotonic counter with a stable name: what an upgrade hands to the next process,
+    /// by name, so that a version that adds a counter still reads an older one's (and skips a
+    /// name it does not know).
+    pub fn named(&self) -> [(&'static str, &AtomicU64); 14] {
+        [
+            ("accepted", &self.accepted),
+            ("rejected_denied", &self.rejected[Reject::Denied as usize]),
+            ("rejected_limit", &self.rejected[Reject::Limit as usize]),
+            (
+                "rejected_client_limit",
+                &self.rejected[Reject::ClientLimit as usize],
+            ),
+            (
+                "rejected_no_target",
+                &self.rejected[Reject::NoTarget as usize],
+            ),
+            (
+                "rejected_proxy_header",
+                &self.rejected[Reject::ProxyHeader as usize],
+            ),
+            ("retries", &self.retries),
+            ("hash_overflows", &self.hash_overflows),
+            ("accept_errors_fd_limit", &self.accept_errors_fd_limit),
+            ("accept_errors_other", &self.accept_errors_other),
+            ("reloads_success", &self.reloads_success),
+            ("reloads_failure", &self.reloads_failure),
+            ("upgrades_success", &self.upgrades_success),
+            ("upgrades_failure", &self.upgrades_failure),
+        ]
+    }
 }
 
-/// Counters a target keeps for the metrics exporter. Monotonic; they survive reloads.
+/// Counters a target keeps for the metrics exporter. Monotonic; they survive reloads (and
+/// upgrades: see [`TargetCounters::named`]).
 #[derive(Debug, Default)]
 pub struct TargetCounters {
     /// Connections established to this target.
@@ -171,6 +211,33 @@ pub struct TargetCounters {
     pub checks_success: AtomicU64,
     /// Active health checks of this target that failed (refused, timed out, no `expect`).
     pub checks_failure: AtomicU64,
+}
+
+impl TargetCounters {
+    /// Every counter with a stable name, as [`Stats::named`].
+    pub fn named(&self) -> [(&'static str, &AtomicU64); 7] {
+        [
+            ("connections", &self.connections),
+            ("connect_failures", &self.connect_failures),
+            ("deactivations", &self.deactivations),
+            ("bytes_to_target", &self.bytes_to_target),
+            ("bytes_to_client", &self.bytes_to_client),
+            ("checks_success", &self.checks_success),
+            ("checks_failure", &self.checks_failure),
+        ]
+    }
+}
+
+/// Adds `value` to the counter called `name` among `named`; false when no counter has that name
+/// (a counter of another version, skipped).
+pub fn add_named(named: &[(&'static str, &AtomicU64)], name: &str, value: u64) -> bool {
+    match named.iter().find(|(n, _)| *n == name) {
+        Some((_, counter)) => {
+            counter.fetch_add(value, Ordering::Relaxed);
+            true
+        }
+        None => false,
+    }
 }
 
 /// A Prometheus histogram kept with atomics: fixed bucket bounds, a count per bucket and the
@@ -207,6 +274,21 @@ impl Histogram {
         let i = self.bounds_us.partition_point(|&bound| bound < us);
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Adds the counts of another histogram (an older process's, on an upgrade): each of its
+    /// buckets, whose upper bounds are `bounds_us` (`counts` has one more, `+Inf`), goes into
+    /// the bucket of this one that holds its upper bound, so equal bounds map one to one and
+    /// other bounds never make a count smaller. Counts beyond `bounds_us.len() + 1` are ignored.
+    pub fn add(&self, bounds_us: &[u64], counts: &[u64], sum_us: u64) {
+        for (i, &count) in counts.iter().enumerate().take(bounds_us.len() + 1) {
+            let slot = match bounds_us.get(i) {
+                Some(&bound) => self.bounds_us.partition_point(|&b| b < bound),
+                None => self.bounds_us.len(),
+            };
+            self.buckets[slot].fetch_add(count, Ordering::Relaxed);
+        }
+        self.sum_us.fetch_add(sum_us, Ordering::Relaxed);
     }
 
     /// The counts now. Buckets and sum are read one after the other, so a sample recorded
@@ -323,5 +405,38 @@ mod tests {
                 error: None
             })
         );
+    }
+
+    #[test]
+    fn adding_another_histogram_keeps_equal_buckets_and_moves_others_up() {
+        let h = Histogram::new(&CONNECT_BUCKETS_US);
+        h.record(Duration::from_micros(50));
+        let other = Histogram::new(&CONNECT_BUCKETS_US);
+        other.record(Duration::from_micros(300));
+        other.record(Duration::from_secs(100));
+        let o = other.snapshot();
+        h.add(o.bounds_us, &o.counts, o.sum_us);
+        let s = h.snapshot();
+        assert_eq!(s.count(), 3);
+        assert_eq!((s.counts[0], s.counts[2]), (1, 1));
+        assert_eq!(s.counts[CONNECT_BUCKETS_US.len()], 1);
+        assert_eq!(s.sum_us, 50 + 300 + 100_000_000);
+        // Bounds this histogram does not have: a bucket up to 200 µs lands in the 250 µs one.
+        h.add(&[200], &[4, 1], 10);
+        let s = h.snapshot();
+        assert_eq!(s.counts[1], 4);
+        assert_eq!(s.counts[CONNECT_BUCKETS_US.len()], 2);
+    }
+
+    #[test]
+    fn counters_are_added_by_name_and_unknown_names_skipped() {
+        let stats = Stats::default();
+        assert!(add_named(&stats.named(), "accepted", 5));
+        assert!(add_named(&stats.named(), "rejected_no_target", 2));
+        assert!(!add_named(&stats.named(), "from_the_future", 1));
+        assert_eq!(stats.accepted.load(Ordering::Relaxed), 5);
+        assert_eq!(stats.rejected(Reject::NoTarget), 2);
+        let names: std::collections::HashSet<_> = stats.named().map(|(n, _)| n).into();
+        assert_eq!(names.len(), stats.named().len(), "names are unique");
     }
 }

@@ -16,7 +16,11 @@
 //! A module imports only modules on layers below its own (`tests/layers.rs` reads this list
 //! and checks every `crate::` path in `src/` against it):
 //!
-//! 6. [`cli`]: the command line: `stickylb`, `stickylb check`, `stickylb demo`.
+//! 7. [`cli`]: the command line: `stickylb`, `stickylb check`, `stickylb demo`,
+//!    `stickylb upgrade`.
+//! 6. [`upgrade`]: hands a running balancer over to a new process of itself (SIGUSR2): the
+//!    listeners, the state and the established connections; undoes it all if the new process
+//!    fails.
 //! 5. [`reload`], [`admin`]: SIGHUP and config-file watching, which validate completely and
 //!    then swap the store in one atomic step; the HTTP endpoint at `metricsHost:metricsPort`
 //!    (`/metrics`, rendered by [`admin::prometheus`] from a [`Snapshot`]; the status page `/`
@@ -34,11 +38,13 @@
 //! 1. [`config`]: the JSON file (LoadBalancer.js compatible) → a validated, resolved
 //!    [`config::Config`]; every error names the file, the JSON path and, for syntax errors,
 //!    the line and column.
-//! 0. `addr`, `clock`, `counters`, [`proxy_protocol`], `sockets`, `sys`: leaves: what a client
-//!    address is and which addresses make one client (`clientPrefix`), the millisecond clock,
-//!    the atomic counters and histograms, the PROXY protocol header (v1 and v2, bytes and
-//!    addresses only), socket set-up and OS error classes, and the OS calls for the fd limit
-//!    and dropping privileges.
+//! 0. `addr`, `clock`, `counters`, `handover`, [`proxy_protocol`], `sockets`, `sys`, `systemd`,
+//!    `version`: leaves: what a client address is and which addresses make one client
+//!    (`clientPrefix`), the millisecond clock, the atomic counters and histograms, the
+//!    upgrade's handover format (versioned messages, descriptors passed by SCM_RIGHTS), the
+//!    PROXY protocol header (v1 and v2, bytes and addresses only), socket set-up and OS error
+//!    classes, the OS calls for the fd limit and dropping privileges, systemd's readiness
+//!    notification, and the version label (`STICKYLB_BUILD_TAG`).
 //!
 //! The public surface is what the binary, the tests and the benches use: the modules linked
 //! above and the re-exports below. Everything else is private to the crate.
@@ -50,15 +56,19 @@ pub mod config;
 pub mod proxy_protocol;
 pub mod reload;
 pub mod server;
+pub mod upgrade;
 
 mod addr;
 mod clock;
 mod counters;
 mod demo;
+mod handover;
 mod health;
 mod proxy;
 mod sockets;
 mod sys;
+mod systemd;
+mod version;
 
 pub use balance::target::TargetStatus;
 pub use counters::{HistogramSnapshot, LastReload, Reject};

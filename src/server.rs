@@ -25,9 +25,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::balance::Shared;
 use crate::config::{Config, Keepalive};
 use crate::health::Checks;
-use crate::proxy::{listener, Proxy, Snapshot};
+use crate::proxy::listener::{self, Stop};
+use crate::proxy::{Proxy, Snapshot};
 use crate::sockets;
 
 /// Binds `addr` for a balancer to listen on (see [`Server::start`]): SO_REUSEADDR,
@@ -59,7 +61,7 @@ struct AcceptLoop {
     /// The listening socket, owned by the task; open as long as this loop is (see
     /// [`AcceptLoop::stop`]).
     fd: RawFd,
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<Stop>,
     task: JoinHandle<()>,
 }
 
@@ -74,7 +76,7 @@ impl AcceptLoop {
         let listener = TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
         let fd = listener.as_raw_fd();
-        let (stop, stopped) = watch::channel(false);
+        let (stop, stopped) = watch::channel(Stop::Run);
         let task = tokio::spawn(listener::accept_loop(listener, proxy, stopped));
         Ok(AcceptLoop {
             addr,
@@ -84,9 +86,10 @@ impl AcceptLoop {
         })
     }
 
-    /// Stops accepting and waits until the listener is closed.
-    async fn stop(self) {
-        let _ = self.stop.send(true);
+    /// Stops accepting (see [`Stop`]) and waits until this descriptor of the listener is
+    /// closed.
+    async fn stop(self, how: Stop) {
+        let _ = self.stop.send(how);
         let _ = self.task.await;
     }
 }
@@ -95,8 +98,18 @@ impl Server {
     /// Starts serving `config` on `listener` (bound and listening, e.g. by
     /// [`crate::sockets::bind`]). Must be called inside a tokio runtime.
     pub fn start(config: Config, listener: std::net::TcpListener) -> io::Result<Server> {
+        Server::start_with(config, listener, Shared::new())
+    }
+
+    /// Starts serving `config` on `listener` over `shared` state: an older process's, taken up
+    /// by an upgrade (see `Shared::restored`).
+    pub(crate) fn start_with(
+        config: Config,
+        listener: std::net::TcpListener,
+        shared: Shared,
+    ) -> io::Result<Server> {
         let keepalive = config.tcp_keepalive;
-        let proxy = Proxy::new(config);
+        let proxy = Proxy::with_shared(config, shared);
         let accept = AcceptLoop::start(listener, proxy.clone(), keepalive.as_ref())?;
         let (stopped, stopped_rx) = watch::channel(false);
         tokio::spawn(sweep_sessions(proxy.clone(), stopped_rx));
@@ -177,13 +190,45 @@ impl Server {
             }
         };
         if let Some(refused) = refused {
-            refused.stop().await;
+            refused.stop(Stop::Close).await;
             return Err(io::Error::other("shutting down"));
         }
         if let Some(old) = old {
-            old.stop().await;
+            old.stop(Stop::Close).await;
         }
         Ok(addr)
+    }
+
+    /// Another descriptor of the current listening socket (for an upgrade to hand over).
+    pub(crate) fn clone_listener(&self) -> io::Result<std::net::TcpListener> {
+        let accept = self.lock_accept();
+        let current = accept
+            .as_ref()
+            .ok_or_else(|| io::Error::other("the balancer does not listen"))?;
+        // SAFETY: as in `retune_listener`: the fd stays open while the lock is held.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(current.fd) };
+        Ok(std::net::TcpListener::from(fd.try_clone_to_owned()?))
+    }
+
+    /// Stops accepting without closing the listening socket for others: connects wait in the
+    /// backlog for the next process (an upgrade), or for [`Server::resume_accepting`]. Returns
+    /// once this loop has stopped.
+    pub(crate) async fn pause_accepting(&self) {
+        let current = self.lock_accept().take();
+        if let Some(current) = current {
+            current.stop(Stop::Pause).await;
+        }
+    }
+
+    /// Accepts on `listener` again after [`Server::pause_accepting`] (an upgrade that failed).
+    pub(crate) fn resume_accepting(&self, listener: std::net::TcpListener) -> io::Result<()> {
+        let keepalive = self.proxy.config().tcp_keepalive;
+        let accept = AcceptLoop::start(listener, self.proxy.clone(), keepalive.as_ref())?;
+        if let Some(old) = self.lock_accept().replace(accept) {
+            // Not expected (the loop was paused); stopping it closes only its descriptor.
+            tokio::spawn(old.stop(Stop::Close));
+        }
+        Ok(())
     }
 
     /// Sets the options accepted sockets inherit (`tcpKeepalive`) on the current listener, for
@@ -213,7 +258,7 @@ impl Server {
         self.health.stop();
         let current = self.lock_accept().take();
         if let Some(current) = current {
-            current.stop().await;
+            current.stop(Stop::Close).await;
         }
     }
 

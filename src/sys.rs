@@ -269,6 +269,13 @@ pub fn pin_malloc_thresholds() {
     }
 }
 
+/// Ignores SIGUSR2 (whose default action ends the process) until the signal loop installs its
+/// own handler, which replaces this.
+pub fn ignore_upgrade_signal() {
+    // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+    unsafe { libc::signal(libc::SIGUSR2, libc::SIG_IGN) };
+}
+
 fn with_context(call: &str, error: io::Error) -> io::Error {
     io::Error::new(error.kind(), format!("{call}: {error}"))
 }

@@ -21,8 +21,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stickylb");
 
-/// Every metric of design §6 (§12's health and drain, §14's `hash_overflows_total`) and its type.
-const METRICS: [(&str, &str); 20] = [
+/// Every metric of design §6 (§12's health and drain, §13's `upgrades_total`, §14's
+/// `hash_overflows_total`) and its type.
+const METRICS: [(&str, &str); 21] = [
     ("stickylb_connections_accepted_total", "counter"),
     ("stickylb_connections_active", "gauge"),
     ("stickylb_connections_rejected_total", "counter"),
@@ -43,6 +44,7 @@ const METRICS: [(&str, &str); 20] = [
     ("stickylb_accept_errors_total", "counter"),
     ("stickylb_target_draining", "gauge"),
     ("stickylb_target_checks_total", "counter"),
+    ("stickylb_upgrades_total", "counter"),
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -299,6 +301,7 @@ async fn every_metric_is_there_from_start_up_and_promtool_accepts_the_exposition
     for result in ["success", "failure"] {
         let labels = [("result", result)];
         assert_eq!(s.value("stickylb_config_reloads_total", &labels), 0.0);
+        assert_eq!(s.value("stickylb_upgrades_total", &labels), 0.0);
     }
     assert_eq!(s.value("stickylb_config_last_reload_success", &[]), 1.0);
     let version = [("version", env!("CARGO_PKG_VERSION"))];

@@ -46,7 +46,7 @@ use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
@@ -65,6 +65,10 @@ pub const MAX_BODY: u64 = 1024;
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 /// The response must be written within this (after the head arrived).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Permits of the connections' tasks (see `accept_loop`).
+const TRACKED: usize = 2 * MAX_CONNECTIONS;
+/// When the endpoint stops, how long the requests being answered may take to finish.
+pub const STOP_GRACE: Duration = Duration::from_secs(1);
 /// The endpoint thread's nice value: under load the proxy's workers win the CPU.
 pub const NICE: i32 = 10;
 /// The shortest time between two renders of the exposition. Scrapers looping on `/metrics`
@@ -102,6 +106,8 @@ pub enum Error {
 #[derive(Debug)]
 pub struct Admin {
     local_addr: SocketAddr,
+    /// The listening socket, owned by the endpoint's thread: open as long as this is.
+    fd: std::os::fd::RawFd,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -110,6 +116,14 @@ impl Admin {
     /// The address the endpoint is served on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Another descriptor of the listening socket (an upgrade hands it to the new process, so
+    /// that a scrape is never refused).
+    pub fn clone_listener(&self) -> io::Result<std::net::TcpListener> {
+        // SAFETY: the endpoint's thread holds the listener open while `self` exists.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd) };
+        Ok(std::net::TcpListener::from(fd.try_clone_to_owned()?))
     }
 }
 
@@ -143,9 +157,25 @@ pub fn install(addr: Option<SocketAddr>, source: Arc<dyn Source>) -> Result<Opti
 /// Binds `addr` (port 0 picks a free one: see [`Admin::local_addr`]) and serves the endpoint
 /// for `source` on a thread of its own.
 pub fn start(addr: SocketAddr, source: Arc<dyn Source>) -> Result<Admin, Error> {
-    let bind_error = |source| Error::Bind { addr, source };
-    let listener = sockets::bind(addr).map_err(bind_error)?;
-    let local_addr = listener.local_addr().map_err(bind_error)?;
+    let listener = sockets::bind(addr).map_err(|source| Error::Bind { addr, source })?;
+    start_on(listener, source)
+}
+
+/// Serves the endpoint for `source` on `listener` (bound and listening: an older process's,
+/// handed over by an upgrade) on a thread of its own.
+pub fn start_on(listener: std::net::TcpListener, source: Arc<dyn Source>) -> Result<Admin, Error> {
+    use std::os::fd::AsRawFd;
+    let local_addr = listener.local_addr().map_err(|source| Error::Bind {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| Error::Bind {
+            addr: local_addr,
+            source,
+        })?;
+    let fd = listener.as_raw_fd();
     let (stop, stopped) = oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("stickylb-admin".into())
@@ -153,6 +183,7 @@ pub fn start(addr: SocketAddr, source: Arc<dyn Source>) -> Result<Admin, Error> 
         .map_err(Error::Thread)?;
     Ok(Admin {
         local_addr,
+        fd,
         stop: Some(stop),
         thread: Some(thread),
     })
@@ -180,11 +211,16 @@ fn run(listener: std::net::TcpListener, source: Arc<dyn Source>, stopped: onesho
             }
         };
         let pages = Arc::new(Pages::new(source));
+        let slots = Arc::new(Semaphore::new(TRACKED));
         tokio::select! {
             _ = stopped => {}
-            _ = accept_loop(listener, pages.clone()) => {}
+            _ = accept_loop(listener, pages.clone(), slots.clone()) => {}
             _ = status::sample_every(&*pages.source, &pages.status) => {}
         }
+        // No more accepts (connects wait in the backlog, for the next process of an upgrade);
+        // the scrapes being answered finish first, within STOP_GRACE.
+        let all = TRACKED as u32;
+        let _ = tokio::time::timeout(STOP_GRACE, slots.acquire_many(all)).await;
     });
     // Dropping the runtime here ends every connection still open.
 }
@@ -212,7 +248,11 @@ fn lower_priority() {
 /// normal scrape out, however many there are. Only when every slot is answering a request (a
 /// response being written, to a client that may be slow to read it) is a new connection
 /// answered `503`.
-async fn accept_loop(listener: TcpListener, pages: Arc<Pages>) {
+///
+/// Each connection's task holds a permit of `slots` (more permits than connections, since an
+/// evicted task gives its permit back only once it has been dropped): when the endpoint stops,
+/// the answers being written are awaited through them.
+async fn accept_loop(listener: TcpListener, pages: Arc<Pages>, slots: Arc<Semaphore>) {
     let mut served: VecDeque<Served> = VecDeque::with_capacity(MAX_CONNECTIONS);
     loop {
         let stream = match listener.accept().await {
@@ -247,8 +287,17 @@ async fn accept_loop(listener: TcpListener, pages: Arc<Pages>) {
                 }
             }
         }
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            // Evicted tasks not dropped yet hold the spare permits: rare, and brief.
+            busy(stream);
+            continue;
+        };
         let answering = Arc::new(AtomicBool::new(false));
-        let task = tokio::spawn(serve(stream, pages.clone(), answering.clone()));
+        let served_by = serve(stream, pages.clone(), answering.clone());
+        let task = tokio::spawn(async move {
+            served_by.await;
+            drop(permit);
+        });
         served.push_back(Served {
             task: task.abort_handle(),
             answering,

@@ -40,6 +40,7 @@ pub mod names {
     pub const ACCEPT_ERRORS: &str = "stickylb_accept_errors_total";
     pub const TARGET_DRAINING: &str = "stickylb_target_draining";
     pub const TARGET_CHECKS: &str = "stickylb_target_checks_total";
+    pub const UPGRADES: &str = "stickylb_upgrades_total";
 }
 
 /// The media type of the exposition.
@@ -101,11 +102,19 @@ pub fn render(s: &Snapshot) -> String {
         u64::from(!s.last_reload_failed),
     );
     o.head(
+        UPGRADES,
+        "counter",
+        "Upgrades (SIGUSR2, stickylb upgrade), by result: success when a new process took \
+         over, failure when the old one kept serving.",
+    );
+    o.sample(UPGRADES, &[("result", "success")], s.upgrades_success);
+    o.sample(UPGRADES, &[("result", "failure")], s.upgrades_failure);
+    o.head(
         BUILD_INFO,
         "gauge",
         "Always 1; the version label says which stickylb runs.",
     );
-    o.sample(BUILD_INFO, &[("version", env!("CARGO_PKG_VERSION"))], 1);
+    o.sample(BUILD_INFO, &[("version", crate::version::label())], 1);
     o.head(
         ACCEPT_ERRORS,
         "counter",

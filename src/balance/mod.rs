@@ -33,9 +33,12 @@ use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::clock::{duration_ms, Clock};
+use std::collections::HashMap;
+
+use crate::clock::{self, duration_ms, Clock};
 use crate::config::{Config, TargetSpec};
-use crate::counters::Stats;
+use crate::counters::{add_named, Stats};
+use crate::handover;
 use crate::sockets::Fault;
 use hash::Table;
 use session::Sessions;
@@ -76,6 +79,189 @@ impl Shared {
         let error = rejected.map(|reason| reason.to_string());
         self.stats.reloaded(self.clock.now_ms(), error);
     }
+
+    /// What an upgrade hands to the new process (design §13): the clock, the counters, every
+    /// target identity's state, and the session table.
+    pub fn export(&self) -> handover::State {
+        let clock_ms = self.clock.now_ms();
+        let states = self.registry.all();
+        let mut targets: Vec<handover::Target> = states.iter().map(|s| s.export()).collect();
+        let mut index: HashMap<*const TargetState, u32, ahash::RandomState> = states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (Arc::as_ptr(s), i as u32))
+            .collect();
+        let mut sessions = Vec::with_capacity(self.sessions.len());
+        for (client, target, open, last_close_ms) in self.sessions.export() {
+            let target = *index.entry(Arc::as_ptr(&target)).or_insert_with(|| {
+                // Not in the registry (it always is: a session holds its state there).
+                targets.push(target.export());
+                targets.len() as u32 - 1
+            });
+            sessions.push(handover::Session {
+                client,
+                target,
+                open,
+                last_close_ms,
+            });
+        }
+        let stats = &self.stats;
+        let h = stats.connection_duration.snapshot();
+        handover::State {
+            clock_ms,
+            monotonic_ns: clock::monotonic_ns(),
+            counters: stats
+                .named()
+                .iter()
+                .map(|(name, c)| (name.to_string(), c.load(Ordering::Relaxed)))
+                .collect(),
+            last_reload_failed: stats.last_reload_failed.load(Ordering::Relaxed),
+            histograms: vec![handover::Histogram {
+                name: CONNECTION_DURATION.into(),
+                bounds_us: h.bounds_us.to_vec(),
+                counts: h.counts,
+                sum_us: h.sum_us,
+            }],
+            targets,
+            sessions,
+        }
+    }
+
+    /// The shared state of a new process from the state an older one handed over: its clock
+    /// goes on from the old one's (plus the time the state took to arrive), counters and
+    /// histograms start from the old counts, and every target identity and session is there.
+    /// Sessions have no open connection yet: each connection handed over opens its own again
+    /// ([`Balancer::hold`]); a session whose connections stay in the old process counts as
+    /// closed at the moment the state was taken.
+    ///
+    /// Also returns every target state, to be held until the connections handed over have
+    /// taken theirs (a config generation forgets removed identities that nothing holds).
+    pub fn restored(state: &handover::State) -> Result<(Shared, Vec<Arc<TargetState>>), String> {
+        let transit_ms = clock::monotonic_ns().saturating_sub(state.monotonic_ns) / 1_000_000;
+        let shared = Shared {
+            clock: Clock::resumed(state.clock_ms.saturating_add(transit_ms)),
+            ..Shared::default()
+        };
+        shared.add_stats(&state.counters, &state.histograms);
+        shared
+            .stats
+            .last_reload_failed
+            .store(state.last_reload_failed, Ordering::Relaxed);
+        let mut held: Vec<Arc<TargetState>> = Vec::with_capacity(state.targets.len());
+        let mut seen = std::collections::HashSet::with_capacity(state.targets.len());
+        for target in &state.targets {
+            if !seen.insert(target.id.as_str()) {
+                return Err(format!("target {:?} is in the state twice", target.id));
+            }
+            let restored = shared
+                .registry
+                .get_or_absent(&target.id, shared.clock.now_ms());
+            restored.restore(target);
+            held.push(restored);
+        }
+        for session in &state.sessions {
+            let target = held.get(session.target as usize).ok_or_else(|| {
+                format!("a session on target {} of {}", session.target, held.len())
+            })?;
+            let last_close_ms = if session.open > 0 {
+                state.clock_ms
+            } else {
+                session.last_close_ms
+            };
+            let key = hash::client_key(session.client);
+            shared
+                .sessions
+                .restore(key, session.client, target.clone(), last_close_ms);
+        }
+        Ok((shared, held))
+    }
+
+    /// Adds what the old process counted after it handed its state over (`to` less `from`:
+    /// connections that were still connecting there): the counters then never go backwards and
+    /// lose nothing.
+    pub fn add_growth(&self, from: &handover::State, to: &handover::State) {
+        let grown = |to: &[(String, u64)], from: &[(String, u64)]| -> Vec<(String, u64)> {
+            to.iter()
+                .map(|(name, v)| {
+                    let before = from.iter().find(|(n, _)| n == name).map_or(0, |(_, b)| *b);
+                    (name.clone(), v.saturating_sub(before))
+                })
+                .collect()
+        };
+        let histograms: Vec<handover::Histogram> = to
+            .histograms
+            .iter()
+            .map(|h| histogram_growth(h, from.histograms.iter().find(|f| f.name == h.name)))
+            .collect();
+        self.add_stats(&grown(&to.counters, &from.counters), &histograms);
+        for target in &to.targets {
+            let before = from.targets.iter().find(|t| t.id == target.id);
+            let growth = handover::Target {
+                counters: grown(&target.counters, before.map_or(&[], |b| &b.counters)),
+                connect_duration: histogram_growth(
+                    &target.connect_duration,
+                    before.map(|b| &b.connect_duration),
+                ),
+                ..handover::Target::default()
+            };
+            self.registry
+                .get_or_absent(&target.id, self.clock.now_ms())
+                .add_counts(&growth);
+        }
+    }
+
+    /// A connection of client `ip` (hash key `key`) that held an open count in its session
+    /// closed: the session's expiry starts with its last connection.
+    fn close_session(&self, key: u64, ip: &IpAddr) {
+        let mut shard = self.sessions.lock(key);
+        if let Some(session) = shard.get_mut(ip) {
+            session.open = session.open.saturating_sub(1);
+            if session.open == 0 {
+                session.last_close_ms = self.clock.now_ms();
+            }
+        }
+    }
+
+    fn add_stats(&self, counters: &[(String, u64)], histograms: &[handover::Histogram]) {
+        let named = self.stats.named();
+        for (name, value) in counters {
+            if !add_named(&named, name, *value) {
+                tracing::debug!(counter = %name, "unknown counter in the handover; skipped");
+            }
+        }
+        for h in histograms {
+            if h.name == CONNECTION_DURATION {
+                self.stats
+                    .connection_duration
+                    .add(&h.bounds_us, &h.counts, h.sum_us);
+            }
+        }
+    }
+}
+
+/// The name `connection_duration_seconds` travels under in a handover.
+const CONNECTION_DURATION: &str = "connection_duration";
+
+/// `to` less `from` (the same histogram read earlier), bucket by bucket.
+fn histogram_growth(
+    to: &handover::Histogram,
+    from: Option<&handover::Histogram>,
+) -> handover::Histogram {
+    let same = from.filter(|f| f.bounds_us == to.bounds_us);
+    handover::Histogram {
+        name: to.name.clone(),
+        bounds_us: to.bounds_us.clone(),
+        counts: match same {
+            Some(f) => to
+                .counts
+                .iter()
+                .zip(&f.counts)
+                .map(|(t, f)| t.saturating_sub(*f))
+                .collect(),
+            None => to.counts.clone(),
+        },
+        sum_us: to.sum_us.saturating_sub(same.map_or(0, |f| f.sum_us)),
+    }
 }
 
 /// One config generation: what a new connection reads from the store.
@@ -86,7 +272,7 @@ pub struct Balancer {
     /// The state of each target, aligned with `config.targets`.
     states: Vec<Arc<TargetState>>,
     /// Target seed → index in `states`.
-    by_seed: std::collections::HashMap<u64, usize, ahash::RandomState>,
+    by_seed: HashMap<u64, usize, ahash::RandomState>,
 }
 
 impl Balancer {
@@ -152,6 +338,69 @@ impl Balancer {
     }
 }
 
+impl Balancer {
+    /// The hold of a connection that an upgrade handed over from an older process, on
+    /// `target`: as its [`Route`] did there, it counts in the target's `assigned` load and,
+    /// when it held an open count in its client's session there (`pinned`), in that session
+    /// (made again, on `target`, if the table does not have it). `client` is the connection's
+    /// full address, masked here with this generation's `clientPrefix`.
+    pub fn hold<'a>(
+        &self,
+        shared: &'a Shared,
+        client: IpAddr,
+        target: Arc<TargetState>,
+        pinned: bool,
+    ) -> Hold<'a> {
+        let ip = self.config.client_prefix.client(client);
+        let key = hash::client_key(ip);
+        let pinned = pinned && self.config.stickiness && {
+            let mut shard = shared.sessions.lock(key);
+            match shard.get_mut(&ip) {
+                Some(session) => {
+                    session.open += 1;
+                    true
+                }
+                None => shard.insert(ip, target.clone(), self.config.max_sessions),
+            }
+        };
+        target.assigned.fetch_add(1, Ordering::Relaxed);
+        Hold {
+            shared,
+            ip,
+            key,
+            pinned,
+            target,
+        }
+    }
+}
+
+/// What [`Balancer::hold`] holds for a handed-over connection; released on drop, as a
+/// [`Route`] is.
+#[derive(Debug)]
+pub struct Hold<'a> {
+    shared: &'a Shared,
+    ip: IpAddr,
+    key: u64,
+    pinned: bool,
+    target: Arc<TargetState>,
+}
+
+impl Hold<'_> {
+    /// The target the connection is on.
+    pub fn target(&self) -> &Arc<TargetState> {
+        &self.target
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        self.target.assigned.fetch_sub(1, Ordering::Relaxed);
+        if self.pinned {
+            self.shared.close_session(self.key, &self.ip);
+        }
+    }
+}
+
 /// The targets tried so far by one connection: a bit set, inline up to 64 targets.
 #[derive(Debug, Default)]
 struct Tried {
@@ -207,6 +456,11 @@ impl<'a> Route<'a> {
     /// Index (into the config's targets) of the target to connect to now.
     pub fn current(&self) -> usize {
         self.current
+    }
+
+    /// Whether this connection holds an open count in its client's session.
+    pub fn pinned(&self) -> bool {
+        self.pinned
     }
 
     pub(crate) fn target(&self) -> &'a TargetSpec {
@@ -356,15 +610,8 @@ impl<'a> Route<'a> {
 impl Drop for Route<'_> {
     fn drop(&mut self) {
         self.unassign();
-        if !self.pinned {
-            return;
-        }
-        let mut shard = self.shared.sessions.lock(self.key);
-        if let Some(session) = shard.get_mut(&self.ip) {
-            session.open = session.open.saturating_sub(1);
-            if session.open == 0 {
-                session.last_close_ms = self.shared.clock.now_ms();
-            }
+        if self.pinned {
+            self.shared.close_session(self.key, &self.ip);
         }
     }
 }

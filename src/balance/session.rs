@@ -131,6 +131,38 @@ pub struct Swept {
     pub longest_hold: std::time::Duration,
 }
 
+/// An upgrade (design §13) hands the table over whole.
+impl Sessions {
+    /// Every session: client, target, open connections, last close. Locks one shard at a time.
+    pub fn export(&self) -> Vec<(IpAddr, Arc<TargetState>, u32, u64)> {
+        let mut all = Vec::with_capacity(self.len());
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            all.extend(
+                shard
+                    .iter()
+                    .map(|(ip, s)| (*ip, s.target.clone(), s.open, s.last_close_ms)),
+            );
+        }
+        all
+    }
+
+    /// Puts a session handed over by an older process, with no open connection (the
+    /// connections handed over open theirs again, see `super::Hold`) and its last close at
+    /// `last_close_ms`. `key`: `hash::client_key(client)`.
+    pub fn restore(&self, key: u64, client: IpAddr, target: Arc<TargetState>, last_close_ms: u64) {
+        let mut shard = self.lock(key);
+        let session = Session {
+            target,
+            open: 0,
+            last_close_ms,
+        };
+        if shard.guard.insert(client, session).is_none() {
+            self.len.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// A locked shard: the place where one client's decisions are made atomically.
 pub struct ShardGuard<'a> {
     guard: MutexGuard<'a, Shard>,

@@ -34,7 +34,8 @@ use std::time::Duration;
 
 use crate::clock::duration_ms;
 use crate::config::TargetSpec;
-use crate::counters::{Histogram, TargetCounters, CONNECT_BUCKETS_US};
+use crate::counters::{add_named, Histogram, TargetCounters, CONNECT_BUCKETS_US};
+use crate::handover;
 use crate::sockets::Fault;
 
 /// What the active health check says of a target.
@@ -314,6 +315,56 @@ impl TargetState {
     }
 }
 
+/// An upgrade (design §13): a target's state as the old process hands it over, and taken up by
+/// the new one. The window's end and the verdict carry over as they are (the clocks of the two
+/// processes agree, see `clock.rs`); counters and the connect histogram are added, so they never
+/// go backwards. The health check's counts in a row (`rise`/`fall` progress) start again.
+impl TargetState {
+    pub fn export(&self) -> handover::Target {
+        let h = self.connect_duration.snapshot();
+        handover::Target {
+            id: self.id.to_string(),
+            present: self.is_present(),
+            deactivated_until_ms: self.deactivated_until.load(Ordering::Relaxed),
+            health: self.health.load(Ordering::Relaxed),
+            counters: self
+                .counters
+                .named()
+                .iter()
+                .map(|(name, c)| (name.to_string(), c.load(Ordering::Relaxed)))
+                .collect(),
+            connect_duration: handover::Histogram {
+                name: "connect_duration".into(),
+                bounds_us: h.bounds_us.to_vec(),
+                counts: h.counts,
+                sum_us: h.sum_us,
+            },
+        }
+    }
+
+    /// Takes up what `old` says (an old process's state of the same identity).
+    pub fn restore(&self, old: &handover::Target) {
+        self.deactivated_until
+            .fetch_max(old.deactivated_until_ms, Ordering::Relaxed);
+        self.present.store(old.present, Ordering::Relaxed);
+        self.health
+            .store(Health::from_u8(old.health) as u8, Ordering::Relaxed);
+        self.add_counts(old);
+    }
+
+    /// Adds `old`'s counters and histogram to this state's.
+    pub fn add_counts(&self, old: &handover::Target) {
+        let named = self.counters.named();
+        for (name, value) in &old.counters {
+            if !add_named(&named, name, *value) {
+                tracing::debug!(target_id = %self.id, counter = %name, "unknown counter in the handover; skipped");
+            }
+        }
+        let h = &old.connect_duration;
+        self.connect_duration.add(&h.bounds_us, &h.counts, h.sum_us);
+    }
+}
+
 impl TargetState {
     /// Applies the config's `drain` (at `now_ms`) and logs a change.
     fn set_drain(&self, drain: bool, now_ms: u64) {
@@ -401,6 +452,19 @@ impl Registry {
     /// Every state currently known (listed or still draining).
     pub fn all(&self) -> Vec<Arc<TargetState>> {
         self.lock().values().cloned().collect()
+    }
+
+    /// The state of identity `id`, made (not listed: draining) if it is not known: where a
+    /// connection handed over by an upgrade goes on counting. `now_ms`: its `since` if made.
+    pub fn get_or_absent(&self, id: &str, now_ms: u64) -> Arc<TargetState> {
+        self.lock()
+            .entry(id.into())
+            .or_insert_with(|| {
+                let state = TargetState::new(id.into(), now_ms);
+                state.present.store(false, Ordering::Relaxed);
+                Arc::new(state)
+            })
+            .clone()
     }
 }
 

@@ -82,6 +82,12 @@ impl ClientCounts {
         true
     }
 
+    /// Counts one more connection from `ip` whatever the limit: a connection handed over by an
+    /// upgrade, which was admitted already.
+    pub fn open(&self, ip: IpAddr) {
+        *self.shard(&ip).entry(ip).or_insert(0) += 1;
+    }
+
     pub fn close(&self, ip: IpAddr) {
         let mut shard = self.shard(&ip);
         if let Some(open) = shard.get_mut(&ip) {

@@ -20,16 +20,30 @@ use tokio::sync::watch;
 use super::Proxy;
 use crate::sockets::{is_fd_exhaustion, BACKLOG};
 
-/// Accepts connections on `listener` and spawns a handler for each, until `shutdown` turns
-/// true. Returning closes the listener, so new connects are refused from then on.
+/// How an accept loop is told to end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Keep accepting.
+    Run,
+    /// Accept what waits in the backlog, then close the listener (reload, shutdown).
+    Close,
+    /// Stop accepting and leave the backlog as it is: another holder of the same listening
+    /// socket (the new process of an upgrade, or this one again) accepts it.
+    Pause,
+}
+
+/// Accepts connections on `listener` and spawns a handler for each, until `shutdown` says
+/// stop. Returning closes this descriptor of the listener: unless another process or
+/// descriptor holds it, new connects are refused from then on.
 ///
-/// Before closing, the connections already waiting in the backlog (their handshake done, not
-/// yet accepted) are accepted and served: closing a listener resets them otherwise, which is
-/// the reload and shutdown edge case that resets clients of other balancers.
+/// On [`Stop::Close`], the connections already waiting in the backlog (their handshake done,
+/// not yet accepted) are accepted and served first: closing a listener resets them otherwise,
+/// which is the reload and shutdown edge case that resets clients of other balancers. On
+/// [`Stop::Pause`] they are left for whoever accepts next.
 pub async fn accept_loop(
     listener: TcpListener,
     proxy: Arc<Proxy>,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<Stop>,
 ) {
     const MIN_BACKOFF: Duration = Duration::from_millis(1);
     const MAX_BACKOFF: Duration = Duration::from_secs(1);
@@ -38,12 +52,12 @@ pub async fn accept_loop(
     let mut last_log: Option<tokio::time::Instant> = None;
     // One wait for the stop signal for the whole loop, rather than a new one (a lock and a
     // waiter registration) per accept.
-    let stop = shutdown.wait_for(|stop| *stop);
+    let stop = shutdown.wait_for(|stop| *stop != Stop::Run);
     tokio::pin!(stop);
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = &mut stop => return drain_backlog(listener, &proxy),
+            stop = &mut stop => return end(stop.map(|s| *s).ok(), listener, &proxy),
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -63,7 +77,7 @@ pub async fn accept_loop(
                     );
                 }
                 tokio::select! {
-                    _ = &mut stop => return drain_backlog(listener, &proxy),
+                    stop = &mut stop => return end(stop.map(|s| *s).ok(), listener, &proxy),
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -73,6 +87,15 @@ pub async fn accept_loop(
                 tracing::debug!(%error, "accept failed");
             }
         }
+    }
+}
+
+/// The end of an accept loop: paused (the backlog stays for another holder of the socket), or
+/// closed (a dropped sender counts as closed).
+fn end(stop: Option<Stop>, listener: TcpListener, proxy: &Arc<Proxy>) {
+    match stop {
+        Some(Stop::Pause) => drop(listener),
+        _ => drain_backlog(listener, proxy),
     }
 }
 

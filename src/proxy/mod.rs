@@ -9,6 +9,8 @@
 //!   `splice` (Linux) and [`copy`]: the two ways one direction moves bytes.
 //! - [`cut`]: how a connection ended when it did not end cleanly (who failed, and how), and
 //!   the shutdown deadline's signal.
+//! - [`handoff`]: an upgrade's side of the data path: a connection leaves for a new process
+//!   between two polls of its relay, or is taken up from an older one.
 //!
 //! [`Proxy`] holds what every connection needs: the `ArcSwap` store of the current
 //! [`Balancer`] (one load per connection, so a connection sees all of one config) and the
@@ -25,6 +27,7 @@ pub(crate) mod admission;
 pub(crate) mod connect;
 pub(crate) mod copy;
 pub(crate) mod cut;
+pub(crate) mod handoff;
 mod header;
 pub(crate) mod listener;
 pub(crate) mod own_sockets;
@@ -52,8 +55,9 @@ use crate::proxy_protocol::Header;
 use crate::sockets;
 use admission::{derived_max_connections, ClientCounts, ClientSlot, RefusalLog};
 use cut::{Cut, CutSignal};
+use handoff::{Handover, Proxied, Resumed, Verdict};
 use own_sockets::{Held, OwnSockets};
-use relay::{Ended, Meter};
+use relay::{Ended, Meter, Relay};
 
 /// Everything a connection handler reads.
 #[derive(Debug)]
@@ -66,6 +70,8 @@ pub(crate) struct Proxy {
     drained: Notify,
     /// The shutdown deadline: every open connection is reset when it fires.
     cut: CutSignal,
+    /// An upgrade collecting the connections of this process (see [`handoff`]).
+    pub(crate) handover: Handover,
     /// Open connections per client (address masked to `clientPrefix`), for
     /// `maxConnectionsPerClient`.
     clients: ClientCounts,
@@ -79,14 +85,15 @@ pub(crate) struct Proxy {
 }
 
 impl Proxy {
-    pub(crate) fn new(config: Config) -> Arc<Proxy> {
-        let shared = Shared::new();
+    /// A proxy for `config` over `shared` state (new, or an older process's after an upgrade).
+    pub(crate) fn with_shared(config: Config, shared: Shared) -> Arc<Proxy> {
         let balancer = Balancer::new(config, &shared);
         Arc::new(Proxy {
             store: ArcSwap::from_pointee(balancer),
             shared,
             drained: Notify::new(),
             cut: CutSignal::default(),
+            handover: Handover::default(),
             clients: ClientCounts::default(),
             refusals: RefusalLog::default(),
             derived_max_connections: derived_max_connections(crate::sys::fd_limit()),
@@ -109,6 +116,15 @@ impl Proxy {
     /// Client connections open now.
     pub fn active(&self) -> u64 {
         self.shared.stats.active.load(Ordering::Relaxed)
+    }
+
+    /// Connections in their relay stage now (each counts in its target's open connections).
+    pub(crate) fn relaying(&self) -> u64 {
+        let states = self.shared.registry.all();
+        states
+            .iter()
+            .map(|s| s.active.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Waits until no client connection is open.
@@ -146,7 +162,7 @@ impl Proxy {
         let _open = OpenGuard::new(&self);
         // Until the connection ends cleanly, dropping the handler (a panic, the runtime shutting
         // down) resets the client rather than closing it with a FIN.
-        let mut client_guard = ResetOnDrop::new(&client);
+        let client_guard = ResetOnDrop::new(&client);
         let accepted = Instant::now();
         let generation = self.store.load_full();
         let config = &generation.config;
@@ -183,7 +199,7 @@ impl Proxy {
             Ok(connected) => connected,
             Err(reason) => return self.refuse(reason, "", client_ip),
         };
-        let mut server_guard = ResetOnDrop::new(&server);
+        let server_guard = ResetOnDrop::new(&server);
         if let Some(version) = route.target().proxy_protocol {
             if let Err(error) = self.send_header(&client, &server, version, &who).await {
                 tracing::debug!(client = %who.client, %error, "cannot send the PROXY header");
@@ -191,41 +207,195 @@ impl Proxy {
             }
         }
         let target = route.state();
-        let _on_target = TargetOpen::new(target);
+        let on_target = TargetOpen::new(target);
         let to_target = Meter::new(&target.counters.bytes_to_target);
         let to_client = Meter::new(&target.counters.bytes_to_client);
         // The access log's duration counts from here (the connection proxied); read the clock
         // only when that log is on.
-        let proxied = config.access_log.then(Instant::now);
-        let result = tokio::select! {
-            biased;
-            _ = self.cut.wait() => Err(Cut::by_balancer(cut::How::Shutdown)),
-            result = relay::relay(
-                &client,
-                &server,
-                config.zero_copy,
-                config.idle_timeout,
-                &to_target,
-                &to_client,
-            ) => result,
-        };
-        if result.is_ok() {
-            client_guard.disarm();
-            server_guard.disarm();
-        }
-        // Otherwise, cut: both are reset when the guards drop, so neither peer mistakes it for a
-        // complete stream.
-        drop((client_guard, server_guard));
-        drop(_on_target);
-        self.account(Account {
-            config,
+        let proxied = Proxied {
             peer: who.client,
             target,
-            result: &result,
-            to_target: &to_target,
-            to_client: &to_client,
+            pinned: route.pinned(),
+            accepted,
+            proxied: config.access_log.then(Instant::now),
+        };
+        let relay = relay::relay(
+            &client,
+            &server,
+            config.zero_copy,
+            config.idle_timeout,
+            &to_target,
+            &to_client,
+        );
+        let ends = Ends {
+            client: &client,
+            server: &server,
+            guards: [client_guard, server_guard],
+        };
+        let meters = [&to_target, &to_client];
+        self.relay_to_end(ends, relay, on_target, meters, &proxied, config)
+            .await;
+    }
+
+    /// Serves a connection an older process handed over in an upgrade (see [`handoff`]) to
+    /// the end, from where it stopped there: it counts as open, in its client's per-client
+    /// count and session, and on its target, as it did there (without counting it again as a
+    /// new connection to the target).
+    pub(crate) async fn resume(self: Arc<Self>, resumed: Resumed) {
+        let _open = OpenGuard::new(&self);
+        let Resumed {
+            client,
+            server,
+            peer,
+            target,
+            pinned,
             accepted,
             proxied,
+            to_target,
+            to_client,
+            quiet,
+            directions,
+        } = resumed;
+        // Registered with the reactor here, in the connection's own task (see `Resumed`).
+        let (client, server) = match (TcpStream::from_std(client), TcpStream::from_std(server)) {
+            (Ok(client), Ok(server)) => (client, server),
+            (client, server) => {
+                tracing::error!(
+                    client = ?client.err(), target = ?server.err(),
+                    "cannot register a handed-over connection; it is lost"
+                );
+                return;
+            }
+        };
+        let client_guard = ResetOnDrop::new(&client);
+        let server_guard = ResetOnDrop::new(&server);
+        let generation = self.store.load_full();
+        let config = &generation.config;
+        let _slot = match config.max_connections_per_client {
+            0 => ClientSlot::none(),
+            _ => {
+                let ip = config.client_prefix.client(peer.ip());
+                self.clients.open(ip);
+                ClientSlot::held(&self.clients, ip)
+            }
+        };
+        let hold = generation.hold(&self.shared, peer.ip(), target, pinned);
+        let target = hold.target();
+        let on_target = TargetOpen::resumed(target);
+        let to_target = Meter::resumed(&target.counters.bytes_to_target, to_target);
+        let to_client = Meter::resumed(&target.counters.bytes_to_client, to_client);
+        let proxied = Proxied {
+            peer,
+            target,
+            pinned,
+            accepted,
+            proxied,
+        };
+        let relay = relay::resume(
+            &client,
+            &server,
+            directions,
+            config.idle_timeout,
+            quiet,
+            &to_target,
+            &to_client,
+        );
+        let ends = Ends {
+            client: &client,
+            server: &server,
+            guards: [client_guard, server_guard],
+        };
+        let meters = [&to_target, &to_client];
+        self.relay_to_end(ends, relay, on_target, meters, &proxied, config)
+            .await;
+    }
+
+    /// The relay stage to its end (see [`Proxy::relay_stage`] and [`Proxy::relayed`]).
+    async fn relay_to_end(
+        &self,
+        ends: Ends<'_>,
+        relay: Relay<'_>,
+        on_target: TargetOpen<'_>,
+        meters: [&Meter<'_>; 2],
+        proxied: &Proxied<'_>,
+        config: &Config,
+    ) {
+        let relayed = self
+            .relay_stage(ends.client, ends.server, relay, proxied)
+            .await;
+        self.relayed(relayed, ends.guards, on_target, meters, proxied, config);
+    }
+
+    /// Relays until the relay ends, the shutdown cut, or an upgrade takes the connection over
+    /// (see [`handoff`]). An upgrade that fails hands the connection back, and it relays on
+    /// from where it stopped.
+    async fn relay_stage(
+        &self,
+        client: &TcpStream,
+        server: &TcpStream,
+        mut relay: Relay<'_>,
+        proxied: &Proxied<'_>,
+    ) -> Relayed {
+        let mut seen = 0;
+        let mut staying = None;
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.cut.wait() => {
+                    return Relayed::Ended(Err(Cut::by_balancer(cut::How::Shutdown)));
+                }
+                () = self.handover.wait(&mut seen) => {
+                    if relay.is_failing() {
+                        staying.get_or_insert_with(|| self.handover.stay());
+                        continue;
+                    }
+                    let (to_target, to_client) = relay.bytes();
+                    let record = proxied.record(client, server, &relay, to_target, to_client);
+                    if self.handover.hand_off(record).await == Verdict::Taken {
+                        return Relayed::HandedOver;
+                    }
+                }
+                result = &mut relay => return Relayed::Ended(result),
+            }
+        }
+    }
+
+    /// The end of a relay stage: a connection that ended cleanly closes both sockets with a
+    /// FIN; a cut one resets both (the guards), so neither peer mistakes it for a complete
+    /// stream; one handed over closes this process's descriptors without touching the
+    /// connection, which lives on in the new process. Then the accounting, except for a
+    /// handed-over connection: it is not over.
+    fn relayed(
+        &self,
+        relayed: Relayed,
+        mut guards: [ResetOnDrop<'_>; 2],
+        on_target: TargetOpen<'_>,
+        [to_target, to_client]: [&Meter<'_>; 2],
+        proxied: &Proxied<'_>,
+        config: &Config,
+    ) {
+        let result = match relayed {
+            Relayed::Ended(result) => result,
+            Relayed::HandedOver => {
+                guards.iter_mut().for_each(ResetOnDrop::disarm);
+                tracing::trace!(client = %proxied.peer, "connection handed over");
+                return;
+            }
+        };
+        if result.is_ok() {
+            guards.iter_mut().for_each(ResetOnDrop::disarm);
+        }
+        drop(guards);
+        drop(on_target);
+        self.account(Account {
+            config,
+            peer: proxied.peer,
+            target: proxied.target,
+            result: &result,
+            to_target,
+            to_client,
+            accepted: proxied.accepted,
+            proxied: proxied.proxied,
         });
     }
 
@@ -375,6 +545,20 @@ impl Proxy {
     }
 }
 
+/// Both sockets of a proxied connection, and the guards that reset them on a cut.
+struct Ends<'a> {
+    client: &'a TcpStream,
+    server: &'a TcpStream,
+    guards: [ResetOnDrop<'a>; 2],
+}
+
+/// How a relay stage ended.
+enum Relayed {
+    Ended(Result<Ended, Cut>),
+    /// An upgrade took the connection over.
+    HandedOver,
+}
+
 /// Who a connection is for.
 struct Identity {
     /// The client: the peer, or the one a trusted upstream's PROXY header named.
@@ -424,6 +608,11 @@ struct TargetOpen<'a>(&'a TargetState);
 impl<'a> TargetOpen<'a> {
     fn new(target: &'a TargetState) -> Self {
         target.counters.connections.fetch_add(1, Ordering::Relaxed);
+        TargetOpen::resumed(target)
+    }
+
+    /// A connection handed over by an older process: open, and counted in the total already.
+    fn resumed(target: &'a TargetState) -> Self {
         target.active.fetch_add(1, Ordering::Relaxed);
         TargetOpen(target)
     }

@@ -23,7 +23,7 @@
 use std::future::Future;
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{ready, Context, Poll};
@@ -36,6 +36,7 @@ use super::copy;
 use super::cut::{Cut, How, Side};
 #[cfg(target_os = "linux")]
 use super::splice;
+use crate::handover;
 
 /// After one direction failed, how long the other may take to deliver what it already
 /// received before both sides are reset. Bounded, because its reader may never read.
@@ -52,9 +53,15 @@ pub(crate) struct Meter<'a> {
 
 impl<'a> Meter<'a> {
     pub(crate) fn new(total: &'a AtomicU64) -> Meter<'a> {
+        Meter::resumed(total, 0)
+    }
+
+    /// A meter for a connection that already delivered `this` bytes (in an older process):
+    /// they are in the total already.
+    pub(crate) fn resumed(total: &'a AtomicU64, this: u64) -> Meter<'a> {
         Meter {
             total,
-            this: AtomicU64::new(0),
+            this: AtomicU64::new(this),
         }
     }
 
@@ -89,14 +96,31 @@ pub(crate) fn relay<'a>(
     to_server: &'a Meter<'a>,
     to_client: &'a Meter<'a>,
 ) -> Relay<'a> {
+    let (up, down) = (Direction::new(zero_copy), Direction::new(zero_copy));
+    resume(client, server, [up, down], idle, None, to_server, to_client)
+}
+
+/// The relay of a connection that an older process had relayed (see [`Direction::resume`]):
+/// its directions as they were, and the time since a byte last moved (`quiet`), so the idle
+/// timeout goes on counting where it was.
+pub(crate) fn resume<'a>(
+    client: &'a TcpStream,
+    server: &'a TcpStream,
+    [up, down]: [Direction; 2],
+    idle: Option<Duration>,
+    quiet: Option<Duration>,
+    to_server: &'a Meter<'a>,
+    to_client: &'a Meter<'a>,
+) -> Relay<'a> {
+    let moved = to_server.bytes() + to_client.bytes();
     Relay {
         client,
         server,
-        up: Direction::new(zero_copy),
-        down: Direction::new(zero_copy),
+        up,
+        down,
         to_server,
         to_client,
-        idle: idle.map(IdleWatch::new),
+        idle: idle.map(|idle| IdleWatch::new(idle, moved, quiet.unwrap_or_default())),
         failed: None,
     }
 }
@@ -294,7 +318,7 @@ enum Mode {
 /// stream goes on exactly where it was. A buffer or pipe is held only while bytes are in flight:
 /// an idle direction holds neither.
 #[derive(Debug)]
-struct Direction {
+pub(crate) struct Direction {
     mode: Mode,
     /// Splice is allowed: `zeroCopy`, on Linux, and not refused by the kernel so far.
     may_splice: bool,
@@ -522,7 +546,7 @@ impl Direction {
                 self.release();
                 self.mode = Mode::Splice;
             }
-            Mode::Splice if self.chunk < splice::SMALL => {
+            Mode::Splice if self.chunk < splice::SMALL || !self.may_splice => {
                 // Small messages again: a read and a write move them more cheaply.
                 self.release();
                 self.mode = Mode::Copy;
@@ -545,6 +569,122 @@ impl Direction {
     }
 }
 
+/// A relay stopped between two polls, as an upgrade hands it to the next process (see
+/// `super::handoff`): each direction's mode and flags, and what it holds in flight, borrowed
+/// (the copy buffer's unwritten bytes are copied out; a pipe's descriptors are lent, the pipe
+/// itself stays here until the next process has its own descriptors of it).
+impl Relay<'_> {
+    /// One direction failed, and the other is delivering its last bytes: the connection is
+    /// ending, within [`DRAIN_GRACE`]. Such a relay is never handed over.
+    pub(crate) fn is_failing(&self) -> bool {
+        self.failed.is_some()
+    }
+
+    /// Bytes delivered so far: to the target, to the client.
+    pub(crate) fn bytes(&self) -> (u64, u64) {
+        (self.to_server.bytes(), self.to_client.bytes())
+    }
+
+    /// Both directions as records, and how long no byte has moved (when `idleTimeout` is on).
+    pub(crate) fn record(&self) -> ([handover::Direction<RawFd>; 2], Option<Duration>) {
+        let moved = self.to_server.bytes() + self.to_client.bytes();
+        let quiet = self.idle.as_ref().map(|idle| idle.quiet(moved));
+        ([self.up.record(), self.down.record()], quiet)
+    }
+}
+
+impl Direction {
+    fn record(&self) -> handover::Direction<RawFd> {
+        let held = if !self.holding() {
+            handover::Held::Nothing
+        } else {
+            match (self.mode, &self.buf) {
+                #[cfg(target_os = "linux")]
+                (Mode::Splice, _) => match &self.pipe {
+                    Some(pipe) => handover::Held::Pipe {
+                        read: pipe.read_fd(),
+                        write: pipe.write_fd(),
+                        len: u32::try_from(self.chunk - self.written).unwrap_or(u32::MAX),
+                    },
+                    None => handover::Held::Nothing,
+                },
+                (Mode::Copy, Some(buf)) => {
+                    handover::Held::Bytes(buf[self.written..self.chunk].to_vec())
+                }
+                (Mode::Copy, None) => handover::Held::Nothing,
+            }
+        };
+        handover::Direction {
+            splice: self.mode != Mode::Copy,
+            may_splice: self.may_splice,
+            ended: self.ended,
+            held,
+        }
+    }
+
+    /// A direction as an older process left it: the same mode and flags, holding the same
+    /// bytes (copied into a buffer of this process's pool, or in the very pipe the older
+    /// process filled). Checks that the record is one a relay can be in: an ended direction
+    /// holds nothing, a pipe holds exactly the bytes the record says, a buffer fits.
+    /// `zero_copy`: this process's `zeroCopy`; when off, the direction copies from now on
+    /// (once a pipe it was given has drained).
+    pub(crate) fn resume(
+        record: handover::Direction<OwnedFd>,
+        zero_copy: bool,
+    ) -> Result<Direction, String> {
+        let mut direction = Direction::new(zero_copy);
+        direction.may_splice = direction.may_splice && record.may_splice;
+        direction.ended = record.ended;
+        if record.ended && !matches!(record.held, handover::Held::Nothing) {
+            return Err("an ended direction holds bytes".into());
+        }
+        match record.held {
+            handover::Held::Nothing =>
+            {
+                #[cfg(target_os = "linux")]
+                if record.splice && direction.may_splice {
+                    direction.mode = Mode::Splice;
+                }
+            }
+            handover::Held::Bytes(bytes) => {
+                if record.splice {
+                    return Err("a splicing direction holds a copy buffer".into());
+                }
+                if bytes.is_empty() || bytes.len() > copy::BUF_SIZE {
+                    return Err(format!(
+                        "a copy buffer of {} bytes (1 to {})",
+                        bytes.len(),
+                        copy::BUF_SIZE
+                    ));
+                }
+                let mut buf = copy::take_buf();
+                buf[..bytes.len()].copy_from_slice(&bytes);
+                direction.buf = Some(buf);
+                direction.chunk = bytes.len();
+            }
+            #[cfg(target_os = "linux")]
+            handover::Held::Pipe { read, write, len } => {
+                if !record.splice {
+                    return Err("a copying direction holds a pipe".into());
+                }
+                let pipe = splice::Pipe::resume(read, write)?;
+                let holds = pipe.held()?;
+                if holds != len as usize || holds == 0 {
+                    return Err(format!(
+                        "its pipe holds {holds} bytes, the handover says {len}"
+                    ));
+                }
+                direction.mode = Mode::Splice;
+                direction.pipe = Some(pipe);
+                direction.chunk = holds;
+            }
+            #[cfg(not(target_os = "linux"))]
+            handover::Held::Pipe { .. } => return Err("a pipe, and no splice here".into()),
+        }
+        Ok(direction)
+    }
+}
+
 /// `idleTimeout`: fires once no byte has moved either way for the timeout. Checks the byte
 /// counts every eighth of it (at least every 10 ms) rather than reading a clock per chunk on the
 /// data path, so it fires after the last byte no sooner than the timeout and no later than two
@@ -560,15 +700,25 @@ struct IdleWatch {
 }
 
 impl IdleWatch {
-    fn new(idle: Duration) -> IdleWatch {
+    /// A watch that has seen `moved` bytes, the last of them `quiet` ago.
+    fn new(idle: Duration, moved: u64, quiet: Duration) -> IdleWatch {
         let step = (idle / 8).max(Duration::from_millis(10));
         let now = tokio::time::Instant::now();
         IdleWatch {
             idle,
             step,
             timer: Box::pin(tokio::time::sleep_until(now + step)),
-            seen: 0,
-            quiet_since: now,
+            seen: moved,
+            quiet_since: now.checked_sub(quiet).unwrap_or(now),
+        }
+    }
+
+    /// How long no byte has moved, as far as the last check knows (0 if bytes moved since).
+    fn quiet(&self, moved: u64) -> Duration {
+        if moved == self.seen {
+            self.quiet_since.elapsed()
+        } else {
+            Duration::ZERO
         }
     }
 

@@ -50,6 +50,9 @@ pub struct Snapshot {
     pub sessions: u64,
     pub reloads_success: u64,
     pub reloads_failure: u64,
+    /// Upgrades in which a new process took over, and upgrades that failed (design §13).
+    pub upgrades_success: u64,
+    pub upgrades_failure: u64,
     /// Whether the last reload attempt failed (false before any).
     pub last_reload_failed: bool,
     pub accept_errors_fd_limit: u64,
@@ -157,6 +160,8 @@ impl Proxy {
             sessions: shared.sessions.len() as u64,
             reloads_success: load(&stats.reloads_success),
             reloads_failure: load(&stats.reloads_failure),
+            upgrades_success: load(&stats.upgrades_success),
+            upgrades_failure: load(&stats.upgrades_failure),
             last_reload_failed: stats.last_reload_failed.load(Ordering::Relaxed),
             accept_errors_fd_limit: load(&stats.accept_errors_fd_limit),
             accept_errors_other: load(&stats.accept_errors_other),

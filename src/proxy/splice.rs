@@ -78,6 +78,47 @@ impl Pipe {
     pub(super) fn capacity(&self) -> usize {
         self.capacity
     }
+
+    /// A pipe an older process filled and handed over (an upgrade): its two ends, checked to
+    /// be the two ends of one pipe (the same inode), made non-blocking.
+    pub(super) fn resume(read: OwnedFd, write: OwnedFd) -> Result<Pipe, String> {
+        use std::os::unix::fs::MetadataExt;
+        let inode = |fd: &OwnedFd| -> Result<(u64, u64, bool), String> {
+            let file = std::fs::File::from(fd.try_clone().map_err(|e| e.to_string())?);
+            let meta = file.metadata().map_err(|e| e.to_string())?;
+            use std::os::unix::fs::FileTypeExt;
+            Ok((meta.dev(), meta.ino(), meta.file_type().is_fifo()))
+        };
+        let (r, w) = (inode(&read)?, inode(&write)?);
+        if !r.2 || r != w {
+            return Err("the pipe's descriptors are not the two ends of one pipe".into());
+        }
+        for fd in [&read, &write] {
+            // SAFETY: F_SETFL on a descriptor we own.
+            let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+            if rc != 0 {
+                return Err(format!("pipe: {}", io::Error::last_os_error()));
+            }
+        }
+        // SAFETY: F_GETPIPE_SZ on a pipe we own.
+        let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        Ok(Pipe {
+            read,
+            write,
+            capacity: usize::try_from(size).unwrap_or(0),
+        })
+    }
+
+    /// Bytes in the pipe now (`FIONREAD`).
+    pub(super) fn held(&self) -> Result<usize, String> {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD on a pipe we own writes one int.
+        let rc = unsafe { libc::ioctl(self.read.as_raw_fd(), libc::FIONREAD as _, &mut n) };
+        if rc != 0 {
+            return Err(format!("pipe: {}", io::Error::last_os_error()));
+        }
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
 }
 
 impl Pipe {

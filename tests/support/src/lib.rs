@@ -12,6 +12,8 @@
 //! - [`http`]: one HTTP/1.1 request to the admin endpoint, and its raw answer.
 //! - [`inproc`]: balancers started in the test's own runtime on `127.0.0.1:0`, and the JSON of
 //!   their configs.
+//! - [`metrics`]: scrapes of `/metrics`: one series' value, `build_info`'s version, and the
+//!   counters that went down between two scrapes.
 //! - [`child`]: processes a test starts and ends by their PID: the `stickylb` binary
 //!   ([`Balancer`], with its stderr lines, CPU time, memory and descriptors), and a
 //!   [`Backend`] in a process of its own.
@@ -23,6 +25,9 @@
 //!   `tests/rolling_restart.rs` asserts on and `benches/rolling.rs` measures.
 //! - [`browser`]: a headless Chromium driven over the DevTools protocol on a pipe, for the
 //!   status page: load a page, read its DOM after its scripts ran, take a screenshot.
+//! - [`upgrade`]: upgrades of stickylb itself under load (long-lived, idle and short
+//!   connections, a pinned client, a scraper), the scenario that `tests/upgrade.rs` asserts on
+//!   and `benches/upgrade.rs` measures.
 //! - [`temp`]: temporary directories, removed on drop.
 //! - [`tools`]: outside tools a test runs (promtool, prometheus, ...): required under
 //!   `scripts/test`, skipped with a line that says so under a plain `cargo test`.
@@ -43,12 +48,14 @@ pub mod child;
 pub mod client;
 pub mod http;
 pub mod inproc;
+pub mod metrics;
 pub mod netns;
 pub mod pattern;
 pub mod population;
 pub mod rolling;
 pub mod temp;
 pub mod tools;
+pub mod upgrade;
 
 pub use backend::{dead_port, Backend, Mode, Sink};
 pub use browser::Browser;
