@@ -4,7 +4,7 @@
 # One command:   benches/compare.sh            (3 repetitions, 10 s windows: about 16 minutes)
 #                benches/compare.sh --quick    (1 repetition, 3 s windows: about 5 minutes)
 # Options:       --reps N  --duration S  --scenarios "bulk1 shortconn ..."  --labels "..."
-#                --out DIR (default target/bench-compare/<UTC time>)
+#                --out DIR (default $CARGO_TARGET_DIR or target/, then bench-compare/<UTC time>)
 #
 # What it does:
 # 1. installs haproxy and nginx (with the stream module) from Debian packages when missing;
@@ -25,6 +25,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# Where cargo builds: $CARGO_TARGET_DIR when set, as cargo itself does.
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 REPS=3
 DURATION=10
 SCENARIOS="bulk1 bulk4 shortconn keepalive idle5000 idle9000 overflow failover"
@@ -44,7 +46,7 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-OUT=${OUT:-$ROOT/target/bench-compare/$(date -u +%Y%m%dT%H%M%SZ)}
+OUT=${OUT:-$TARGET/bench-compare/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT/conf"
 RESULTS=$OUT/results.jsonl
 
@@ -119,10 +121,10 @@ log "building stickylb (release) and the load tool"
 cargo build --release --bin stickylb 2>&1 | tail -1 >&2
 LOAD=$(cargo bench --bench load --no-run --message-format=json 2>/dev/null \
     | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
-[ -x "$LOAD" ] && [ -x "$ROOT/target/release/stickylb" ] || { echo "compare.sh: build failed" >&2; exit 1; }
+[ -x "$LOAD" ] && [ -x "$TARGET/release/stickylb" ] || { echo "compare.sh: build failed" >&2; exit 1; }
 # Run copies: target/ is shared, and a rebuild during the run must not change what is measured.
 mkdir -p "$OUT/bin"
-cp "$ROOT/target/release/stickylb" "$OUT/bin/stickylb"
+cp "$TARGET/release/stickylb" "$OUT/bin/stickylb"
 cp "$LOAD" "$OUT/bin/load"
 STICKYLB=$OUT/bin/stickylb
 LOAD=$OUT/bin/load

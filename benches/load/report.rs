@@ -21,6 +21,7 @@ fn figures(scenario: &str) -> &'static [Figure] {
     const BULK: &[Figure] = &[
         f("gbit_s", "Gbit/s"),
         f("lb_cpu_per_gb", "balancer CPU s per GB"),
+        f("machine_cpu_per_gb", "machine CPU s per GB"),
         f("machine_busy", "machine busy (of 2 cores)"),
     ];
     const SHORT: &[Figure] = &[
@@ -29,6 +30,7 @@ fn figures(scenario: &str) -> &'static [Figure] {
         f("p99_us", "p99 µs"),
         f("p999_us", "p99.9 µs"),
         f("lb_cpu_per_10k", "balancer CPU s per 10k conns"),
+        f("machine_cpu_per_10k", "machine CPU s per 10k conns"),
         f("errors", "errors"),
         f("moved", "clients seen on 2 targets"),
         f("machine_busy", "machine busy"),
@@ -39,6 +41,7 @@ fn figures(scenario: &str) -> &'static [Figure] {
         f("p99_us", "p99 µs"),
         f("p999_us", "p99.9 µs"),
         f("lb_cpu_per_100k", "balancer CPU s per 100k req"),
+        f("machine_cpu_per_100k", "machine CPU s per 100k req"),
         f("errors", "errors"),
         f("machine_busy", "machine busy"),
     ];

@@ -37,8 +37,8 @@ use crate::clock::{duration_ms, Clock};
 use crate::config::{Config, TargetSpec};
 use crate::counters::Stats;
 use hash::Table;
-pub use session::Swept;
 use session::Sessions;
+pub use session::Swept;
 use target::{Registry, TargetState};
 
 /// State that outlives config generations.
