@@ -7,6 +7,7 @@
 //! | `keepalive` | `--concurrency` connections, each a loop of one request and one reply | req/s, latency p50/p99/p999, balancer and machine CPU s per 100,000 requests |
 //! | `idle` | opens `--conns` connections to `echo` backends, one byte each way on each, holds them | balancer RSS and fds per held connection (before/after), pipe fds held, all still served after |
 //! | `overflow` | offers `--conns` connections, more than the fd limit lets the balancer hold | served, refused at once, left hanging |
+//! | `iperf<N>[-<len>]` | iperf3 with N streams (and `-l <len>`) through the balancer to the `iperf3 -s` of a target (iperf.rs) | Gbit/s, balancer and machine CPU s per GB |
 //! | `failover` | `shortconn` while the target with port `--victim-port` (process `--victim-pid`) is killed | failed connections opened after the kill |
 //!
 //! Every client binds to one of `--ips` source addresses in 127.64.0.0/10 (IP_BIND_ADDRESS_NO_PORT,
@@ -40,7 +41,8 @@ use crate::procfs;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
-    /// bulk1, bulk4, shortconn, keepalive, idle, overflow or failover.
+    /// bulk1, bulk4, shortconn, keepalive, idle, overflow, failover, or iperf<N>[-<len>]
+    /// (iperf3 with N streams and, optionally, `-l <len>`: see iperf.rs).
     #[arg(long)]
     scenario: String,
     /// Address(es) to connect to: the balancer, or (direct) the backends, comma-separated; a
@@ -57,7 +59,7 @@ pub struct RunArgs {
     pids: String,
     /// Measured seconds (bulk, shortconn, keepalive; failover: total after the warm-up).
     #[arg(long, default_value_t = 10.0)]
-    duration: f64,
+    pub(crate) duration: f64,
     /// Seconds before the measured window (shortconn, keepalive).
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
@@ -130,8 +132,8 @@ pub async fn connect_from(ip: Ipv4Addr, to: SocketAddr) -> io::Result<TcpStream>
 }
 
 /// What every scenario shares.
-struct Ctx {
-    args: RunArgs,
+pub(crate) struct Ctx {
+    pub(crate) args: RunArgs,
     targets: Vec<SocketAddr>,
     pids: Vec<u32>,
     request: Vec<u8>,
@@ -143,7 +145,7 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn target_for(&self, i: usize) -> SocketAddr {
+    pub(crate) fn target_for(&self, i: usize) -> SocketAddr {
         self.targets[i % self.targets.len()]
     }
 
@@ -207,7 +209,11 @@ pub fn run(args: RunArgs) -> i32 {
             "idle" => Ok(idle(ctx.clone()).await),
             "overflow" => Ok(overflow(ctx.clone()).await),
             "failover" => Ok(failover(ctx.clone()).await),
-            other => Err(format!("unknown scenario {other:?}")),
+            // Runs iperf3 as a child process (no async work of ours meanwhile).
+            other => match crate::iperf::parse(other) {
+                Some((streams, len)) => crate::iperf::iperf(&ctx, streams, len),
+                None => Err(format!("unknown scenario {other:?}")),
+            },
         }
     });
     // Do not wait for tasks still blocked on a hung peer: everything measured is in `result`.
@@ -258,14 +264,14 @@ pub fn run(args: RunArgs) -> i32 {
 }
 
 /// CPU of the balancer and of the machine over a window: start with `begin`, end with `end`.
-struct Window {
+pub(crate) struct Window {
     tree: procfs::TreeSample,
     machine: procfs::MachineSample,
     at: Instant,
 }
 
 impl Window {
-    fn begin(ctx: &Ctx) -> Window {
+    pub(crate) fn begin(ctx: &Ctx) -> Window {
         Window {
             tree: procfs::sample(&ctx.pids, false),
             machine: procfs::machine(),
@@ -273,7 +279,7 @@ impl Window {
         }
     }
 
-    fn end(self, ctx: &Ctx) -> Measured {
+    pub(crate) fn end(self, ctx: &Ctx) -> Measured {
         let tree = procfs::sample(&ctx.pids, false);
         let machine = procfs::machine();
         Measured {
@@ -286,8 +292,8 @@ impl Window {
 }
 
 /// What a window measured.
-struct Measured {
-    secs: f64,
+pub(crate) struct Measured {
+    pub(crate) secs: f64,
     /// Balancer CPU seconds (None for direct).
     cpu: Option<f64>,
     /// Fraction of the machine busy.
@@ -299,7 +305,13 @@ struct Measured {
 impl Measured {
     /// The cost figures, per `units / scale` units of work: `lb_cpu_<per>` and
     /// `machine_cpu_<per>` (e.g. `per_gb`), the raw CPU seconds, and the busy fraction.
-    fn insert_costs(&self, m: &mut Map<String, Value>, per_key: &str, units: f64, scale: f64) {
+    pub(crate) fn insert_costs(
+        &self,
+        m: &mut Map<String, Value>,
+        per_key: &str,
+        units: f64,
+        scale: f64,
+    ) {
         m.insert("lb_cpu_s".into(), json!(self.cpu.map(|c| round(c, 3))));
         m.insert(format!("lb_cpu_{per_key}"), per(self.cpu, units, scale));
         m.insert("machine_cpu_s".into(), json!(round(self.machine_cpu, 3)));
@@ -351,7 +363,7 @@ fn per(cpu: Option<f64>, units: f64, scale: f64) -> Value {
     }
 }
 
-fn round(x: f64, digits: i32) -> f64 {
+pub(crate) fn round(x: f64, digits: i32) -> f64 {
     let m = 10f64.powi(digits);
     (x * m).round() / m
 }
