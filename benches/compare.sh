@@ -123,7 +123,7 @@ cd "$ROOT"
 log "building stickylb (release) and the load tool"
 cargo build --release --bin stickylb 2>&1 | tail -1 >&2
 LOAD=$(cargo bench --bench load --no-run --message-format=json 2>/dev/null \
-    | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
+    | grep -o '"executable":"[^"]*/load-[^"]*"' | tail -1 | cut -d'"' -f4)
 [ -x "$LOAD" ] && [ -x "$TARGET/release/stickylb" ] || { echo "compare.sh: build failed" >&2; exit 1; }
 # Run copies: target/ is shared, and a rebuild during the run must not change what is measured.
 mkdir -p "$OUT/bin"

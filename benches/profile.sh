@@ -38,7 +38,7 @@ command -v perf >/dev/null && command -v strace >/dev/null \
 cd "$ROOT"
 cargo build --release --bin stickylb 2>&1 | tail -1 >&2
 LOAD=$(cargo bench --bench load --no-run --message-format=json 2>/dev/null \
-    | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
+    | grep -o '"executable":"[^"]*/load-[^"]*"' | tail -1 | cut -d'"' -f4)
 cp "$TARGET/release/stickylb" "$OUT/bin/stickylb"
 cp "$LOAD" "$OUT/bin/load"
 LOAD=$OUT/bin/load
