@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # stickylb against HAProxy and nginx on the same machine, in the same run (issue 5).
 #
-# One command:   benches/compare.sh            (3 repetitions, 10 s windows: about 16 minutes)
-#                benches/compare.sh --quick    (1 repetition, 3 s windows: about 5 minutes)
+# One command:   benches/compare.sh            (3 repetitions, 10 s windows: about 30 minutes)
+#                benches/compare.sh --quick    (1 repetition, 3 s windows: about 9 minutes)
 # Options:       --reps N  --duration S  --scenarios "bulk1 shortconn ..."  --labels "..."
-#                --out DIR (default target/bench-compare/<UTC time>)
+#                --out DIR (default $CARGO_TARGET_DIR or target/, then bench-compare/<UTC time>)
 #
 # What it does:
 # 1. installs haproxy and nginx (with the stream module) from Debian packages when missing;
 # 2. builds stickylb (release) and the load tool (benches/load, bench profile);
-# 3. starts the backends once (`load backend`: sink, echo and fixed-reply ports), the same
-#    for everything measured;
+# 3. starts the backends once (`load backend`: sink, echo and fixed-reply ports; and an
+#    `iperf3 -s` per iperf target port), the same for everything measured;
 # 4. for each repetition, for each scenario, runs it against each of
 #      direct (no balancer: the ceiling), stickylb, stickylb-pp (stickylb sending a PROXY v2
 #      header to its targets; shortconn and keepalive only), haproxy (splice-auto),
@@ -25,9 +25,11 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# Where cargo builds: $CARGO_TARGET_DIR when set, as cargo itself does.
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 REPS=3
 DURATION=10
-SCENARIOS="bulk1 bulk4 shortconn keepalive idle5000 idle9000 overflow failover"
+SCENARIOS="bulk1 bulk4 iperf1 iperf4 iperf1-16k iperf4-16k shortconn keepalive idle5000 idle9000 overflow failover"
 LABELS="direct stickylb stickylb-pp haproxy haproxy-splice nginx"
 OUT=""
 QUICK=0
@@ -44,7 +46,7 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-OUT=${OUT:-$ROOT/target/bench-compare/$(date -u +%Y%m%dT%H%M%SZ)}
+OUT=${OUT:-$TARGET/bench-compare/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT/conf"
 RESULTS=$OUT/results.jsonl
 
@@ -56,6 +58,9 @@ FIXED_PORTS="27031 27032 27033 27034"
 # stickylb-pp sends a PROXY v2 header: its fixed-reply targets read it first.
 FIXED_PP_PORTS="27051 27052 27053 27054"
 FAILOVER_PORTS="27041 27042 27043"
+# One `iperf3 -s` per target port (iperf scenarios): a sticky balancer sends a test's control
+# connection and all its data connections (one client address) to the same one.
+IPERF_PORTS="27061 27062 27063 27064"
 VICTIM_PORT=27043
 
 log() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
@@ -118,11 +123,11 @@ cd "$ROOT"
 log "building stickylb (release) and the load tool"
 cargo build --release --bin stickylb 2>&1 | tail -1 >&2
 LOAD=$(cargo bench --bench load --no-run --message-format=json 2>/dev/null \
-    | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
-[ -x "$LOAD" ] && [ -x "$ROOT/target/release/stickylb" ] || { echo "compare.sh: build failed" >&2; exit 1; }
+    | grep -o '"executable":"[^"]*/load-[^"]*"' | tail -1 | cut -d'"' -f4)
+[ -x "$LOAD" ] && [ -x "$TARGET/release/stickylb" ] || { echo "compare.sh: build failed" >&2; exit 1; }
 # Run copies: target/ is shared, and a rebuild during the run must not change what is measured.
 mkdir -p "$OUT/bin"
-cp "$ROOT/target/release/stickylb" "$OUT/bin/stickylb"
+cp "$TARGET/release/stickylb" "$OUT/bin/stickylb"
 cp "$LOAD" "$OUT/bin/load"
 STICKYLB=$OUT/bin/stickylb
 LOAD=$OUT/bin/load
@@ -138,6 +143,7 @@ LOAD=$OUT/bin/load
         "(uncommitted changes to src/: $(git -C "$ROOT" status --short -- src 2>/dev/null | wc -l) files," \
         "diff sha256 $(git -C "$ROOT" diff HEAD -- src 2>/dev/null | sha256sum | cut -c1-12))"
     echo "haproxy: $(haproxy -v 2>&1 | head -1)"
+    echo "iperf3: $(iperf3 --version 2>&1 | head -1)"
     echo "nginx: $(nginx -v 2>&1)"
     echo "fd limit: soft $(ulimit -Sn), hard $(ulimit -Hn)"
     echo "reps: $REPS, duration: ${DURATION}s, scenarios: $SCENARIOS"
@@ -150,6 +156,7 @@ cat "$OUT/machine.txt" >&2
 group_of() {
     case "$1" in
         bulk*) echo sink ;;
+        iperf*) echo iperf ;;
         shortconn|keepalive) echo fixed ;;
         idle*|overflow) echo echo ;;
         failover) echo failover ;;
@@ -161,9 +168,10 @@ ports_of() {
         echo) echo "$ECHO_PORTS" ;;
         fixed) echo "$FIXED_PORTS" ;;
         failover) echo "$FAILOVER_PORTS" ;;
+        iperf) echo "$IPERF_PORTS" ;;
     esac
 }
-for group in sink echo fixed failover; do
+for group in sink echo fixed failover iperf; do
     ports=$(ports_of $group)
     # stickylb: every key at its default (metrics on at 127.0.0.1:9898, sessions, splice).
     {
@@ -312,10 +320,24 @@ STARTED+=("$BACKEND_PID")
 for p in $SINK_PORTS $ECHO_PORTS $FIXED_PORTS $FIXED_PP_PORTS 27041 27042; do
     "$LOAD" wait-port "127.0.0.1:$p" --timeout 10 || { echo "backend did not start" >&2; exit 1; }
 done
+case " $SCENARIOS " in
+    *" iperf"*)
+        command -v iperf3 >/dev/null 2>&1 \
+            || { echo "compare.sh: the iperf scenarios need iperf3 (apt-get install iperf3)" >&2; exit 1; }
+        for p in $IPERF_PORTS; do
+            # --idle-timeout: a server left in a broken test resets itself within 30 s.
+            iperf3 -s -B 127.0.0.1 -p "$p" --idle-timeout 30 >>"$OUT/iperf3-server-$p.log" 2>&1 &
+            STARTED+=("$!")
+        done
+        for p in $IPERF_PORTS; do
+            "$LOAD" wait-port "127.0.0.1:$p" --timeout 10 || { echo "iperf3 -s did not start" >&2; exit 1; }
+        done
+        ;;
+esac
 
 args_of() {
     case "$1" in
-        bulk1|bulk4) echo "--scenario $1 --duration $DURATION" ;;
+        bulk1|bulk4|iperf*) echo "--scenario $1 --duration $DURATION" ;;
         shortconn|keepalive) echo "--scenario $1 --duration $DURATION --warmup 1 --concurrency 50" ;;
         idle*) echo "--scenario idle --conns ${1#idle}" ;;
         overflow) echo "--scenario overflow --conns 11000" ;;

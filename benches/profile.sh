@@ -17,6 +17,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# Where cargo builds: $CARGO_TARGET_DIR when set, as cargo itself does.
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 SECONDS_RUN=8
 OUT=""
 while [ $# -gt 0 ]; do
@@ -28,7 +30,7 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-OUT=${OUT:-$ROOT/target/bench-profile/$(date -u +%Y%m%dT%H%M%SZ)}
+OUT=${OUT:-$TARGET/bench-profile/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT/bin" "$OUT/conf"  # conf/: stickylb watches its config's directory
 command -v perf >/dev/null && command -v strace >/dev/null \
     || { echo "profile.sh: needs perf and strace (apt-get install linux-perf strace)" >&2; exit 1; }
@@ -36,8 +38,8 @@ command -v perf >/dev/null && command -v strace >/dev/null \
 cd "$ROOT"
 cargo build --release --bin stickylb 2>&1 | tail -1 >&2
 LOAD=$(cargo bench --bench load --no-run --message-format=json 2>/dev/null \
-    | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
-cp "$ROOT/target/release/stickylb" "$OUT/bin/stickylb"
+    | grep -o '"executable":"[^"]*/load-[^"]*"' | tail -1 | cut -d'"' -f4)
+cp "$TARGET/release/stickylb" "$OUT/bin/stickylb"
 cp "$LOAD" "$OUT/bin/load"
 LOAD=$OUT/bin/load
 

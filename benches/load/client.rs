@@ -2,17 +2,26 @@
 //!
 //! | scenario | what the client does | headline figures |
 //! |---|---|---|
-//! | `bulk1`, `bulk4` | 1 or 4 streams write as fast as they can to `sink` backends for the duration, then half-close and read the byte count the sink received | Gbit/s, balancer CPU s per GB |
-//! | `shortconn` | `--concurrency` loops of: connect, send one request, read one reply, close | conns/s, latency p50/p99/p999 (connect to last reply byte), CPU s per 10,000 conns |
-//! | `keepalive` | `--concurrency` connections, each a loop of one request and one reply | req/s, latency p50/p99/p999, CPU s per 100,000 requests |
+//! | `bulk1`, `bulk4` | 1 or 4 streams write as fast as they can to `sink` backends for the duration, then half-close and read the byte count the sink received | Gbit/s, balancer and machine CPU s per GB |
+//! | `shortconn` | `--concurrency` loops of: connect, send one request, read one reply, close | conns/s, latency p50/p99/p999 (connect to last reply byte), balancer and machine CPU s per 10,000 conns |
+//! | `keepalive` | `--concurrency` connections, each a loop of one request and one reply | req/s, latency p50/p99/p999, balancer and machine CPU s per 100,000 requests |
 //! | `idle` | opens `--conns` connections to `echo` backends, one byte each way on each, holds them | balancer RSS and fds per held connection (before/after), pipe fds held, all still served after |
 //! | `overflow` | offers `--conns` connections, more than the fd limit lets the balancer hold | served, refused at once, left hanging |
+//! | `iperf<N>[-<len>]` | iperf3 with N streams (and `-l <len>`) through the balancer to the `iperf3 -s` of a target (iperf.rs) | Gbit/s, balancer and machine CPU s per GB |
 //! | `failover` | `shortconn` while the target with port `--victim-port` (process `--victim-pid`) is killed | failed connections opened after the kill |
 //!
 //! Every client binds to one of `--ips` source addresses in 127.64.0.0/10 (IP_BIND_ADDRESS_NO_PORT,
 //! so the port is chosen at connect time, per destination) before connecting: a sticky
 //! balancer sees many clients. Shortconn and keepalive count what completes inside the
 //! measured window, after `--warmup`; the balancer's CPU is read at the window's two ends.
+//!
+//! Besides the balancer's own CPU (its process tree), every cost is also given for the whole
+//! machine (`machine_cpu_*`: user + nice + system + irq + softirq of all cores, from
+//! `/proc/stat`, over the same window): the client and the backends are the same for every
+//! balancer, so the difference between two balancers is each one's full cost, including kernel
+//! work it caused in other contexts (softirq on another core, ksoftirqd) that its own CPU
+//! figure does not show. It also includes whatever else runs on the machine: compare it within
+//! one interleaved run, with the load average beside it.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -32,7 +41,8 @@ use crate::procfs;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
-    /// bulk1, bulk4, shortconn, keepalive, idle, overflow or failover.
+    /// bulk1, bulk4, shortconn, keepalive, idle, overflow, failover, or iperf<N>[-<len>]
+    /// (iperf3 with N streams and, optionally, `-l <len>`: see iperf.rs).
     #[arg(long)]
     scenario: String,
     /// Address(es) to connect to: the balancer, or (direct) the backends, comma-separated; a
@@ -49,7 +59,7 @@ pub struct RunArgs {
     pids: String,
     /// Measured seconds (bulk, shortconn, keepalive; failover: total after the warm-up).
     #[arg(long, default_value_t = 10.0)]
-    duration: f64,
+    pub(crate) duration: f64,
     /// Seconds before the measured window (shortconn, keepalive).
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
@@ -122,8 +132,8 @@ pub async fn connect_from(ip: Ipv4Addr, to: SocketAddr) -> io::Result<TcpStream>
 }
 
 /// What every scenario shares.
-struct Ctx {
-    args: RunArgs,
+pub(crate) struct Ctx {
+    pub(crate) args: RunArgs,
     targets: Vec<SocketAddr>,
     pids: Vec<u32>,
     request: Vec<u8>,
@@ -135,7 +145,7 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn target_for(&self, i: usize) -> SocketAddr {
+    pub(crate) fn target_for(&self, i: usize) -> SocketAddr {
         self.targets[i % self.targets.len()]
     }
 
@@ -199,7 +209,11 @@ pub fn run(args: RunArgs) -> i32 {
             "idle" => Ok(idle(ctx.clone()).await),
             "overflow" => Ok(overflow(ctx.clone()).await),
             "failover" => Ok(failover(ctx.clone()).await),
-            other => Err(format!("unknown scenario {other:?}")),
+            // Runs iperf3 as a child process (no async work of ours meanwhile).
+            other => match crate::iperf::parse(other) {
+                Some((streams, len)) => crate::iperf::iperf(&ctx, streams, len),
+                None => Err(format!("unknown scenario {other:?}")),
+            },
         }
     });
     // Do not wait for tasks still blocked on a hung peer: everything measured is in `result`.
@@ -250,14 +264,14 @@ pub fn run(args: RunArgs) -> i32 {
 }
 
 /// CPU of the balancer and of the machine over a window: start with `begin`, end with `end`.
-struct Window {
+pub(crate) struct Window {
     tree: procfs::TreeSample,
     machine: procfs::MachineSample,
     at: Instant,
 }
 
 impl Window {
-    fn begin(ctx: &Ctx) -> Window {
+    pub(crate) fn begin(ctx: &Ctx) -> Window {
         Window {
             tree: procfs::sample(&ctx.pids, false),
             machine: procfs::machine(),
@@ -265,16 +279,47 @@ impl Window {
         }
     }
 
-    /// Seconds, balancer CPU seconds (None for direct), machine busy fraction.
-    fn end(self, ctx: &Ctx) -> (f64, Option<f64>, f64) {
+    pub(crate) fn end(self, ctx: &Ctx) -> Measured {
         let tree = procfs::sample(&ctx.pids, false);
         let machine = procfs::machine();
-        let cpu = (!ctx.pids.is_empty()).then_some(tree.cpu_s - self.tree.cpu_s);
-        (
-            self.at.elapsed().as_secs_f64(),
-            cpu,
-            procfs::busy_fraction(self.machine, machine),
-        )
+        Measured {
+            secs: self.at.elapsed().as_secs_f64(),
+            cpu: (!ctx.pids.is_empty()).then_some(tree.cpu_s - self.tree.cpu_s),
+            busy: procfs::busy_fraction(self.machine, machine),
+            machine_cpu: procfs::machine_cpu_s(self.machine, machine),
+        }
+    }
+}
+
+/// What a window measured.
+pub(crate) struct Measured {
+    pub(crate) secs: f64,
+    /// Balancer CPU seconds (None for direct).
+    cpu: Option<f64>,
+    /// Fraction of the machine busy.
+    busy: f64,
+    /// CPU seconds the whole machine worked (user + nice + system + irq + softirq).
+    machine_cpu: f64,
+}
+
+impl Measured {
+    /// The cost figures, per `units / scale` units of work: `lb_cpu_<per>` and
+    /// `machine_cpu_<per>` (e.g. `per_gb`), the raw CPU seconds, and the busy fraction.
+    pub(crate) fn insert_costs(
+        &self,
+        m: &mut Map<String, Value>,
+        per_key: &str,
+        units: f64,
+        scale: f64,
+    ) {
+        m.insert("lb_cpu_s".into(), json!(self.cpu.map(|c| round(c, 3))));
+        m.insert(format!("lb_cpu_{per_key}"), per(self.cpu, units, scale));
+        m.insert("machine_cpu_s".into(), json!(round(self.machine_cpu, 3)));
+        m.insert(
+            format!("machine_cpu_{per_key}"),
+            per(Some(self.machine_cpu), units, scale),
+        );
+        m.insert("machine_busy".into(), json!(round(self.busy, 3)));
     }
 }
 
@@ -302,11 +347,12 @@ impl Timed {
         }
     }
 
-    /// Seconds measured (at most the requested duration), balancer CPU seconds, machine busy.
-    async fn finish(self, ctx: &Ctx) -> (f64, Option<f64>, f64) {
+    /// What the window measured; its seconds at most the requested duration.
+    async fn finish(self, ctx: &Ctx) -> Measured {
         let window = self.window.await.expect("window task");
-        let (secs, cpu, busy) = window.end(ctx);
-        (secs.min(ctx.args.duration).max(1e-9), cpu, busy)
+        let mut measured = window.end(ctx);
+        measured.secs = measured.secs.min(ctx.args.duration).max(1e-9);
+        measured
     }
 }
 
@@ -317,7 +363,7 @@ fn per(cpu: Option<f64>, units: f64, scale: f64) -> Value {
     }
 }
 
-fn round(x: f64, digits: i32) -> f64 {
+pub(crate) fn round(x: f64, digits: i32) -> f64 {
     let m = 10f64.powi(digits);
     (x * m).round() / m
 }
@@ -389,7 +435,8 @@ async fn bulk(ctx: Arc<Ctx>, streams: usize) -> Map<String, Value> {
             Err(_) => errors += 1,
         }
     }
-    let (secs, cpu, busy) = window.end(&ctx);
+    let measured = window.end(&ctx);
+    let secs = measured.secs;
     let gb = received as f64 / 1e9;
     let mut m = Map::new();
     m.insert("streams".into(), json!(streams));
@@ -398,9 +445,7 @@ async fn bulk(ctx: Arc<Ctx>, streams: usize) -> Map<String, Value> {
     m.insert("bytes_sent".into(), json!(sent_total));
     m.insert("gbit_s".into(), json!(round(gb * 8.0 / secs, 3)));
     m.insert("errors".into(), json!(errors));
-    m.insert("lb_cpu_s".into(), json!(cpu.map(|c| round(c, 3))));
-    m.insert("lb_cpu_per_gb".into(), per(cpu, gb, 1.0));
-    m.insert("machine_busy".into(), json!(round(busy, 3)));
+    measured.insert_costs(&mut m, "per_gb", gb, 1.0);
     m
 }
 
@@ -471,7 +516,8 @@ async fn shortconn(ctx: Arc<Ctx>) -> Map<String, Value> {
         })
         .collect();
     let (hist, counts) = join_counts(tasks).await;
-    let (secs, cpu, busy) = timed.finish(&ctx).await;
+    let measured = timed.finish(&ctx).await;
+    let secs = measured.secs;
     let mut m = Map::new();
     m.insert("concurrency".into(), json!(ctx.args.concurrency));
     m.insert("window_s".into(), json!(round(secs, 3)));
@@ -484,12 +530,7 @@ async fn shortconn(ctx: Arc<Ctx>) -> Map<String, Value> {
     m.insert("errors".into(), json!(counts.errors));
     m.insert("timeouts".into(), json!(counts.timeouts));
     m.insert("moved".into(), json!(ctx.moved.load(Ordering::Relaxed)));
-    m.insert("lb_cpu_s".into(), json!(cpu.map(|c| round(c, 3))));
-    m.insert(
-        "lb_cpu_per_10k".into(),
-        per(cpu, counts.ok as f64, 10_000.0),
-    );
-    m.insert("machine_busy".into(), json!(round(busy, 3)));
+    measured.insert_costs(&mut m, "per_10k", counts.ok as f64, 10_000.0);
     m
 }
 
@@ -566,7 +607,8 @@ async fn keepalive(ctx: Arc<Ctx>) -> Map<String, Value> {
         })
         .collect();
     let (hist, counts) = join_counts(tasks).await;
-    let (secs, cpu, busy) = timed.finish(&ctx).await;
+    let measured = timed.finish(&ctx).await;
+    let secs = measured.secs;
     let mut m = Map::new();
     m.insert("concurrency".into(), json!(n));
     m.insert("window_s".into(), json!(round(secs, 3)));
@@ -574,12 +616,7 @@ async fn keepalive(ctx: Arc<Ctx>) -> Map<String, Value> {
     m.insert("req_per_s".into(), json!(round(counts.ok as f64 / secs, 1)));
     latency_fields(&mut m, &hist);
     m.insert("errors".into(), json!(counts.errors));
-    m.insert("lb_cpu_s".into(), json!(cpu.map(|c| round(c, 3))));
-    m.insert(
-        "lb_cpu_per_100k".into(),
-        per(cpu, counts.ok as f64, 100_000.0),
-    );
-    m.insert("machine_busy".into(), json!(round(busy, 3)));
+    measured.insert_costs(&mut m, "per_100k", counts.ok as f64, 100_000.0);
     m
 }
 

@@ -26,6 +26,7 @@
 
 mod backend;
 mod client;
+mod iperf;
 mod procfs;
 mod report;
 

@@ -128,11 +128,15 @@ pub fn sample(roots: &[u32], with_fds: bool) -> TreeSample {
     s
 }
 
-/// Busy and total jiffies of the whole machine (all CPUs), from the first line of /proc/stat.
+/// Jiffies of the whole machine (all CPUs), from the first line of /proc/stat.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MachineSample {
+    /// Everything but idle and iowait (steal included): how much of the machine was taken.
     busy: u64,
     total: u64,
+    /// user + nice + system + irq + softirq: the CPU time spent on this machine's own work
+    /// (guest time is inside user; steal, taken by the hypervisor for others, is not).
+    work: u64,
 }
 
 pub fn machine() -> MachineSample {
@@ -143,12 +147,14 @@ pub fn machine() -> MachineSample {
         .skip(1)
         .filter_map(|x| x.parse().ok())
         .collect();
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
     // user nice system idle iowait irq softirq steal ...
     let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    let idle = at(3) + at(4);
     MachineSample {
         busy: total.saturating_sub(idle),
         total,
+        work: at(0) + at(1) + at(2) + at(5) + at(6),
     }
 }
 
@@ -159,6 +165,14 @@ pub fn busy_fraction(a: MachineSample, b: MachineSample) -> f64 {
         return 0.0;
     }
     b.busy.saturating_sub(a.busy) as f64 / total as f64
+}
+
+/// CPU seconds the whole machine spent working (user + nice + system + irq + softirq, all
+/// cores) between two samples: the balancer, the client, the backends, the kernel's softirq
+/// work wherever it ran, and anything else running on the machine.
+pub fn machine_cpu_s(a: MachineSample, b: MachineSample) -> f64 {
+    // /proc/stat counts in USER_HZ, the same clock ticks as /proc/PID/stat.
+    b.work.saturating_sub(a.work) as f64 / ticks_per_second()
 }
 
 /// The 1-minute load average.

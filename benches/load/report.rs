@@ -21,6 +21,7 @@ fn figures(scenario: &str) -> &'static [Figure] {
     const BULK: &[Figure] = &[
         f("gbit_s", "Gbit/s"),
         f("lb_cpu_per_gb", "balancer CPU s per GB"),
+        f("machine_cpu_per_gb", "machine CPU s per GB"),
         f("machine_busy", "machine busy (of 2 cores)"),
     ];
     const SHORT: &[Figure] = &[
@@ -29,6 +30,7 @@ fn figures(scenario: &str) -> &'static [Figure] {
         f("p99_us", "p99 µs"),
         f("p999_us", "p99.9 µs"),
         f("lb_cpu_per_10k", "balancer CPU s per 10k conns"),
+        f("machine_cpu_per_10k", "machine CPU s per 10k conns"),
         f("errors", "errors"),
         f("moved", "clients seen on 2 targets"),
         f("machine_busy", "machine busy"),
@@ -39,6 +41,7 @@ fn figures(scenario: &str) -> &'static [Figure] {
         f("p99_us", "p99 µs"),
         f("p999_us", "p99.9 µs"),
         f("lb_cpu_per_100k", "balancer CPU s per 100k req"),
+        f("machine_cpu_per_100k", "machine CPU s per 100k req"),
         f("errors", "errors"),
         f("machine_busy", "machine busy"),
     ];
@@ -69,8 +72,17 @@ fn figures(scenario: &str) -> &'static [Figure] {
         f("moved_from_victim", "clients moved off the killed target"),
         f("moved_collateral", "clients moved between live targets"),
     ];
+    const IPERF: &[Figure] = &[
+        f("gbit_s", "Gbit/s (iperf3's)"),
+        f("lb_cpu_per_gb", "balancer CPU s per GB"),
+        f("machine_cpu_per_gb", "machine CPU s per GB"),
+        f("retransmits", "retransmits"),
+        f("errors", "errors"),
+        f("machine_busy", "machine busy (of 2 cores)"),
+    ];
     match scenario {
         "bulk1" | "bulk4" => BULK,
+        s if s.starts_with("iperf") => IPERF,
         "shortconn" => SHORT,
         "keepalive" => KEEP,
         "overflow" => OVERFLOW,
@@ -83,6 +95,10 @@ fn figures(scenario: &str) -> &'static [Figure] {
 const SCENARIO_ORDER: &[&str] = &[
     "bulk1",
     "bulk4",
+    "iperf1",
+    "iperf4",
+    "iperf1-16k",
+    "iperf4-16k",
     "shortconn",
     "keepalive",
     "idle5000",
@@ -268,7 +284,18 @@ pub fn report(file: &Path, baseline: &str) -> i32 {
     0
 }
 
-/// The goals of issue 5 §4, against the medians.
+/// The bulk scenarios the bulk goals apply to.
+const BULK_CLIENTS: [&str; 6] = [
+    "bulk1",
+    "bulk4",
+    "iperf1",
+    "iperf4",
+    "iperf1-16k",
+    "iperf4-16k",
+];
+
+/// The goals of issue 5 §4 (and issue 18: the bulk goals under every bulk client), against the
+/// medians.
 /// `worst` is the largest value over the repetitions (for counts that must be 0 in every run).
 fn goals(
     med: &dyn Fn(&str, &str, &str) -> Option<f64>,
@@ -296,7 +323,8 @@ fn goals(
             verdict(ok)
         );
     };
-    for s in ["bulk1", "bulk4"] {
+    // Every bulk client: the load tool's and iperf3's (issue 18).
+    for s in BULK_CLIENTS {
         let mine = med(s, me, "gbit_s");
         let theirs = med(s, "haproxy-splice", "gbit_s");
         row(
