@@ -13,7 +13,9 @@
 #    `iperf3 -s` per iperf target port), the same for everything measured;
 # 4. for each repetition, for each scenario, runs it against each of
 #      direct (no balancer: the ceiling), stickylb, stickylb-pp (stickylb sending a PROXY v2
-#      header to its targets; shortconn and keepalive only), haproxy (splice-auto),
+#      header to its targets; shortconn and keepalive only), stickylb-nobudget (stickylb run
+#      as `nobody` with nobody's pipe budget spent by `load pipe-hog`, so every pipe it gets is
+#      2 pages: bulk scenarios only, not in the default labels), haproxy (splice-auto),
 #      haproxy-splice (splice-request + splice-response forced), nginx (stream)
 #    in that order (A B C D E, A B C D E, ...). Every balancer is started fresh for each run
 #    and stopped after it, so its CPU and memory figures are its own;
@@ -291,6 +293,8 @@ start_lb() {
     case "$label" in
         stickylb) "$STICKYLB" --config "$OUT/conf/stickylb-$group.json" >>"$logf" 2>&1 & ;;
         stickylb-pp) "$STICKYLB" --config "$OUT/conf/stickylb-pp-$group.json" >>"$logf" 2>&1 & ;;
+        stickylb-nobudget) setpriv --reuid=65534 --regid=65534 --clear-groups \
+            "$STICKYLB" --no-watch --config "$OUT/conf/stickylb-$group.json" >>"$logf" 2>&1 & ;;
         haproxy|haproxy-splice) haproxy -db -f "$OUT/conf/$label-$group.cfg" >>"$logf" 2>&1 & ;;
         nginx) nginx -c "$OUT/conf/nginx-$group.conf" -p "$OUT/nginx-$group" \
             -e "$OUT/nginx-$group/error.log" >>"$logf" 2>&1 & ;;
@@ -320,6 +324,16 @@ STARTED+=("$BACKEND_PID")
 for p in $SINK_PORTS $ECHO_PORTS $FIXED_PORTS $FIXED_PP_PORTS 27041 27042; do
     "$LOAD" wait-port "127.0.0.1:$p" --timeout 10 || { echo "backend did not start" >&2; exit 1; }
 done
+case " $LABELS " in
+    *" stickylb-nobudget "*)
+        [ "$(id -u)" = 0 ] || { echo "compare.sh: stickylb-nobudget needs root (it runs stickylb as nobody)" >&2; exit 1; }
+        chmod a+rx "$OUT" "$OUT/bin" "$OUT/conf" && chmod a+r "$OUT"/conf/*
+        "$LOAD" pipe-hog --uid 65534 --max-seconds 7200 >"$OUT/pipe-hog.log" 2>&1 &
+        STARTED+=("$!")
+        for _ in $(seq 1 100); do grep -q spent "$OUT/pipe-hog.log" && break; sleep 0.1; done
+        grep -q spent "$OUT/pipe-hog.log" || { echo "compare.sh: the pipe hog failed: $(cat "$OUT/pipe-hog.log")" >&2; exit 1; }
+        ;;
+esac
 case " $SCENARIOS " in
     *" iperf"*)
         command -v iperf3 >/dev/null 2>&1 \
@@ -355,6 +369,10 @@ for rep in $(seq 1 "$REPS"); do
         for label in $LABELS; do
             # The PROXY header's cost is measured where it is paid per connection and request.
             if [ "$label" = stickylb-pp ] && [ "$group" != fixed ]; then continue; fi
+            # The pipe budget matters where bytes are spliced.
+            if [ "$label" = stickylb-nobudget ]; then
+                case "$group" in sink|iperf) ;; *) continue ;; esac
+            fi
             if [ "$label" = direct ]; then
                 case "$scenario" in overflow|failover) continue ;; esac
                 target=""

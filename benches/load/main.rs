@@ -12,6 +12,9 @@
 //!   sticky balancer sees many clients, not one.
 //! - `report`: medians, min–max and ratios of a results file, as Markdown.
 //! - `wait-port`: waits until an address accepts connections (used by `benches/compare.sh`).
+//! - `pipe-hog`: becomes another user (root only) and spends that user's pipe budget
+//!   (`fs.pipe-user-pages-soft`) with full-size pipes, holding them until it is ended: a balancer
+//!   run as that user then gets only 2-page pipes (the `stickylb-nobudget` label of compare.sh).
 //!
 //! The balancer's cost is read from `/proc` for its whole process tree (`--pids`): CPU seconds
 //! (utime + stime) over the measured window, RSS, open fds and pipe fds. On a 2-core machine
@@ -79,6 +82,14 @@ enum Command {
         #[arg(long, default_value = "stickylb")]
         baseline: String,
     },
+    /// Become user `--uid` and spend its pipe budget with 256 KiB pipes; print one line when it
+    /// is spent, then hold the pipes until ended (or `--max-seconds`).
+    PipeHog {
+        #[arg(long, default_value_t = 65534)]
+        uid: u32,
+        #[arg(long, default_value_t = 3600)]
+        max_seconds: u64,
+    },
     /// Wait until `addr` accepts a TCP connection (exit 1 after `--timeout` seconds).
     WaitPort {
         addr: SocketAddr,
@@ -124,6 +135,7 @@ fn main() {
         Command::Run(args) => client::run(args),
         Command::Report { file, baseline } => report::report(&file, &baseline),
         Command::WaitPort { addr, timeout } => wait_port(addr, Duration::from_secs_f64(timeout)),
+        Command::PipeHog { uid, max_seconds } => pipe_hog(uid, Duration::from_secs(max_seconds)),
     };
     std::process::exit(code);
 }
@@ -156,5 +168,37 @@ fn wait_port(addr: SocketAddr, timeout: Duration) -> i32 {
         std::thread::sleep(Duration::from_millis(50));
     }
     eprintln!("load: {addr} did not accept within {timeout:?}");
+    1
+}
+
+/// See `Command::PipeHog`. The budget is per user: once it is spent, `F_SETPIPE_SZ` fails for
+/// every process of that user (root and CAP_SYS_RESOURCE are exempt).
+fn pipe_hog(uid: u32, hold: Duration) -> i32 {
+    // SAFETY: setresuid changes this process's credentials; it never goes back.
+    if unsafe { libc::setresuid(uid, uid, uid) } != 0 {
+        eprintln!("load pipe-hog: setresuid({uid}): {}", std::io::Error::last_os_error());
+        return 1;
+    }
+    let mut pipes: Vec<std::os::fd::OwnedFd> = Vec::new();
+    for n in 0..4096 {
+        let mut fds = [-1; 2];
+        // SAFETY: pipe2 fills two fds, owned from here on; F_SETPIPE_SZ on our write end.
+        let spent = unsafe {
+            if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+                eprintln!("load pipe-hog: pipe2: {}", std::io::Error::last_os_error());
+                return 1;
+            }
+            use std::os::fd::FromRawFd;
+            pipes.push(std::os::fd::OwnedFd::from_raw_fd(fds[0]));
+            pipes.push(std::os::fd::OwnedFd::from_raw_fd(fds[1]));
+            libc::fcntl(fds[1], libc::F_SETPIPE_SZ, 256 * 1024) < 0
+        };
+        if spent {
+            println!("pipe budget of uid {uid} spent after {n} pipes of 256 KiB");
+            std::thread::sleep(hold);
+            return 0;
+        }
+    }
+    eprintln!("load pipe-hog: 4096 pipes of 256 KiB and the budget of uid {uid} is not spent");
     1
 }
