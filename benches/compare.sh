@@ -5,6 +5,8 @@
 #                benches/compare.sh --quick    (1 repetition, 3 s windows: about 9 minutes)
 # Options:       --reps N  --duration S  --scenarios "bulk1 shortconn ..."  --labels "..."
 #                --out DIR (default $CARGO_TARGET_DIR or target/, then bench-compare/<UTC time>)
+#                --alt PATH (another stickylb binary, run as label `stickylb-alt` on the same
+#                configs: an A/B of two builds in one run; add the label to --labels)
 #
 # What it does:
 # 1. installs haproxy and nginx (with the stream module) from Debian packages when missing;
@@ -34,6 +36,7 @@ DURATION=10
 SCENARIOS="bulk1 bulk4 iperf1 iperf4 iperf1-16k iperf4-16k shortconn keepalive idle5000 idle9000 overflow failover"
 LABELS="direct stickylb stickylb-pp haproxy haproxy-splice nginx"
 OUT=""
+ALT=""
 QUICK=0
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -43,7 +46,8 @@ while [ $# -gt 0 ]; do
         --scenarios) SCENARIOS=$2; shift ;;
         --labels) LABELS=$2; shift ;;
         --out) OUT=$2; shift ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        --alt) ALT=$2; shift ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -132,6 +136,10 @@ mkdir -p "$OUT/bin"
 cp "$TARGET/release/stickylb" "$OUT/bin/stickylb"
 cp "$LOAD" "$OUT/bin/load"
 STICKYLB=$OUT/bin/stickylb
+if [ -n "$ALT" ]; then
+    cp "$ALT" "$OUT/bin/stickylb-alt"
+    ALT=$OUT/bin/stickylb-alt
+fi
 LOAD=$OUT/bin/load
 
 {
@@ -293,6 +301,8 @@ start_lb() {
     case "$label" in
         stickylb) "$STICKYLB" --config "$OUT/conf/stickylb-$group.json" >>"$logf" 2>&1 & ;;
         stickylb-pp) "$STICKYLB" --config "$OUT/conf/stickylb-pp-$group.json" >>"$logf" 2>&1 & ;;
+        stickylb-alt) "${ALT:?--alt PATH names the binary of label stickylb-alt}" \
+            --config "$OUT/conf/stickylb-$group.json" >>"$logf" 2>&1 & ;;
         stickylb-nobudget) setpriv --reuid=65534 --regid=65534 --clear-groups \
             "$STICKYLB" --no-watch --config "$OUT/conf/stickylb-$group.json" >>"$logf" 2>&1 & ;;
         haproxy|haproxy-splice) haproxy -db -f "$OUT/conf/$label-$group.cfg" >>"$logf" 2>&1 & ;;

@@ -178,15 +178,17 @@ async fn fixed(
         0
     };
     loop {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            return stream.shutdown().await;
-        }
-        pending += n;
+        // First what came with the PROXY header (a request often arrives in the same segment),
+        // then each read.
         while pending >= request_size {
             let k = (pending / request_size).min(MAX_BATCH);
             stream.write_all(&batch[..k * reply_size]).await?;
             pending -= k * request_size;
         }
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return stream.shutdown().await;
+        }
+        pending += n;
     }
 }

@@ -176,7 +176,10 @@ fn wait_port(addr: SocketAddr, timeout: Duration) -> i32 {
 fn pipe_hog(uid: u32, hold: Duration) -> i32 {
     // SAFETY: setresuid changes this process's credentials; it never goes back.
     if unsafe { libc::setresuid(uid, uid, uid) } != 0 {
-        eprintln!("load pipe-hog: setresuid({uid}): {}", std::io::Error::last_os_error());
+        eprintln!(
+            "load pipe-hog: setresuid({uid}): {}",
+            std::io::Error::last_os_error()
+        );
         return 1;
     }
     let mut pipes: Vec<std::os::fd::OwnedFd> = Vec::new();

@@ -134,8 +134,10 @@ pub struct MachineSample {
     /// Everything but idle and iowait (steal included): how much of the machine was taken.
     busy: u64,
     total: u64,
-    /// user + nice + system + irq + softirq: the CPU time spent on this machine's own work
-    /// (guest time is inside user; steal, taken by the hypervisor for others, is not).
+    /// user + system + irq + softirq: the CPU time spent on this machine's own work at normal
+    /// priority (guest time is inside user; steal, taken by the hypervisor for others, is not).
+    /// Nice time is left out: everything measured runs at nice 0, and a background job at a
+    /// positive nice value (a build on a shared machine) is not the balancer's cost.
     work: u64,
 }
 
@@ -154,7 +156,7 @@ pub fn machine() -> MachineSample {
     MachineSample {
         busy: total.saturating_sub(idle),
         total,
-        work: at(0) + at(1) + at(2) + at(5) + at(6),
+        work: at(0) + at(2) + at(5) + at(6),
     }
 }
 
@@ -167,9 +169,9 @@ pub fn busy_fraction(a: MachineSample, b: MachineSample) -> f64 {
     b.busy.saturating_sub(a.busy) as f64 / total as f64
 }
 
-/// CPU seconds the whole machine spent working (user + nice + system + irq + softirq, all
-/// cores) between two samples: the balancer, the client, the backends, the kernel's softirq
-/// work wherever it ran, and anything else running on the machine.
+/// CPU seconds the whole machine spent working (user + system + irq + softirq, all cores)
+/// between two samples: the balancer, the client, the backends, the kernel's softirq work
+/// wherever it ran, and anything else running on the machine at normal priority.
 pub fn machine_cpu_s(a: MachineSample, b: MachineSample) -> f64 {
     // /proc/stat counts in USER_HZ, the same clock ticks as /proc/PID/stat.
     b.work.saturating_sub(a.work) as f64 / ticks_per_second()
