@@ -37,7 +37,7 @@ pub async fn connect(
     }
     // The kernel chose the source address and port inside connect(2).
     let held = match socket.local_addr()?.as_socket() {
-        Some(local) => own.hold(local),
+        Some(local) => own.hold(local, addr),
         None => own.hold_nothing(),
     };
     let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;

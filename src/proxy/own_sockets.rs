@@ -63,8 +63,12 @@ impl OwnSockets {
 
     /// Records `addr`, the local address of a new outgoing socket. False if its window was
     /// full (the socket then goes untracked).
+    #[cfg(test)]
     pub fn insert(&self, addr: SocketAddr) -> bool {
-        let key = key(addr);
+        self.insert_key(key(addr))
+    }
+
+    fn insert_key(&self, key: u64) -> bool {
         self.window(key).any(|slot| {
             slot.compare_exchange(0, key, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
@@ -72,8 +76,12 @@ impl OwnSockets {
     }
 
     /// Forgets one record of `addr` (the socket closed).
+    #[cfg(test)]
     pub fn remove(&self, addr: SocketAddr) {
-        let key = key(addr);
+        self.remove_key(key(addr));
+    }
+
+    fn remove_key(&self, key: u64) {
         self.window(key).any(|slot| {
             slot.compare_exchange(key, 0, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
@@ -83,15 +91,34 @@ impl OwnSockets {
     /// Whether `addr` is the local address of a live outgoing socket: a client connecting from
     /// it is stickylb itself.
     pub fn contains(&self, addr: SocketAddr) -> bool {
-        let key = key(addr);
+        self.contains_key(key(addr))
+    }
+
+    fn contains_key(&self, key: u64) -> bool {
         self.window(key)
             .any(|slot| slot.load(Ordering::Acquire) == key)
     }
 
-    /// Records `addr` until the returned guard is dropped.
-    pub fn hold(&self, addr: SocketAddr) -> Held<'_> {
-        let held = self.insert(addr).then_some((self, addr));
-        Held(held)
+    /// Whether a connection from `peer` to our `local` address is one of our own outgoing
+    /// connections: its source is one of ours *and* that socket connected to `local`.
+    /// `local` is read only when `peer` matches (rare): the source alone is not enough, since
+    /// Linux gives a new connection a local port that another connection from the same
+    /// address already uses when their destinations differ, so a client on this host may
+    /// connect from the very port of one of our connections to a target.
+    pub fn is_own_connection(
+        &self,
+        peer: SocketAddr,
+        local: impl FnOnce() -> Option<SocketAddr>,
+    ) -> bool {
+        self.contains(peer) && local().is_some_and(|local| self.contains_key(pair_key(peer, local)))
+    }
+
+    /// Records `local`, the local address of a new outgoing socket connecting to `remote`,
+    /// until the returned guard is dropped.
+    pub fn hold(&self, local: SocketAddr, remote: SocketAddr) -> Held<'_> {
+        let keys = [key(local), pair_key(local, remote)];
+        let taken = keys.map(|k| self.insert_key(k));
+        Held(Some((self, keys, taken)))
     }
 
     /// A guard that holds no record (a socket without an IP address).
@@ -105,16 +132,34 @@ impl OwnSockets {
     }
 }
 
-/// A record in [`OwnSockets`], removed on drop.
+/// A record in [`OwnSockets`] (the source, and the source with the destination), removed on
+/// drop.
 #[derive(Debug)]
-pub struct Held<'a>(Option<(&'a OwnSockets, SocketAddr)>);
+pub struct Held<'a>(Option<(&'a OwnSockets, [u64; 2], [bool; 2])>);
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        if let Some((set, addr)) = self.0 {
-            set.remove(addr);
+        if let Some((set, keys, taken)) = self.0 {
+            for (key, taken) in keys.into_iter().zip(taken) {
+                if taken {
+                    set.remove_key(key);
+                }
+            }
         }
     }
+}
+
+/// The key of a connection from `local` to `remote`: a 63-bit hash of both (tagged apart from
+/// the IPv4 keys of [`key`]). The unspecified address as a destination is this host's
+/// loopback address, where the kernel connects it.
+fn pair_key(local: SocketAddr, remote: SocketAddr) -> u64 {
+    let ip = match crate::addr::canonical_ip(remote.ip()) {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    let remote = key(SocketAddr::new(ip, remote.port()));
+    1 << 63 | mix(mix(key(local)) ^ remote) >> 1
 }
 
 /// A non-zero key for `addr`: exact for IPv4 (address and port side by side), a 63-bit hash
@@ -155,7 +200,7 @@ mod tests {
         let set = OwnSockets::new(100);
         let a = at("127.0.0.1:40000");
         assert!(!set.contains(a));
-        let held = set.hold(a);
+        let held = set.hold(a, at("127.0.0.1:9"));
         assert!(set.contains(a));
         assert!(
             set.contains(at("[::ffff:127.0.0.1]:40000")),
@@ -171,12 +216,41 @@ mod tests {
     fn the_same_address_twice_stays_until_both_close() {
         let set = OwnSockets::new(100);
         let a = at("[2001:db8::1]:5000");
-        let first = set.hold(a);
-        let second = set.hold(a);
+        let first = set.hold(a, at("[2001:db8::2]:80"));
+        let second = set.hold(a, at("[2001:db8::3]:80"));
         drop(first);
         assert!(set.contains(a));
         drop(second);
         assert!(!set.contains(a));
+    }
+
+    /// A client on this host may connect from the port one of our target connections uses
+    /// (Linux shares a local port between connections to different destinations): only a
+    /// connection to the listener from one of ours is our own.
+    #[test]
+    fn only_our_own_connection_to_the_listener_is_ours() {
+        let set = OwnSockets::new(100);
+        let listener = at("127.0.0.1:8080");
+        let port = at("127.0.0.1:40000");
+        let _to_target = set.hold(port, at("127.0.0.1:9000"));
+        assert!(set.contains(port));
+        assert!(
+            !set.is_own_connection(port, || Some(listener)),
+            "a client that shares the port of a target connection is a client"
+        );
+        let _looped = set.hold(port, listener);
+        assert!(set.is_own_connection(port, || Some(listener)));
+        assert!(
+            set.is_own_connection(at("[::ffff:127.0.0.1]:40000"), || Some(at(
+                "[::ffff:127.0.0.1]:8080"
+            )))
+        );
+        let unspecified = at("127.0.0.1:40001");
+        let _spelled = set.hold(unspecified, at("0.0.0.0:8080"));
+        assert!(
+            set.is_own_connection(unspecified, || Some(listener)),
+            "0.0.0.0 as a destination is loopback"
+        );
     }
 
     #[test]
