@@ -4,9 +4,13 @@
 //!
 //! The config already refuses a target that is the listener in any spelling (see
 //! `config/parse.rs`), but a loop can also go through something the config cannot see: a
-//! name that resolves differently later, a NAT rule that sends a remote address back to this
-//! machine. Each turn of such a loop is a new client connection whose peer address is the
-//! local address of the outgoing socket stickylb just opened. Without this set, every turn
+//! name that resolves to the listener later. Each turn of such a loop is a new client
+//! connection whose peer address is the local address of the outgoing socket stickylb just
+//! opened, and whose local address is where that socket connected. Both are matched: the
+//! source alone would also match real clients on this host, because Linux lets two connections
+//! from one address share a local port when their destinations differ. So a loop through
+//! destination NAT (where the socket connected to another address) is not recognised here and
+//! is bounded only by `maxConnections`. Without this set, every turn
 //! connects again, until `maxConnections` (thousands of connections from one client); with
 //! it, the first looped connection is refused (`connections_rejected_total{reason="loop"}`)
 //! and the loop costs one connection.
