@@ -65,13 +65,7 @@ impl OwnSockets {
         }
     }
 
-    /// Records `addr`, the local address of a new outgoing socket. False if its window was
-    /// full (the socket then goes untracked).
-    #[cfg(test)]
-    pub fn insert(&self, addr: SocketAddr) -> bool {
-        self.insert_key(key(addr))
-    }
-
+    /// Records `key`. False if its window was full (the socket then goes untracked).
     fn insert_key(&self, key: u64) -> bool {
         self.window(key).any(|slot| {
             slot.compare_exchange(0, key, Ordering::AcqRel, Ordering::Relaxed)
@@ -79,12 +73,7 @@ impl OwnSockets {
         })
     }
 
-    /// Forgets one record of `addr` (the socket closed).
-    #[cfg(test)]
-    pub fn remove(&self, addr: SocketAddr) {
-        self.remove_key(key(addr));
-    }
-
+    /// Forgets one record of `key` (its socket closed).
     fn remove_key(&self, key: u64) {
         self.window(key).any(|slot| {
             slot.compare_exchange(key, 0, Ordering::AcqRel, Ordering::Relaxed)
@@ -263,7 +252,7 @@ mod tests {
         let addrs: Vec<SocketAddr> = (0..1024u32)
             .map(|i| SocketAddr::new(IpAddr::V4((0x7f00_0001 + (i >> 8)).into()), 1 + i as u16))
             .collect();
-        let taken: Vec<bool> = addrs.iter().map(|&a| set.insert(a)).collect();
+        let taken: Vec<bool> = addrs.iter().map(|&a| set.insert_key(key(a))).collect();
         let kept = taken.iter().filter(|&&t| t).count();
         assert!(kept > 900, "a full table still takes most: {kept}");
         for (a, t) in addrs.iter().zip(&taken) {
@@ -271,7 +260,7 @@ mod tests {
         }
         for (a, t) in addrs.iter().zip(&taken) {
             if *t {
-                set.remove(*a);
+                set.remove_key(key(*a));
             }
         }
         assert!(set.slots.iter().all(|s| s.load(Ordering::Relaxed) == 0));

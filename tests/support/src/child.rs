@@ -178,18 +178,7 @@ impl Balancer {
 
     /// Waits (bounded) for a stderr line containing `needle`.
     pub fn wait_for_line(&self, needle: &str) -> String {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(line) = self.lines().into_iter().find(|l| l.contains(needle)) {
-                return line;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no stderr line with {needle:?}; saw:\n{}",
-                self.lines().join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.wait_for_any(&[needle])
     }
 
     /// Waits (bounded) for a stderr line containing any of `needles`; returns it.
