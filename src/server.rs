@@ -76,6 +76,8 @@ impl AcceptLoop {
         let listener = TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
         let fd = listener.as_raw_fd();
+        // Before the first accept: a target on this port could loop back (see `own_sockets`).
+        proxy.listening_on(addr.port());
         let (stop, stopped) = watch::channel(Stop::Run);
         let task = tokio::spawn(listener::accept_loop(listener, proxy, stopped));
         Ok(AcceptLoop {

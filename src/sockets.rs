@@ -90,9 +90,21 @@ pub fn inherit_to_accepted<S: std::os::fd::AsFd>(
 /// TCP_NODELAY, because a proxy must not add Nagle's delay to small writes its peers already
 /// decided to send; TCP keepalive with explicit times (see [`Keepalive`]), so that a peer that
 /// vanished is noticed and its connection freed in minutes rather than the kernel's hours.
+/// (A new target socket gets them one at a time, when they start to matter: see
+/// `proxy/relay.rs`.)
 pub fn tune(stream: &TcpStream, keepalive: Option<&Keepalive>) {
-    let _ = stream.set_nodelay(true);
+    nodelay(stream);
     let _ = set_keepalive(&SockRef::from(stream), keepalive);
+}
+
+/// TCP_NODELAY on `stream` (see [`tune`]). A failure (the peer is gone) leaves nothing to do.
+pub fn nodelay(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+}
+
+/// TCP keepalive with `keepalive`'s times on `stream` (see [`tune`]).
+pub fn keepalive(stream: &TcpStream, keepalive: &Keepalive) {
+    let _ = set_keepalive(&SockRef::from(stream), Some(keepalive));
 }
 
 fn set_keepalive(socket: &SockRef<'_>, keepalive: Option<&Keepalive>) -> io::Result<()> {

@@ -380,19 +380,24 @@ fn balancer_socket_with_peer(peer: SocketAddr) -> std::os::fd::OwnedFd {
     panic!("no socket with peer {peer}");
 }
 
+/// The keepalive and TCP_NODELAY settings of stickylb's two sockets of one connection: the
+/// client side at once (inherited from the listener), the target side after two messages
+/// went through (TCP_NODELAY comes before the second write to it) and, when `tcpKeepalive` is
+/// on, once the connection has lived a second (polled every 50 ms, for at most 10 s).
 async fn keepalive_on_both_sides(extra: serde_json::Value) -> [(bool, u64, u64, u32, bool); 2] {
+    let keepalive_on = extra.get("tcpKeepalive") != Some(&serde_json::json!(false));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = start(&[listener.local_addr().unwrap()], extra);
-    let client = connect_from(client_ip(50), server.local_addr())
+    let mut client = connect_from(client_ip(50), server.local_addr())
         .await
         .unwrap();
     let (mut upstream, seen_as) = listener.accept().await.unwrap();
-    // A byte through the relay: by then stickylb has set the target socket's options (the
-    // target's accept can complete before stickylb's connect() returns).
-    let mut client = client;
-    client.write_all(b"x").await.unwrap();
     let mut x = [0u8; 1];
-    upstream.read_exact(&mut x).await.unwrap();
+    for message in [b"x", b"y"] {
+        client.write_all(message).await.unwrap();
+        upstream.read_exact(&mut x).await.unwrap();
+        assert_eq!(&x, message);
+    }
     // The balancer's client-side socket has the client as its peer; its target-side socket has
     // the target's accepted socket's peer address as its own address, and the target as peer.
     let client_side = balancer_socket_with_peer(client.local_addr().unwrap());
@@ -404,17 +409,27 @@ async fn keepalive_on_both_sides(extra: serde_json::Value) -> [(bool, u64, u64, 
             .as_socket(),
         Some(seen_as)
     );
-    drop((client, upstream));
-    [
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while keepalive_on && !socket2::SockRef::from(&target_side).keepalive().unwrap() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the target socket got no keepalive within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let both = [
         keepalive_of(&socket2::SockRef::from(&client_side)),
         keepalive_of(&socket2::SockRef::from(&target_side)),
-    ]
+    ];
+    drop((client, upstream));
+    both
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_sides_get_tcp_keepalive_with_explicit_times_and_nodelay() {
     let defaults = keepalive_on_both_sides(serde_json::json!({})).await;
-    // The client side inherits all of it from the listener; the target side gets it at connect.
+    // The client side inherits all of it from the listener; the target side gets it from the
+    // relay.
     assert_eq!(defaults, [(true, 60, 10, 6, true); 2]);
     let set = keepalive_on_both_sides(
         serde_json::json!({"tcpKeepalive": {"idle": 30000, "interval": 5000, "count": 3}}),

@@ -101,6 +101,11 @@ impl Proxy {
         })
     }
 
+    /// Notes that a listener accepts clients on `port`, for the loop backstop.
+    pub(crate) fn listening_on(&self, port: u16) {
+        self.own.listening_on(port);
+    }
+
     /// The config new connections use now.
     pub fn config(&self) -> Arc<Config> {
         self.store.load().config.clone()
@@ -222,11 +227,16 @@ impl Proxy {
             accepted,
             proxied: config.access_log.then(Instant::now),
         };
+        let fresh = relay::Fresh {
+            keepalive: config.tcp_keepalive.as_ref(),
+            wrote: route.target().proxy_protocol.is_some(),
+        };
         let mut relay = relay::relay(
             &client,
             &server,
             config.zero_copy,
             config.idle_timeout,
+            fresh,
             &to_target,
             &to_client,
         );
@@ -274,6 +284,9 @@ impl Proxy {
         let server_guard = ResetOnDrop::new(&server);
         let generation = self.store.load_full();
         let config = &generation.config;
+        // The older process may have handed it over before its relay tuned the target socket
+        // (see `relay::Fresh`); setting the options again is harmless.
+        sockets::tune(&server, config.tcp_keepalive.as_ref());
         let _slot = match config.max_connections_per_client {
             0 => ClientSlot::none(),
             _ => {
@@ -474,8 +487,7 @@ impl Proxy {
                 Ok((server, held)) => {
                     route.state().connect_duration.record(attempt.elapsed());
                     // The client socket inherited TCP_NODELAY and SO_KEEPALIVE from the
-                    // listener; the target socket gets them here.
-                    sockets::tune(&server, config.tcp_keepalive.as_ref());
+                    // listener; the target socket gets them from the relay (`relay::Fresh`).
                     return Ok((server, held));
                 }
                 // Our own shortage (no fd for the socket, no local port): the target is not to

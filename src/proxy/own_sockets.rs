@@ -15,6 +15,11 @@
 //! it, the first looped connection is refused (`connections_rejected_total{reason="loop"}`)
 //! and the loop costs one connection.
 //!
+//! Only a connection to a port stickylb listens on can loop back into it this way (the looped
+//! connection arrives at the address the socket connected to), so only those are recorded:
+//! the listeners register their ports ([`OwnSockets::listening_on`]), and a connection to any
+//! other port (every target, normally) skips the getsockname(2) that reads its local address.
+//!
 //! A socket's local address is known as soon as connect(2) has started (the kernel picks the
 //! source address and port before it sends the SYN), so it is recorded before the handshake can
 //! complete, and a looped connection cannot be accepted and checked before its address is in
@@ -29,10 +34,13 @@
 
 use std::alloc::{alloc_zeroed, handle_alloc_error, Layout};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 
 /// Slots searched from an address's hash.
 const WINDOW: usize = 16;
+
+/// Listening ports remembered; past that many, every connection is recorded.
+const PORTS: usize = 8;
 
 /// The local addresses of live outgoing connections to targets (a multiset: two sockets to
 /// two different targets may share a local address and port).
@@ -40,6 +48,12 @@ const WINDOW: usize = 16;
 pub struct OwnSockets {
     slots: Box<[AtomicU64]>,
     mask: usize,
+    /// The ports this process listens on or has listened on (0: a free slot). A reload that
+    /// moves the listener adds its new port; the old one stays (its last accepted clients may
+    /// still be served), which costs only a getsockname per connection to that port.
+    ports: [AtomicU16; PORTS],
+    /// More listening ports than [`PORTS`]: every connection is recorded.
+    all_ports: AtomicBool,
 }
 
 impl OwnSockets {
@@ -62,7 +76,34 @@ impl OwnSockets {
         OwnSockets {
             slots,
             mask: len - 1,
+            ports: Default::default(),
+            all_ports: AtomicBool::new(false),
         }
+    }
+
+    /// Notes that a listener accepts clients on `port`: connections to that port may be loops.
+    pub fn listening_on(&self, port: u16) {
+        if port == 0 || self.ports.iter().any(|p| p.load(Ordering::Acquire) == port) {
+            return;
+        }
+        let stored = self.ports.iter().any(|p| {
+            // Stored here, or another thread stored the same port here first.
+            match p.compare_exchange(0, port, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => true,
+                Err(there) => there == port,
+            }
+        });
+        if !stored {
+            self.all_ports.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether a connection to `remote` could lead back into a listener of ours, so that its
+    /// local address must be recorded (see the module comment).
+    pub fn may_loop(&self, remote: SocketAddr) -> bool {
+        let port = remote.port();
+        self.all_ports.load(Ordering::Acquire)
+            || self.ports.iter().any(|p| p.load(Ordering::Acquire) == port)
     }
 
     /// Records `key`. False if its window was full (the socket then goes untracked).
@@ -243,6 +284,27 @@ mod tests {
         assert!(
             set.is_own_connection(unspecified, || Some(listener)),
             "0.0.0.0 as a destination is loopback"
+        );
+    }
+
+    #[test]
+    fn only_connections_to_a_listening_port_may_loop() {
+        let set = OwnSockets::new(100);
+        assert!(!set.may_loop(at("127.0.0.1:8080")), "nothing listens yet");
+        set.listening_on(8080);
+        set.listening_on(8080);
+        assert!(set.may_loop(at("127.0.0.1:8080")));
+        assert!(set.may_loop(at("[::1]:8080")));
+        assert!(
+            !set.may_loop(at("127.0.0.1:9000")),
+            "a target on another port"
+        );
+        for port in 1..=PORTS as u16 {
+            set.listening_on(9000 + port);
+        }
+        assert!(
+            set.may_loop(at("127.0.0.1:1")),
+            "past {PORTS} listening ports, every connection is recorded"
         );
     }
 

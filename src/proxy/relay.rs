@@ -19,6 +19,13 @@
 //!   (unless `zeroCopy` is false), switching per direction as the traffic changes; it keeps
 //!   copying if the kernel refuses splice for these sockets, no fd is left for a pipe, or the
 //!   pipe it gets is smaller than the copy buffer (the per-user pipe budget is spent).
+//! - The target socket is tuned as late as it can be without changing what happens on the
+//!   wire, so that a short connection does not pay for options it never needs (see [`Fresh`]):
+//!   TCP_NODELAY before the second write to it (Nagle's algorithm holds back only a small
+//!   segment sent while an earlier one is unacknowledged, so the first write leaves at once
+//!   either way), and `tcpKeepalive` once the connection has lived [`KEEPALIVE_AFTER`]
+//!   (keepalive probes only a connection idle for `idle`, at least a second). The client socket
+//!   inherits both from the listener.
 
 use std::future::Future;
 use std::io;
@@ -37,6 +44,11 @@ use super::cut::{Cut, How, Side};
 #[cfg(target_os = "linux")]
 use super::splice;
 use crate::handover;
+use crate::sockets::{self, Keepalive};
+
+/// How long a connection lives before its target socket gets `tcpKeepalive` (see the module
+/// comment): the first probe then leaves at most this much later than `idle` says.
+pub(crate) const KEEPALIVE_AFTER: Duration = Duration::from_secs(1);
 
 /// After one direction failed, how long the other may take to deliver what it already
 /// received before both sides are reset. Bounded, because its reader may never read.
@@ -86,23 +98,41 @@ pub(crate) enum Ended {
     Idle,
 }
 
+/// A target socket fresh from connect(2), with neither TCP_NODELAY nor keepalive set: the relay
+/// sets them when they start to matter (see the module comment).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fresh<'a> {
+    /// `tcpKeepalive`, to set after [`KEEPALIVE_AFTER`] (`None`: off, as a new socket is).
+    pub keepalive: Option<&'a Keepalive>,
+    /// Bytes were written to the socket already (a PROXY header): the relay's first write is
+    /// a second one.
+    pub wrote: bool,
+}
+
 /// Relays `client` ⇄ `server` until both directions have ended cleanly, a cut, or (with
-/// `idle` set) no byte moved either way for that long.
+/// `idle` set) no byte moved either way for that long. `server` is [`Fresh`].
 pub(crate) fn relay<'a>(
     client: &'a TcpStream,
     server: &'a TcpStream,
     zero_copy: bool,
     idle: Option<Duration>,
+    fresh: Fresh<'a>,
     to_server: &'a Meter<'a>,
     to_client: &'a Meter<'a>,
 ) -> Relay<'a> {
-    let (up, down) = (Direction::new(zero_copy), Direction::new(zero_copy));
-    resume(client, server, [up, down], idle, None, to_server, to_client)
+    let mut up = Direction::new(zero_copy);
+    up.nodelay = NoDelay::Unset { wrote: fresh.wrote };
+    let down = Direction::new(zero_copy);
+    let mut relay = resume(client, server, [up, down], idle, None, to_server, to_client);
+    relay.keepalive = fresh
+        .keepalive
+        .map(|keepalive| (Box::pin(tokio::time::sleep(KEEPALIVE_AFTER)), keepalive));
+    relay
 }
 
 /// The relay of a connection that an older process had relayed (see [`Direction::resume`]):
 /// its directions as they were, and the time since a byte last moved (`quiet`), so the idle
-/// timeout goes on counting where it was.
+/// timeout goes on counting where it was. Its target socket is tuned already.
 pub(crate) fn resume<'a>(
     client: &'a TcpStream,
     server: &'a TcpStream,
@@ -121,6 +151,7 @@ pub(crate) fn resume<'a>(
         to_server,
         to_client,
         idle: idle.map(|idle| IdleWatch::new(idle, moved, quiet.unwrap_or_default())),
+        keepalive: None,
         failed: None,
     }
 }
@@ -141,6 +172,10 @@ pub(crate) struct Relay<'a> {
     to_server: &'a Meter<'a>,
     to_client: &'a Meter<'a>,
     idle: Option<IdleWatch>,
+    /// `tcpKeepalive` for the target socket and when to set it, until it is set (see
+    /// [`Fresh`]). The timer is boxed so that `Relay` stays `Unpin` and small, and freed once
+    /// it fired.
+    keepalive: Option<(Pin<Box<tokio::time::Sleep>>, &'a Keepalive)>,
     /// Set once a direction failed: the cut to report once the other one has delivered what
     /// it holds.
     failed: Option<Failed>,
@@ -203,6 +238,12 @@ impl Future for Relay<'_> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Ended, Cut>> {
         // Every field is Unpin (the timers are boxed).
         let this = self.get_mut();
+        if let Some((timer, keepalive)) = &mut this.keepalive {
+            if timer.as_mut().poll(cx).is_ready() {
+                sockets::keepalive(this.server, keepalive);
+                this.keepalive = None;
+            }
+        }
         if this.failed.is_none() {
             let down_ended = this.down.ended;
             if !this.up.ended {
@@ -331,6 +372,18 @@ pub(crate) struct Direction {
     written: usize,
     /// The source sent FIN and it was passed on (or did not need to be).
     ended: bool,
+    /// Whether the destination has TCP_NODELAY yet.
+    nodelay: NoDelay,
+}
+
+/// TCP_NODELAY on a direction's destination (see the module comment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoDelay {
+    Set,
+    /// Not yet; `wrote`: a write went out already, so the next one needs it.
+    Unset {
+        wrote: bool,
+    },
 }
 
 impl Direction {
@@ -344,6 +397,7 @@ impl Direction {
             chunk: 0,
             written: 0,
             ended: false,
+            nodelay: NoDelay::Set,
         }
     }
 
@@ -495,6 +549,14 @@ impl Direction {
         meter: &Meter<'_>,
     ) -> Poll<Result<(), Fault>> {
         ready!(dst.poll_write_ready(cx)).map_err(Fault::write)?;
+        match self.nodelay {
+            NoDelay::Set => {}
+            NoDelay::Unset { wrote: false } => self.nodelay = NoDelay::Unset { wrote: true },
+            NoDelay::Unset { wrote: true } => {
+                sockets::nodelay(dst);
+                self.nodelay = NoDelay::Set;
+            }
+        }
         let left = self.chunk - self.written;
         #[cfg(target_os = "linux")]
         if self.mode == Mode::Splice {
@@ -796,7 +858,20 @@ mod tests {
         // Like the handler, close both sockets when the relay ends (the last FIN comes with the
         // close when the other direction had already ended).
         let relay = async {
-            let ended = relay(&client, &server, true, Some(IDLE), &to_server, &to_client).await;
+            let fresh = Fresh {
+                keepalive: None,
+                wrote: false,
+            };
+            let ended = relay(
+                &client,
+                &server,
+                true,
+                Some(IDLE),
+                fresh,
+                &to_server,
+                &to_client,
+            );
+            let ended = ended.await;
             drop((client, server));
             ended
         };
@@ -837,5 +912,110 @@ mod tests {
         );
         assert_eq!(to_client.bytes() as usize, LEN);
         source.await.unwrap();
+    }
+
+    fn nodelay_of(stream: &TcpStream) -> bool {
+        socket2::SockRef::from(stream).tcp_nodelay().unwrap()
+    }
+
+    /// A small message through the relay, up (client to target), read on the far side.
+    async fn up(client_far: &mut TcpStream, target_far: &mut TcpStream, message: &[u8]) {
+        client_far.write_all(message).await.unwrap();
+        let mut got = vec![0u8; message.len()];
+        target_far.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, message);
+    }
+
+    /// The target socket gets TCP_NODELAY before its second write, not at connect: the first
+    /// write leaves at once without it (Nagle holds back only a segment sent while another is
+    /// unacknowledged), so a one-request connection saves the setsockopt(2). After a PROXY
+    /// header, the relay's first write is the second.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_target_socket_gets_nodelay_before_its_second_write() {
+        for header_sent in [false, true] {
+            let (client, mut client_far) = pair(None).await;
+            let (server, mut target_far) = pair(None).await;
+            assert!(!nodelay_of(&server), "a fresh socket has Nagle on");
+            let (total_up, total_down) = (AtomicU64::new(0), AtomicU64::new(0));
+            let (to_server, to_client) = (Meter::new(&total_up), Meter::new(&total_down));
+            let fresh = Fresh {
+                keepalive: None,
+                wrote: header_sent,
+            };
+            let relay = relay(&client, &server, true, None, fresh, &to_server, &to_client);
+            let checks = async {
+                up(&mut client_far, &mut target_far, b"first").await;
+                let after_first = nodelay_of(&server);
+                up(&mut client_far, &mut target_far, b"second").await;
+                let after_second = nodelay_of(&server);
+                drop((client_far, target_far));
+                (after_first, after_second)
+            };
+            let (_, (after_first, after_second)) =
+                tokio::time::timeout(Duration::from_secs(20), async {
+                    tokio::join!(relay, checks)
+                })
+                .await
+                .expect("two messages go through");
+            assert_eq!(
+                after_first, header_sent,
+                "after the first write (header sent: {header_sent})"
+            );
+            assert!(after_second, "the second write found TCP_NODELAY set");
+        }
+    }
+
+    /// `tcpKeepalive` reaches the target socket once the connection has lived
+    /// [`KEEPALIVE_AFTER`], not before (a short connection never needs it), with its times.
+    #[tokio::test(start_paused = true)]
+    async fn the_target_socket_gets_keepalive_once_the_connection_lived_a_second() {
+        let (client, _client_far) = pair(None).await;
+        let (server, _target_far) = pair(None).await;
+        let keepalive = Keepalive {
+            idle: Duration::from_secs(30),
+            interval: Duration::from_secs(5),
+            count: 3,
+        };
+        let (total_up, total_down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let (to_server, to_client) = (Meter::new(&total_up), Meter::new(&total_down));
+        let fresh = Fresh {
+            keepalive: Some(&keepalive),
+            wrote: false,
+        };
+        let mut relay = relay(&client, &server, true, None, fresh, &to_server, &to_client);
+        async fn poll_once(relay: &mut Relay<'_>) {
+            std::future::poll_fn(|cx| {
+                assert!(
+                    Pin::new(&mut *relay).poll(cx).is_pending(),
+                    "the relay runs on"
+                );
+                Poll::Ready(())
+            })
+            .await
+        }
+        let keepalive_of = |stream: &TcpStream| {
+            let socket = socket2::SockRef::from(stream);
+            let on = socket.keepalive().unwrap();
+            let times = (
+                socket.tcp_keepalive_time().unwrap(),
+                socket.tcp_keepalive_interval().unwrap(),
+                socket.tcp_keepalive_retries().unwrap(),
+            );
+            (on, times)
+        };
+        poll_once(&mut relay).await;
+        assert!(!keepalive_of(&server).0, "not at once");
+        tokio::time::advance(KEEPALIVE_AFTER - Duration::from_millis(1)).await;
+        poll_once(&mut relay).await;
+        assert!(!keepalive_of(&server).0, "not before {KEEPALIVE_AFTER:?}");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        poll_once(&mut relay).await;
+        let times = (keepalive.idle, keepalive.interval, keepalive.count);
+        assert_eq!(keepalive_of(&server), (true, times));
+        assert!(relay.keepalive.is_none(), "its timer is freed");
+        assert!(
+            !keepalive_of(&client).0,
+            "the client socket is not the relay's to tune"
+        );
     }
 }
