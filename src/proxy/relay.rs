@@ -374,6 +374,10 @@ pub(crate) struct Direction {
     ended: bool,
     /// Whether the destination has TCP_NODELAY yet.
     nodelay: NoDelay,
+    /// Splices in a row that moved a whole [`splice::PIPE_SIZE`] from the source (saturating):
+    /// from [`splice::GROW_AFTER`] on, this is a sustained bulk transfer, whose pipe grows.
+    #[cfg(target_os = "linux")]
+    full_fills: u8,
 }
 
 /// TCP_NODELAY on a direction's destination (see the module comment).
@@ -398,6 +402,8 @@ impl Direction {
             written: 0,
             ended: false,
             nodelay: NoDelay::Set,
+            #[cfg(target_os = "linux")]
+            full_fills: 0,
         }
     }
 
@@ -493,8 +499,9 @@ impl Direction {
         };
         #[cfg(target_os = "linux")]
         if self.mode == Mode::Splice {
+            let bulk = self.full_fills >= splice::GROW_AFTER;
             if self.pipe.is_none() {
-                match splice::take_pipe() {
+                match splice::take_pipe(bulk) {
                     Ok(pipe) => self.pipe = Some(pipe),
                     // Out of file descriptors, or past the per-user pipe budget (the kernel
                     // gives a pipe smaller than the copy buffer): this direction copies in
@@ -512,7 +519,10 @@ impl Direction {
             // The pipe is empty (we only fill an empty pipe), so EAGAIN here means the socket
             // has no data: try_io clears the read readiness.
             return match io(&mut || splice::splice(fd, pipe_fd, capacity)) {
-                Ok(n) => Ok(Some(n)),
+                Ok(n) => {
+                    self.filled(n);
+                    Ok(Some(n))
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
                 Err(e) if splice::is_unsupported(&e) => {
                     self.release();
@@ -537,6 +547,25 @@ impl Direction {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => Ok(Some(short)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(e),
+        }
+    }
+
+    /// A splice from the source moved `n` bytes into the pipe: counts the full ones in a row,
+    /// and grows the pipe of a sustained bulk transfer (see `splice.rs`).
+    #[cfg(target_os = "linux")]
+    fn filled(&mut self, n: usize) {
+        if n < splice::PIPE_SIZE {
+            self.full_fills = 0;
+            return;
+        }
+        self.full_fills = self.full_fills.saturating_add(1);
+        if self.full_fills >= splice::GROW_AFTER {
+            if let Some(pipe) = self.pipe.as_mut().filter(|p| !p.is_big()) {
+                if !pipe.grow() {
+                    // None to be had now: asked again after the next GROW_AFTER full ones.
+                    self.full_fills = 0;
+                }
+            }
         }
     }
 
@@ -1017,5 +1046,34 @@ mod tests {
             !keepalive_of(&client).0,
             "the client socket is not the relay's to tune"
         );
+    }
+
+    /// A direction whose splices keep filling a whole pipe grows it after GROW_AFTER of them
+    /// in a row; one short splice in between starts the count again.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_sustained_bulk_transfer_grows_its_pipe() {
+        let _one = splice::ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut direction = Direction::new(true);
+        direction.mode = Mode::Splice;
+        direction.pipe = Some(splice::take_pipe(false).unwrap());
+        let big = |d: &Direction| d.pipe.as_ref().is_some_and(|p| p.is_big());
+        for _ in 1..splice::GROW_AFTER {
+            direction.filled(splice::PIPE_SIZE);
+        }
+        direction.filled(splice::PIPE_SIZE - 1);
+        direction.filled(splice::PIPE_SIZE);
+        assert!(!big(&direction), "not after a short one");
+        for _ in 1..splice::GROW_AFTER {
+            direction.filled(splice::PIPE_SIZE);
+        }
+        assert!(
+            big(&direction),
+            "grown after {} full ones",
+            splice::GROW_AFTER
+        );
+        direction.release();
     }
 }

@@ -23,11 +23,20 @@
 //! idle or not. Past it the kernel gives 2-page pipes, which would splice 8 KiB at a time: such
 //! a pipe is refused ([`is_shortage`]) and that direction copies in userspace instead, and the
 //! pools together never hold more than a quarter of the budget.
+//!
+//! A direction that keeps filling its pipe (a sustained bulk transfer, [`GROW_AFTER`] full
+//! pipes in a row) grows it to [`BIG_PIPE_SIZE`]: fewer splice calls and wake-ups per byte. Big
+//! pipes are few ([`max_big`]: a quarter of the budget again, at most [`MAX_BIG`]), so short
+//! transfers and the many connections of a busy balancer keep the budget they need, and a
+//! direction that finds none left simply stays at [`PIPE_SIZE`].
 
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// Pipes kept per worker thread among the big ones (they count in [`max_pooled`] too).
+const BIG_POOL_PER_THREAD: usize = 2;
 use std::sync::OnceLock;
 
 /// Pipes kept per worker thread. Beyond it (or beyond [`max_pooled`] for all threads), returned
@@ -53,7 +62,24 @@ pub const SMALL: usize = 4096;
 /// docs/benchmarks.md, row "256 KiB pipes"). Larger pipes help one stream a little more, but
 /// they spend the per-user pipe budget (`fs.pipe-user-pages-soft`) faster: past it an
 /// unprivileged process gets 2-page pipes. The pages are allocated only as the pipe fills.
-const PIPE_SIZE: usize = 256 * 1024;
+pub(super) const PIPE_SIZE: usize = 256 * 1024;
+
+/// The capacity a sustained bulk transfer's pipe grows to (Linux's default `fs.pipe-max-size`,
+/// the most an unprivileged process may ask for): a quarter of the splice calls of a
+/// [`PIPE_SIZE`] pipe again, and fewer wake-ups, for one busy stream (figures in
+/// docs/benchmarks.md, "Big pipes for sustained bulk").
+const BIG_PIPE_SIZE: usize = 1024 * 1024;
+
+/// Consecutive splices of at least [`PIPE_SIZE`] from a socket after which its direction's
+/// pipe grows: 1 MiB moved with a full pipe each time, which a request/reply exchange never
+/// does.
+pub(super) const GROW_AFTER: u8 = 4;
+
+/// The most big pipes alive at once (in use or pooled), whatever the budget.
+const MAX_BIG: usize = 16;
+
+/// Big pipes alive now (see [`Pipe::grow`]); a big pipe leaves the count when it is closed.
+static BIG_LIVE: AtomicUsize = AtomicUsize::new(0);
 
 /// A non-blocking pipe: `write` end filled from one socket, `read` end drained into the other.
 #[derive(Debug)]
@@ -79,6 +105,45 @@ impl Pipe {
         self.capacity
     }
 
+    /// Whether the pipe grew past [`PIPE_SIZE`] (see [`Pipe::grow`]).
+    pub(super) fn is_big(&self) -> bool {
+        self.capacity > PIPE_SIZE
+    }
+
+    /// Grows the pipe to [`BIG_PIPE_SIZE`], keeping what it holds, if fewer than [`max_big`]
+    /// big pipes are alive and the kernel allows it (not past the per-user budget). False
+    /// otherwise: the pipe stays as it was.
+    pub(super) fn grow(&mut self) -> bool {
+        if self.is_big() {
+            return false;
+        }
+        let max = max_big();
+        let reserved = BIG_LIVE.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        });
+        if reserved.is_err() {
+            return false;
+        }
+        // SAFETY: F_SETPIPE_SZ on a pipe fd we own; on failure the pipe is unchanged.
+        let size = unsafe {
+            libc::fcntl(
+                self.write.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                BIG_PIPE_SIZE as i32,
+            )
+        };
+        match usize::try_from(size) {
+            Ok(size) if size > PIPE_SIZE => {
+                self.capacity = size;
+                true
+            }
+            _ => {
+                BIG_LIVE.fetch_sub(1, Ordering::AcqRel);
+                false
+            }
+        }
+    }
+
     /// A pipe an older process filled and handed over (an upgrade): its two ends, checked to
     /// be the two ends of one pipe (the same inode), made non-blocking.
     pub(super) fn resume(read: OwnedFd, write: OwnedFd) -> Result<Pipe, String> {
@@ -102,11 +167,16 @@ impl Pipe {
         }
         // SAFETY: F_GETPIPE_SZ on a pipe we own.
         let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
-        Ok(Pipe {
+        let pipe = Pipe {
             read,
             write,
             capacity: usize::try_from(size).unwrap_or(0),
-        })
+        };
+        if pipe.is_big() {
+            // Counted whatever the limit (its drop will uncount it): it exists already.
+            BIG_LIVE.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(pipe)
     }
 
     /// Bytes in the pipe now (`FIONREAD`).
@@ -155,6 +225,20 @@ impl Pipe {
     }
 }
 
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        if self.is_big() {
+            BIG_LIVE.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Big pipes alive now, in use or pooled.
+#[cfg(test)]
+fn big_pipes() -> usize {
+    BIG_LIVE.load(Ordering::Acquire)
+}
+
 /// The error text of a pipe refused for its size.
 const BUDGET_SPENT: &str = "pipe smaller than the copy buffer (per-user pipe budget spent)";
 
@@ -186,13 +270,27 @@ pub(super) fn is_shortage(e: &io::Error) -> bool {
 /// once; without it (or with 0, no limit), Linux's default is assumed.
 fn max_pooled() -> usize {
     static MAX: OnceLock<usize> = OnceLock::new();
-    *MAX.get_or_init(|| {
+    *MAX.get_or_init(|| (budget_bytes() / PIPE_SIZE / 4).clamp(1, MAX_POOLED))
+}
+
+/// Big pipes alive at once: a quarter of the per-user pipe budget, at most [`MAX_BIG`] (and
+/// none if the budget is that small).
+fn max_big() -> usize {
+    static MAX: OnceLock<usize> = OnceLock::new();
+    *MAX.get_or_init(|| (budget_bytes() / BIG_PIPE_SIZE / 4).min(MAX_BIG))
+}
+
+/// The per-user pipe budget in bytes (`fs.pipe-user-pages-soft`), read once; without it (or
+/// with 0, no limit), Linux's default is assumed.
+fn budget_bytes() -> usize {
+    static BYTES: OnceLock<usize> = OnceLock::new();
+    *BYTES.get_or_init(|| {
         let pages = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
             .ok()
             .and_then(|s| s.trim().parse::<usize>().ok())
             .filter(|&p| p > 0)
             .unwrap_or(16_384);
-        (pages * 4096 / PIPE_SIZE / 4).clamp(1, MAX_POOLED)
+        pages.saturating_mul(4096)
     })
 }
 
@@ -204,11 +302,20 @@ static POOLED: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
     static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+    static BIG_POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A pipe from this thread's pool, or a new one.
-pub(super) fn take_pipe() -> io::Result<Pipe> {
-    match POOL.with(|pool| pool.borrow_mut().pop()) {
+/// A pipe from this thread's pool, or a new one. `bulk`: for a sustained bulk transfer, which
+/// takes a big pipe from the pool when there is one.
+pub(super) fn take_pipe(bulk: bool) -> io::Result<Pipe> {
+    let pooled = |pool: &'static std::thread::LocalKey<RefCell<Vec<Pipe>>>| {
+        pool.with(|pool| pool.borrow_mut().pop())
+    };
+    let pipe = match bulk {
+        true => pooled(&BIG_POOL).or_else(|| pooled(&POOL)),
+        false => pooled(&POOL),
+    };
+    match pipe {
         Some(pipe) => {
             POOLED.fetch_sub(1, Ordering::Relaxed);
             Ok(pipe)
@@ -217,12 +324,16 @@ pub(super) fn take_pipe() -> io::Result<Pipe> {
     }
 }
 
-/// Returns an empty pipe to this thread's pool (closes it when the pool, or the pools of all
-/// threads together, are full).
+/// Returns an empty pipe to this thread's pool for its size (closes it when that pool, or the
+/// pools of all threads together, are full).
 pub(super) fn give_back(pipe: Pipe) {
-    POOL.with(|pool| {
+    let (pool, per_thread) = match pipe.is_big() {
+        true => (&BIG_POOL, BIG_POOL_PER_THREAD),
+        false => (&POOL, POOL_PER_THREAD),
+    };
+    pool.with(|pool| {
         let mut pool = pool.borrow_mut();
-        if pool.len() < POOL_PER_THREAD && POOLED.load(Ordering::Relaxed) < max_pooled() {
+        if pool.len() < per_thread && POOLED.load(Ordering::Relaxed) < max_pooled() {
             POOLED.fetch_add(1, Ordering::Relaxed);
             pool.push(pipe);
         }
@@ -263,6 +374,10 @@ pub(super) fn is_unsupported(e: &io::Error) -> bool {
     )
 }
 
+/// The tests that grow pipes or count the big ones (here and in `relay.rs`) run one at a time.
+#[cfg(test)]
+pub(super) static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,11 +393,11 @@ mod tests {
 
     #[test]
     fn pooled_pipes_are_reused_on_the_same_thread() {
-        let p = take_pipe().unwrap();
+        let p = take_pipe(false).unwrap();
         let pipe = inode(p.read_fd());
         give_back(p);
         assert_eq!(POOL.with(|pool| pool.borrow().len()), 1, "kept, not closed");
-        let q = take_pipe().unwrap();
+        let q = take_pipe(false).unwrap();
         assert_eq!(inode(q.read_fd()), pipe, "the same pipe came back");
         // SAFETY: F_GETPIPE_SZ on a pipe fd we own.
         let size = unsafe { libc::fcntl(q.write_fd(), libc::F_GETPIPE_SZ) };
@@ -291,5 +406,62 @@ mod tests {
             size as usize,
             "capacity is what the kernel gave"
         );
+    }
+
+    /// A pipe grows with its bytes in it, counts as big until it is closed, and goes back to
+    /// the big pool, where only a bulk transfer takes it.
+    #[test]
+    fn a_grown_pipe_keeps_its_bytes_and_is_pooled_apart() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let mut p = take_pipe(false).unwrap();
+        assert!(!p.is_big());
+        // SAFETY: writes 5 bytes from a valid buffer into a pipe we own.
+        let wrote = unsafe { libc::write(p.write_fd(), b"hello".as_ptr().cast(), 5) };
+        assert_eq!(wrote, 5);
+        let before = big_pipes();
+        assert!(
+            p.grow(),
+            "a big pipe is allowed (budget {})",
+            budget_bytes()
+        );
+        assert!(p.is_big());
+        assert_eq!(p.capacity(), BIG_PIPE_SIZE);
+        assert_eq!(big_pipes(), before + 1);
+        assert!(!p.grow(), "grows once");
+        assert_eq!(p.held().unwrap(), 5, "its bytes stayed");
+        let mut buf = [0u8; 5];
+        // SAFETY: reads into a valid 5-byte buffer from a pipe we own.
+        let read = unsafe { libc::read(p.read_fd(), buf.as_mut_ptr().cast(), 5) };
+        assert_eq!((read, &buf), (5, b"hello"));
+        let big = inode(p.read_fd());
+        give_back(p);
+        assert_eq!(big_pipes(), before + 1, "pooled, still alive");
+        let small = take_pipe(false).unwrap();
+        assert_ne!(
+            inode(small.read_fd()),
+            big,
+            "a short transfer gets no big pipe"
+        );
+        let q = take_pipe(true).unwrap();
+        assert_eq!(inode(q.read_fd()), big, "a bulk transfer gets it back");
+        drop(q);
+        assert_eq!(big_pipes(), before, "closed, uncounted");
+    }
+
+    /// No more big pipes than the limit, and a pipe refused a size stays as it was.
+    #[test]
+    fn big_pipes_are_limited() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pipes: Vec<Pipe> = (0..max_big() + 1).map(|_| Pipe::new().unwrap()).collect();
+        let grown = pipes.iter_mut().map(|p| p.grow()).filter(|&g| g).count();
+        // Other tests of this process may hold a big pipe at the same time.
+        assert!(grown <= max_big(), "{grown} grown, limit {}", max_big());
+        assert!(big_pipes() <= max_big() + 1);
+        let refused = pipes.iter().filter(|p| !p.is_big()).count();
+        assert!(refused >= 1, "the one past the limit stays small");
+        assert!(pipes
+            .iter()
+            .filter(|p| !p.is_big())
+            .all(|p| p.capacity() == PIPE_SIZE));
     }
 }
