@@ -49,6 +49,10 @@
 //! The public surface is what the binary, the tests and the benches use: the modules linked
 //! above and the re-exports below. Everything else is private to the crate.
 
+// These docs are for the crate's own developers (`cargo doc --document-private-items`): a public
+// item's comment may point at the private code behind it.
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod admin;
 pub mod balance;
 pub mod cli;

@@ -94,14 +94,15 @@ impl Sessions {
         self.len.load(Ordering::Relaxed)
     }
 
-    /// Removes sessions that have expired: no open connection and the last one closed at
-    /// least `expiry_ms` ago. Locks one shard at a time. Returns how many were removed.
+    /// [`Sessions::sweep_timed`], returning how many were removed.
     #[cfg(test)]
     pub fn sweep(&self, now_ms: u64, expiry_ms: u64) -> usize {
         self.sweep_timed(now_ms, expiry_ms).removed
     }
 
-    /// Sweeps as [`Sessions::sweep`] does, also measuring the longest time one shard was held.
+    /// Removes sessions that have expired: no open connection and the last one closed at
+    /// least `expiry_ms` ago. Locks one shard at a time, and measures the longest time one
+    /// shard was held.
     pub fn sweep_timed(&self, now_ms: u64, expiry_ms: u64) -> Swept {
         let mut removed = 0;
         let mut longest_hold = std::time::Duration::ZERO;
