@@ -304,11 +304,11 @@ impl Reloader {
     /// inside a tokio runtime.
     pub fn watch(self: &Arc<Self>) -> notify::Result<notify::RecommendedWatcher> {
         let (events, mut rx) = mpsc::channel::<()>(64);
-        let path = self.path.clone();
+        let mut chain = Chain::of(self.path.clone());
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 // A full channel already holds a wake-up: drop this one.
-                if event.is_ok_and(|event| concerns(&path, &event)) {
+                if event.is_ok_and(|event| chain.concerns(&event)) {
                     let _ = events.try_send(());
                 }
             })?;
@@ -327,22 +327,37 @@ impl Reloader {
     }
 }
 
-/// Whether a directory event may have changed what `path` reads: a change of the right kind
-/// (see [`is_change`]) to the file's own name or a name its symlinks go through (see
-/// [`chain_names`]). A lost-events notice (the kernel's queue overflowed) always counts.
-fn concerns(path: &Path, event: &notify::Event) -> bool {
-    if event.need_rescan() {
-        return true;
+/// The config file's name and the names its symlinks go through (see [`chain_names`]), as they
+/// were after the last event that concerned them: the chain can only change through an event
+/// on one of its own names (the file replaced, a link on it renamed or re-pointed), so an
+/// event on any other file of the directory is dismissed without reading a link.
+struct Chain {
+    path: PathBuf,
+    names: Vec<OsString>,
+}
+
+impl Chain {
+    fn of(path: PathBuf) -> Chain {
+        let names = chain_names(&path);
+        Chain { path, names }
     }
-    if !is_change(&event.kind) {
-        return false;
+
+    /// Whether a directory event may have changed what the file reads: a change of the right
+    /// kind (see [`is_change`]) to one of the chain's names, or a lost-events notice (the
+    /// kernel's queue overflowed). Such an event reads the chain again.
+    fn concerns(&mut self, event: &notify::Event) -> bool {
+        let concerns = event.need_rescan()
+            || (is_change(&event.kind)
+                && event
+                    .paths
+                    .iter()
+                    .filter_map(|p| p.file_name())
+                    .any(|name| self.names.iter().any(|n| n == name)));
+        if concerns {
+            self.names = chain_names(&self.path);
+        }
+        concerns
     }
-    let names = chain_names(path);
-    event
-        .paths
-        .iter()
-        .filter_map(|p| p.file_name())
-        .any(|name| names.iter().any(|n| n == name))
 }
 
 /// A file created, written (a write or the close after writing), renamed or removed. Not an
@@ -560,8 +575,9 @@ mod tests {
             EventKind::Access(AccessKind::Close(AccessMode::Read)),
             EventKind::Modify(ModifyKind::Metadata(notify::event::MetadataKind::Any)),
         ];
+        let mut chain = Chain::of(config.clone());
         for kind in own {
-            assert!(!concerns(&config, &event(kind, &config)), "{kind:?}");
+            assert!(!chain.concerns(&event(kind, &config)), "{kind:?}");
         }
         let writes = [
             EventKind::Create(CreateKind::File),
@@ -571,16 +587,16 @@ mod tests {
             EventKind::Remove(notify::event::RemoveKind::File),
         ];
         for kind in writes {
-            assert!(concerns(&config, &event(kind, &config)), "{kind:?}");
+            assert!(chain.concerns(&event(kind, &config)), "{kind:?}");
             // The same change to another file of the directory is not the config's.
             assert!(
-                !concerns(&config, &event(kind, &dir.join("other.json"))),
+                !chain.concerns(&event(kind, &dir.join("other.json"))),
                 "{kind:?}"
             );
         }
         // Events were lost: read, to be sure.
         let overflow = notify::Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
-        assert!(concerns(&config, &overflow));
+        assert!(chain.concerns(&overflow));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -598,13 +614,43 @@ mod tests {
             vec![OsString::from("config.json"), OsString::from("..data")]
         );
         let swap = EventKind::Modify(ModifyKind::Name(RenameMode::To));
-        assert!(concerns(&config, &event(swap, &dir.join("..data"))));
-        assert!(!concerns(&config, &event(swap, &dir.join("..data_tmp"))));
+        let mut chain = Chain::of(config.clone());
+        assert!(chain.concerns(&event(swap, &dir.join("..data"))));
+        assert!(!chain.concerns(&event(swap, &dir.join("..data_tmp"))));
         // A chain of links in the directory: every name on it.
         std::os::unix::fs::symlink("b.json", dir.join("a.json")).expect("link");
         std::os::unix::fs::symlink("c.json", dir.join("b.json")).expect("link");
         let names = chain_names(&dir.join("a.json"));
         assert_eq!(names, ["a.json", "b.json", "c.json"].map(OsString::from));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The chain is read again after an event on it, so a plain file replaced by a ConfigMap
+    /// link is followed from then on; events on other names leave it as it was.
+    #[test]
+    fn the_chain_follows_a_file_that_becomes_a_link() {
+        let dir = std::env::temp_dir().join(format!("stickylb-reload-ch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("..2024_01_01")).expect("dir");
+        let config = dir.join("config.json");
+        std::fs::write(&config, "{}").expect("file");
+        let mut chain = Chain::of(config.clone());
+        assert_eq!(chain.names, [OsString::from("config.json")]);
+        let write = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        assert!(!chain.concerns(&event(write, &dir.join("app.log"))));
+        // The file becomes a link through `..data`.
+        std::fs::write(dir.join("..2024_01_01/config.json"), "{}").expect("file");
+        std::os::unix::fs::symlink("..2024_01_01", dir.join("..data")).expect("link");
+        let rename = EventKind::Modify(ModifyKind::Name(RenameMode::To));
+        assert!(
+            !chain.concerns(&event(rename, &dir.join("..data"))),
+            "not on the chain yet"
+        );
+        std::fs::remove_file(&config).expect("remove");
+        std::os::unix::fs::symlink("..data/config.json", &config).expect("link");
+        assert!(chain.concerns(&event(EventKind::Create(CreateKind::File), &config)));
+        assert_eq!(chain.names, ["config.json", "..data"].map(OsString::from));
+        assert!(chain.concerns(&event(rename, &dir.join("..data"))));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
