@@ -29,6 +29,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=benches/lib.sh
+. "$ROOT/benches/lib.sh"
 # Where cargo builds: $CARGO_TARGET_DIR when set, as cargo itself does.
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 REPS=3
@@ -72,27 +74,7 @@ VICTIM_PORT=27043
 log() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
 # ---------------------------------------------------------------------------------------------
-# Processes we start, ended by PID.
-STARTED=()
-# Ends one of our processes: SIGTERM, up to 15 s to exit, then SIGKILL; reaps it and forgets
-# its PID (so a PID reused later by someone else is never signalled).
-stop_pid() {
-    local pid=$1 i keep=() p
-    if kill -TERM "$pid" 2>/dev/null; then
-        for i in $(seq 1 150); do
-            kill -0 "$pid" 2>/dev/null || break
-            # A child that exited but is not reaped yet (a zombie) counts as gone.
-            [ "$(cut -d' ' -f3 "/proc/$pid/stat" 2>/dev/null)" = Z ] && break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-    for p in "${STARTED[@]}"; do
-        [ "$p" = "$pid" ] || keep+=("$p")
-    done
-    STARTED=("${keep[@]}")
-}
+# Processes we start (STARTED, stop_pid: benches/lib.sh), all ended on exit.
 cleanup() {
     local pid
     for pid in "${STARTED[@]}"; do
@@ -104,12 +86,6 @@ trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------------------------------------
 # 1. HAProxy and nginx
-NGINX_STREAM_SO=/usr/lib/nginx/modules/ngx_stream_module.so
-nginx_has_stream() {
-    command -v nginx >/dev/null 2>&1 || return 1
-    [ -f "$NGINX_STREAM_SO" ] && return 0
-    nginx -V 2>&1 | grep -q -- '--with-stream\( \|$\)'
-}
 if ! command -v haproxy >/dev/null 2>&1 || ! nginx_has_stream; then
     if [ "$(id -u)" != 0 ]; then
         echo "compare.sh: haproxy and nginx (stream) are needed: run as root, or" \
@@ -120,8 +96,6 @@ if ! command -v haproxy >/dev/null 2>&1 || ! nginx_has_stream; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q haproxy nginx-light libnginx-mod-stream >"$OUT/apt.log" 2>&1
 fi
-NGINX_LOAD_MODULE=""
-[ -f "$NGINX_STREAM_SO" ] && NGINX_LOAD_MODULE="load_module $NGINX_STREAM_SO;"
 
 # ---------------------------------------------------------------------------------------------
 # 2. Build
@@ -183,114 +157,18 @@ ports_of() {
 }
 for group in sink echo fixed failover iperf; do
     ports=$(ports_of $group)
-    # stickylb: every key at its default (metrics on at 127.0.0.1:9898, sessions, splice).
-    {
-        echo '{'
-        echo "  \"sourceHost\": \"127.0.0.1\","
-        echo "  \"sourcePort\": $LB_PORT,"
-        echo '  "targets": ['
-        sep=""
-        for p in $ports; do
-            printf '%s    {"host": "127.0.0.1", "port": %s}' "$sep" "$p"
-            sep=$',\n'
-        done
-        printf '\n  ]\n}\n'
-    } >"$OUT/conf/stickylb-$group.json"
+    stickylb_conf $LB_PORT "$ports" >"$OUT/conf/stickylb-$group.json"
     # stickylb-pp: the same with `proxyProtocol: "v2"` (the cost of sending the header), on
     # the fixed-reply targets only, whose copies on FIXED_PP_PORTS read the header first.
     if [ $group = fixed ]; then
-        {
-            echo '{'
-            echo "  \"sourceHost\": \"127.0.0.1\","
-            echo "  \"sourcePort\": $LB_PORT,"
-            echo '  "proxyProtocol": "v2",'
-            echo '  "targets": ['
-            sep=""
-            for p in $FIXED_PP_PORTS; do
-                printf '%s    {"host": "127.0.0.1", "port": %s}' "$sep" "$p"
-                sep=$',\n'
-            done
-            printf '\n  ]\n}\n'
-        } >"$OUT/conf/stickylb-pp-$group.json"
+        stickylb_conf $LB_PORT "$FIXED_PP_PORTS" '"proxyProtocol": "v2",' \
+            >"$OUT/conf/stickylb-pp-$group.json"
     fi
-    # HAProxy: as its users configure a sticky TCP balancer. maxconn: HAProxy derives about
-    # 8,000 from a 20,000 fd limit by itself (it reserves fds for maxconn/4 pipes) and refuses
-    # to start with maxconn 9,990 (it wants 25,000 fds), so, as a user holding 9,000
-    # connections would, set maxconn 9,500 and maxpipes 250 (2 × 9,500 + 2 × 250 < 20,000;
-    # 250 pipes are more than these scenarios splice at once).
     for variant in haproxy haproxy-splice; do
-        if [ $variant = haproxy ]; then
-            splice="    option splice-auto"
-        else
-            splice=$'    option splice-request\n    option splice-response'
-        fi
-        {
-            cat <<EOF
-global
-    nbthread 2
-    maxconn 9500
-    maxpipes 250
-    log stderr format short local0 notice
-
-defaults
-    mode tcp
-    log global
-    timeout connect 5s
-    timeout client 5m
-    timeout server 5m
-    retries 3
-    option redispatch 1
-
-frontend fe
-    bind 127.0.0.1:$LB_PORT
-    default_backend be
-
-backend be
-    balance source
-    hash-type consistent
-$splice
-EOF
-            for p in $ports; do
-                echo "    server t$p 127.0.0.1:$p check"
-            done
-        } >"$OUT/conf/$variant-$group.cfg"
+        haproxy_conf $LB_PORT "$ports" $variant >"$OUT/conf/$variant-$group.cfg"
     done
-    # nginx: stream proxy with a consistent hash of the client address, 2 workers, each
-    # allowed the whole fd limit (a worker counts both sides of a connection).
     mkdir -p "$OUT/nginx-$group"
-    {
-        cat <<EOF
-$NGINX_LOAD_MODULE
-daemon off;
-master_process on;
-worker_processes 2;
-worker_rlimit_nofile 20000;
-pid $OUT/nginx-$group/nginx.pid;
-error_log $OUT/nginx-$group/error.log warn;
-events {
-    worker_connections 19000;
-}
-stream {
-    upstream be {
-        hash \$remote_addr consistent;
-EOF
-        for p in $ports; do
-            echo "        server 127.0.0.1:$p;"
-        done
-        cat <<EOF
-    }
-    server {
-        listen 127.0.0.1:$LB_PORT backlog=4096;
-        proxy_pass be;
-        proxy_connect_timeout 5s;
-        proxy_timeout 5m;
-        # Off by default: a client's FIN would close both directions, cutting the reply the
-        # bulk scenario reads after it (stickylb and HAProxy pass half-closes on).
-        proxy_half_close on;
-    }
-}
-EOF
-    } >"$OUT/conf/nginx-$group.conf"
+    nginx_conf $LB_PORT "$ports" "$OUT/nginx-$group" >"$OUT/conf/nginx-$group.conf"
 done
 
 # Starts balancer $1 for target group $2; sets LB_PID. Returns 1 if it does not listen.

@@ -23,6 +23,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=benches/lib.sh
+. "$ROOT/benches/lib.sh"
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 SECS=5
 REPS=3
@@ -55,21 +57,7 @@ cp "$TARGET/release/stickylb" "$OUT/bin/stickylb"
 cp "$LOAD" "$OUT/bin/load"
 LOAD=$OUT/bin/load
 
-STARTED=()
-stop_pid() {
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-# Ends one of our processes and forgets its PID.
-forget() {
-    local p keep=()
-    stop_pid "$1"
-    for p in "${STARTED[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
-    STARTED=("${keep[@]}")
-}
+# Processes we start (STARTED, stop_pid: benches/lib.sh), all ended on exit.
 cleanup() {
     local pid
     for pid in "${STARTED[@]}"; do stop_pid "$pid"; done
@@ -90,23 +78,10 @@ for p in $SINK $IPERF; do "$LOAD" wait-port "127.0.0.1:$p" --timeout 10; done
 for group in sink iperf; do
     ports=$SINK
     [ $group = iperf ] && ports=$IPERF
-    set -- $ports
-    cat >"$OUT/conf/stickylb-$group.json" <<EOF
-{"sourceHost": "127.0.0.1", "sourcePort": 27000, "targets": [
-  {"host": "127.0.0.1", "port": $1}, {"host": "127.0.0.1", "port": $2},
-  {"host": "127.0.0.1", "port": $3}, {"host": "127.0.0.1", "port": $4}]}
-EOF
-    # The same HAProxy settings as compare.sh.
+    # The same configs as compare.sh's (benches/lib.sh).
+    stickylb_conf 27000 "$ports" >"$OUT/conf/stickylb-$group.json"
     for variant in haproxy haproxy-splice; do
-        splice="    option splice-auto"
-        [ $variant = haproxy-splice ] && splice=$'    option splice-request\n    option splice-response'
-        {
-            printf 'global\n    nbthread 2\n    maxconn 9500\n    maxpipes 250\n'
-            printf 'defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 5m\n    timeout server 5m\n'
-            printf 'frontend fe\n    bind 127.0.0.1:27000\n    default_backend be\n'
-            printf 'backend be\n    balance source\n    hash-type consistent\n%s\n' "$splice"
-            for p in $ports; do echo "    server t$p 127.0.0.1:$p"; done
-        } >"$OUT/conf/$variant-$group.cfg"
+        haproxy_conf 27000 "$ports" $variant >"$OUT/conf/$variant-$group.cfg"
     done
 done
 
@@ -138,7 +113,7 @@ for rep in $(seq 1 "$REPS"); do
                 2>>"$OUT/logs/client.log" || echo "run failed: $scenario via $label" >&2
             kill -INT "$PERF"
             wait "$PERF" 2>/dev/null || true
-            forget "$LB"
+            stop_pid "$LB"
             bytes=$(grep -o '"bytes":[0-9]*' "$OUT/run.json" | cut -d: -f2)
             [ -n "$bytes" ] && [ "$bytes" -gt 0 ] || continue
             # One JSON line: counts per MiB.

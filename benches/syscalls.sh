@@ -27,6 +27,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=benches/lib.sh
+. "$ROOT/benches/lib.sh"
 # Where cargo builds: $CARGO_TARGET_DIR when set, as cargo itself does.
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 # The command as given, for the summary (arguments with spaces in double quotes).
@@ -75,20 +77,11 @@ if has_label haproxy && ! command -v haproxy >/dev/null; then
     echo "syscalls.sh: label haproxy needs haproxy (apt-get install haproxy)" >&2
     exit 1
 fi
-# nginx's stream module: built in, or a dynamic module to load (as in compare.sh).
-NGINX_STREAM_SO=/usr/lib/nginx/modules/ngx_stream_module.so
-nginx_has_stream() {
-    command -v nginx >/dev/null 2>&1 || return 1
-    [ -f "$NGINX_STREAM_SO" ] && return 0
-    nginx -V 2>&1 | grep -q -- '--with-stream\( \|$\)'
-}
 if has_label nginx && ! nginx_has_stream; then
     echo "syscalls.sh: label nginx needs nginx with the stream module" \
         "(apt-get install nginx-light libnginx-mod-stream)" >&2
     exit 1
 fi
-NGINX_LOAD_MODULE=""
-[ -f "$NGINX_STREAM_SO" ] && NGINX_LOAD_MODULE="load_module $NGINX_STREAM_SO;"
 
 OUT=${OUT:-$TARGET/bench-syscalls/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT/bin" "$OUT/conf" "$OUT/logs" "$OUT/raw"  # conf/: stickylb watches its config's directory
@@ -125,28 +118,7 @@ cp "$LOAD" "$OUT/bin/load"
 LOAD=$OUT/bin/load
 STICKYLB=$OUT/bin/stickylb
 
-# ---------------------------------------------------------------------------------------------
-# Processes we start, ended by PID.
-STARTED=()
-# Ends one of our processes: signal $2 (default TERM), up to 15 s to exit, then SIGKILL; reaps
-# it and forgets its PID (so a PID reused later by someone else is never signalled).
-stop_pid() {
-    local pid=$1 sig=${2:-TERM} keep=() p
-    if kill -"$sig" "$pid" 2>/dev/null; then
-        for _ in $(seq 1 150); do
-            kill -0 "$pid" 2>/dev/null || break
-            # A child that exited but is not reaped yet (a zombie) counts as gone.
-            [ "$(cut -d' ' -f3 "/proc/$pid/stat" 2>/dev/null)" = Z ] && break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-    for p in "${STARTED[@]}"; do
-        [ "$p" = "$pid" ] || keep+=("$p")
-    done
-    STARTED=("${keep[@]}")
-}
+# Processes we start (STARTED, stop_pid: benches/lib.sh), all ended on exit.
 cleanup() {
     local pid i
     # Newest first: a strace is detached before the balancer it traces is stopped.
@@ -168,81 +140,11 @@ for p in $LB_PORT $FIXED_PORTS $(has_label stickylb && echo $METRICS_PORT); do
 done
 
 # ---------------------------------------------------------------------------------------------
-# Configs: compare.sh's, for its fixed-reply target group.
-{
-    echo '{'
-    echo "  \"sourceHost\": \"127.0.0.1\","
-    echo "  \"sourcePort\": $LB_PORT,"
-    echo '  "targets": ['
-    sep=""
-    for p in $FIXED_PORTS; do
-        printf '%s    {"host": "127.0.0.1", "port": %s}' "$sep" "$p"
-        sep=$',\n'
-    done
-    printf '\n  ]\n}\n'
-} >"$OUT/conf/stickylb.json"
-{
-    cat <<EOF
-global
-    nbthread 2
-    maxconn 9500
-    maxpipes 250
-    log stderr format short local0 notice
-
-defaults
-    mode tcp
-    log global
-    timeout connect 5s
-    timeout client 5m
-    timeout server 5m
-    retries 3
-    option redispatch 1
-
-frontend fe
-    bind 127.0.0.1:$LB_PORT
-    default_backend be
-
-backend be
-    balance source
-    hash-type consistent
-    option splice-auto
-EOF
-    for p in $FIXED_PORTS; do
-        echo "    server t$p 127.0.0.1:$p check"
-    done
-} >"$OUT/conf/haproxy.cfg"
+# Configs: compare.sh's (benches/lib.sh), for its fixed-reply target group.
+stickylb_conf $LB_PORT "$FIXED_PORTS" >"$OUT/conf/stickylb.json"
+haproxy_conf $LB_PORT "$FIXED_PORTS" haproxy >"$OUT/conf/haproxy.cfg"
 mkdir -p "$OUT/nginx"
-{
-    cat <<EOF
-$NGINX_LOAD_MODULE
-daemon off;
-master_process on;
-worker_processes 2;
-worker_rlimit_nofile 20000;
-pid $OUT/nginx/nginx.pid;
-error_log $OUT/nginx/error.log warn;
-events {
-    worker_connections 19000;
-}
-stream {
-    upstream be {
-        hash \$remote_addr consistent;
-EOF
-    for p in $FIXED_PORTS; do
-        echo "        server 127.0.0.1:$p;"
-    done
-    cat <<EOF
-    }
-    server {
-        listen 127.0.0.1:$LB_PORT backlog=4096;
-        proxy_pass be;
-        proxy_connect_timeout 5s;
-        proxy_timeout 5m;
-        proxy_half_close on;
-    }
-}
-EOF
-} >"$OUT/conf/nginx.conf"
+nginx_conf $LB_PORT "$FIXED_PORTS" "$OUT/nginx" >"$OUT/conf/nginx.conf"
 
 # ---------------------------------------------------------------------------------------------
 # Starts balancer $1; sets LB_PID (what the client measures) and TRACED (the PIDs strace

@@ -1,0 +1,146 @@
+# shellcheck shell=bash
+# The balancer configs of the comparison, shared by compare.sh, syscalls.sh and counts.sh, so
+# that every bench measures stickylb, HAProxy and nginx set up the same way. Sourced, not run:
+#
+#   . "$ROOT/benches/lib.sh"
+#   stickylb_conf PORT "TARGET PORTS" [EXTRA KEY LINE] > stickylb.json
+#   haproxy_conf PORT "TARGET PORTS" haproxy|haproxy-splice > haproxy.cfg
+#   nginx_conf PORT "TARGET PORTS" DIR > nginx.conf      (DIR: its pid file and error log)
+#   nginx_has_stream                                      (nginx with its stream module?)
+#   STARTED+=("$pid"); stop_pid PID [SIGNAL]             (the processes a script started)
+#
+# Every address is 127.0.0.1.
+
+# Processes the script started, ended by PID, never by name.
+STARTED=()
+
+# Ends one of our processes: signal $2 (default TERM), up to 15 s to exit, then SIGKILL; reaps
+# it and forgets its PID (so a PID reused later by someone else is never signalled).
+stop_pid() {
+    local pid=$1 sig=${2:-TERM} keep=() p
+    if kill -"$sig" "$pid" 2>/dev/null; then
+        for _ in $(seq 1 150); do
+            kill -0 "$pid" 2>/dev/null || break
+            # A child that exited but is not reaped yet (a zombie) counts as gone.
+            [ "$(cut -d' ' -f3 "/proc/$pid/stat" 2>/dev/null)" = Z ] && break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+    for p in "${STARTED[@]}"; do
+        [ "$p" = "$pid" ] || keep+=("$p")
+    done
+    STARTED=("${keep[@]}")
+}
+
+# nginx's stream module, when Debian ships it as a module (nginx-light + libnginx-mod-stream).
+NGINX_STREAM_SO=/usr/lib/nginx/modules/ngx_stream_module.so
+
+# Whether nginx is there with its stream module: built in, or a dynamic module to load.
+nginx_has_stream() {
+    command -v nginx >/dev/null 2>&1 || return 1
+    [ -f "$NGINX_STREAM_SO" ] && return 0
+    nginx -V 2>&1 | grep -q -- '--with-stream\( \|$\)'
+}
+
+# stickylb: every key at its default (metrics on at 127.0.0.1:9898, sessions, splice), plus
+# one extra key line when given (`"proxyProtocol": "v2",`).
+stickylb_conf() {
+    local port=$1 ports=$2 extra=${3:-} sep="" p
+    echo '{'
+    echo "  \"sourceHost\": \"127.0.0.1\","
+    echo "  \"sourcePort\": $port,"
+    if [ -n "$extra" ]; then
+        echo "  $extra"
+    fi
+    echo '  "targets": ['
+    for p in $ports; do
+        printf '%s    {"host": "127.0.0.1", "port": %s}' "$sep" "$p"
+        sep=$',\n'
+    done
+    printf '\n  ]\n}\n'
+}
+
+# HAProxy: as its users configure a sticky TCP balancer, with health checks. maxconn: HAProxy
+# derives about 8,000 from a 20,000 fd limit by itself (it reserves fds for maxconn/4 pipes) and
+# refuses to start with maxconn 9,990 (it wants 25,000 fds), so, as a user holding 9,000
+# connections would, set maxconn 9,500 and maxpipes 250 (2 × 9,500 + 2 × 250 < 20,000; 250
+# pipes are more than these scenarios splice at once). `haproxy`: splice-auto (HAProxy splices
+# when it sees fit); `haproxy-splice`: splice forced both ways.
+haproxy_conf() {
+    local port=$1 ports=$2 variant=$3 splice p
+    if [ "$variant" = haproxy ]; then
+        splice="    option splice-auto"
+    else
+        splice=$'    option splice-request\n    option splice-response'
+    fi
+    cat <<EOF
+global
+    nbthread 2
+    maxconn 9500
+    maxpipes 250
+    log stderr format short local0 notice
+
+defaults
+    mode tcp
+    log global
+    timeout connect 5s
+    timeout client 5m
+    timeout server 5m
+    retries 3
+    option redispatch 1
+
+frontend fe
+    bind 127.0.0.1:$port
+    default_backend be
+
+backend be
+    balance source
+    hash-type consistent
+$splice
+EOF
+    for p in $ports; do
+        echo "    server t$p 127.0.0.1:$p check"
+    done
+}
+
+# nginx: stream proxy with a consistent hash of the client address, 2 workers, each allowed the
+# whole fd limit (a worker counts both sides of a connection).
+nginx_conf() {
+    local port=$1 ports=$2 dir=$3 load_module="" p
+    if [ -f "$NGINX_STREAM_SO" ]; then
+        load_module="load_module $NGINX_STREAM_SO;"
+    fi
+    cat <<EOF
+$load_module
+daemon off;
+master_process on;
+worker_processes 2;
+worker_rlimit_nofile 20000;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events {
+    worker_connections 19000;
+}
+stream {
+    upstream be {
+        hash \$remote_addr consistent;
+EOF
+    for p in $ports; do
+        echo "        server 127.0.0.1:$p;"
+    done
+    cat <<EOF
+    }
+    server {
+        listen 127.0.0.1:$port backlog=4096;
+        proxy_pass be;
+        proxy_connect_timeout 5s;
+        proxy_timeout 5m;
+        # Off by default: a client's FIN would close both directions, cutting the reply the
+        # bulk scenario reads after it (stickylb and HAProxy pass half-closes on).
+        proxy_half_close on;
+    }
+}
+EOF
+}
