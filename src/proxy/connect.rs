@@ -43,13 +43,7 @@ pub async fn connect(
         Err(e) => return Err(e),
     }
     // The kernel chose the source address and port inside connect(2).
-    let held = match own.may_loop(addr) {
-        true => match socket.local_addr()?.as_socket() {
-            Some(local) => own.hold(local, addr),
-            None => own.hold_nothing(),
-        },
-        false => own.hold_nothing(),
-    };
+    let held = own.hold_connecting(&socket, addr)?;
     let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
     let established = async {
         // Writable once the handshake ended, either way: closed (with an error) if it failed.

@@ -33,8 +33,11 @@
 //! leaves that one socket untracked: the loop would then be caught one turn later.
 
 use std::alloc::{alloc_zeroed, handle_alloc_error, Layout};
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+
+use socket2::Socket;
 
 /// Slots searched from an address's hash.
 const WINDOW: usize = 16;
@@ -83,11 +86,13 @@ impl OwnSockets {
 
     /// Notes that a listener accepts clients on `port`: connections to that port may be loops.
     pub fn listening_on(&self, port: u16) {
-        if port == 0 || self.ports.iter().any(|p| p.load(Ordering::Acquire) == port) {
+        if port == 0 {
             return;
         }
+        // Slots fill in order and are never freed, so the port is in a slot before the first
+        // free one, or goes there.
         let stored = self.ports.iter().any(|p| {
-            // Stored here, or another thread stored the same port here first.
+            // Stored here, or found here (stored before, maybe by another thread).
             match p.compare_exchange(0, port, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => true,
                 Err(there) => there == port,
@@ -100,7 +105,7 @@ impl OwnSockets {
 
     /// Whether a connection to `remote` could lead back into a listener of ours, so that its
     /// local address must be recorded (see the module comment).
-    pub fn may_loop(&self, remote: SocketAddr) -> bool {
+    fn may_loop(&self, remote: SocketAddr) -> bool {
         let port = remote.port();
         self.all_ports.load(Ordering::Acquire)
             || self.ports.iter().any(|p| p.load(Ordering::Acquire) == port)
@@ -147,17 +152,25 @@ impl OwnSockets {
         self.contains(peer) && local().is_some_and(|local| self.contains_key(pair_key(peer, local)))
     }
 
+    /// For `socket`, which has just started connecting to `remote`: records its local address
+    /// (one getsockname(2)) until the returned guard is dropped, if `remote` is on a port we
+    /// listen on; holds nothing otherwise, nor for a socket without an IP address.
+    pub fn hold_connecting(&self, socket: &Socket, remote: SocketAddr) -> io::Result<Held<'_>> {
+        if !self.may_loop(remote) {
+            return Ok(Held(None));
+        }
+        Ok(match socket.local_addr()?.as_socket() {
+            Some(local) => self.hold(local, remote),
+            None => Held(None),
+        })
+    }
+
     /// Records `local`, the local address of a new outgoing socket connecting to `remote`,
     /// until the returned guard is dropped.
-    pub fn hold(&self, local: SocketAddr, remote: SocketAddr) -> Held<'_> {
+    fn hold(&self, local: SocketAddr, remote: SocketAddr) -> Held<'_> {
         let keys = [key(local), pair_key(local, remote)];
         let taken = keys.map(|k| self.insert_key(k));
         Held(Some((self, keys, taken)))
-    }
-
-    /// A guard that holds no record (a socket without an IP address).
-    pub fn hold_nothing(&self) -> Held<'_> {
-        Held(None)
     }
 
     fn window(&self, key: u64) -> impl Iterator<Item = &AtomicU64> {
