@@ -311,9 +311,10 @@ pub(super) fn take_pipe(bulk: bool) -> io::Result<Pipe> {
     let pooled = |pool: &'static std::thread::LocalKey<RefCell<Vec<Pipe>>>| {
         pool.with(|pool| pool.borrow_mut().pop())
     };
-    let pipe = match bulk {
-        true => pooled(&BIG_POOL).or_else(|| pooled(&POOL)),
-        false => pooled(&POOL),
+    let pipe = if bulk {
+        pooled(&BIG_POOL).or_else(|| pooled(&POOL))
+    } else {
+        pooled(&POOL)
     };
     match pipe {
         Some(pipe) => {
@@ -327,9 +328,10 @@ pub(super) fn take_pipe(bulk: bool) -> io::Result<Pipe> {
 /// Returns an empty pipe to this thread's pool for its size (closes it when that pool, or the
 /// pools of all threads together, are full).
 pub(super) fn give_back(pipe: Pipe) {
-    let (pool, per_thread) = match pipe.is_big() {
-        true => (&BIG_POOL, BIG_POOL_PER_THREAD),
-        false => (&POOL, POOL_PER_THREAD),
+    let (pool, per_thread) = if pipe.is_big() {
+        (&BIG_POOL, BIG_POOL_PER_THREAD)
+    } else {
+        (&POOL, POOL_PER_THREAD)
     };
     pool.with(|pool| {
         let mut pool = pool.borrow_mut();
