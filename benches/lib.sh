@@ -5,7 +5,8 @@
 #   . "$ROOT/benches/lib.sh"
 #   stickylb_conf PORT "TARGET PORTS" [EXTRA KEY LINE] > stickylb.json
 #   haproxy_conf PORT "TARGET PORTS" haproxy|haproxy-splice > haproxy.cfg
-#   nginx_conf PORT "TARGET PORTS" DIR > nginx.conf      (DIR: its pid file and error log)
+#   nginx_conf PORT "TARGET PORTS" DIR [off] > nginx.conf (DIR: its pid file and error log;
+#                                                         off: proxy_half_close off)
 #   nginx_has_stream                                      (nginx with its stream module?)
 #   STARTED+=("$pid"); stop_pid PID [SIGNAL]             (the processes a script started)
 #
@@ -106,9 +107,10 @@ EOF
 }
 
 # nginx: stream proxy with a consistent hash of the client address, 2 workers, each allowed the
-# whole fd limit (a worker counts both sides of a connection).
+# whole fd limit (a worker counts both sides of a connection). A fourth argument `off` leaves
+# proxy_half_close at nginx's default (off), for syscalls.sh's `nginx-nohalfclose`.
 nginx_conf() {
-    local port=$1 ports=$2 dir=$3 load_module="" p
+    local port=$1 ports=$2 dir=$3 half_close=${4:-on} load_module="" p
     if [ -f "$NGINX_STREAM_SO" ]; then
         load_module="load_module $NGINX_STREAM_SO;"
     fi
@@ -139,7 +141,7 @@ EOF
         proxy_timeout 5m;
         # Off by default: a client's FIN would close both directions, cutting the reply the
         # bulk scenario reads after it (stickylb and HAProxy pass half-closes on).
-        proxy_half_close on;
+        proxy_half_close $half_close;
     }
 }
 EOF

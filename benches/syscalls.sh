@@ -2,13 +2,15 @@
 # Syscalls per short connection and per keepalive request of stickylb, HAProxy and nginx,
 # counted the same way in the same run (issue 18, item 4: no more than nginx's per connection).
 #
-#   benches/syscalls.sh [--seconds S] [--labels "stickylb haproxy nginx"]
+#   benches/syscalls.sh [--seconds S] [--labels "stickylb haproxy nginx nginx-nohalfclose"]
 #                       [--scenarios "shortconn keepalive"] [--stickylb PATH] [--out DIR]
 #
 # Starts the load tool's fixed-reply backends (4 ports), then for each scenario and label a
 # fresh balancer in front of them, configured as benches/compare.sh configures it (stickylb:
 # every key at its default; haproxy: balance source, hash-type consistent, splice-auto, health
-# checks; nginx: stream, hash $remote_addr consistent, 2 workers, proxy_half_close on), and:
+# checks; nginx: stream, hash $remote_addr consistent, 2 workers, proxy_half_close on;
+# nginx-nohalfclose, not in the default labels: the same at nginx's default, proxy_half_close
+# off, which closes both sides at the client's FIN and so skips a read and a shutdown), and:
 # - attaches `strace -c -f` to it (nginx: to each of its workers, the master's children; the
 #   master takes no part in a connection) and waits until every thread is traced;
 # - runs the client for S seconds (default 5): `load run --scenario shortconn|keepalive
@@ -56,8 +58,8 @@ done
 [[ $SECS =~ ^[1-9][0-9]*$ ]] || { echo "syscalls.sh: --seconds takes whole seconds, not $SECS" >&2; exit 2; }
 for label in $LABELS; do
     case "$label" in
-        stickylb|haproxy|nginx) ;;
-        *) echo "syscalls.sh: unknown label $label (stickylb, haproxy, nginx)" >&2; exit 2 ;;
+        stickylb|haproxy|nginx|nginx-nohalfclose) ;;
+        *) echo "syscalls.sh: unknown label $label (stickylb, haproxy, nginx, nginx-nohalfclose)" >&2; exit 2 ;;
     esac
 done
 for scenario in $SCENARIOS; do
@@ -77,7 +79,7 @@ if has_label haproxy && ! command -v haproxy >/dev/null; then
     echo "syscalls.sh: label haproxy needs haproxy (apt-get install haproxy)" >&2
     exit 1
 fi
-if has_label nginx && ! nginx_has_stream; then
+if { has_label nginx || has_label nginx-nohalfclose; } && ! nginx_has_stream; then
     echo "syscalls.sh: label nginx needs nginx with the stream module" \
         "(apt-get install nginx-light libnginx-mod-stream)" >&2
     exit 1
@@ -143,8 +145,9 @@ done
 # Configs: compare.sh's (benches/lib.sh), for its fixed-reply target group.
 stickylb_conf $LB_PORT "$FIXED_PORTS" >"$OUT/conf/stickylb.json"
 haproxy_conf $LB_PORT "$FIXED_PORTS" haproxy >"$OUT/conf/haproxy.cfg"
-mkdir -p "$OUT/nginx"
+mkdir -p "$OUT/nginx" "$OUT/nginx-nohalfclose"
 nginx_conf $LB_PORT "$FIXED_PORTS" "$OUT/nginx" >"$OUT/conf/nginx.conf"
+nginx_conf $LB_PORT "$FIXED_PORTS" "$OUT/nginx-nohalfclose" off >"$OUT/conf/nginx-nohalfclose.conf"
 
 # ---------------------------------------------------------------------------------------------
 # Starts balancer $1; sets LB_PID (what the client measures) and TRACED (the PIDs strace
@@ -156,7 +159,8 @@ start_lb() {
     case "$label" in
         stickylb) "$STICKYLB" --config "$OUT/conf/stickylb.json" >>"$logf" 2>&1 & ;;
         haproxy) haproxy -db -f "$OUT/conf/haproxy.cfg" >>"$logf" 2>&1 & ;;
-        nginx) nginx -c "$OUT/conf/nginx.conf" -p "$OUT/nginx" -e "$OUT/nginx/error.log" >>"$logf" 2>&1 & ;;
+        nginx|nginx-nohalfclose) nginx -c "$OUT/conf/$label.conf" -p "$OUT/$label" \
+            -e "$OUT/$label/error.log" >>"$logf" 2>&1 & ;;
     esac
     LB_PID=$!
     STARTED+=("$LB_PID")
@@ -167,7 +171,7 @@ start_lb() {
         stop_pid "$LB_PID"
         return 1
     fi
-    if [ "$label" = nginx ]; then
+    if [ "${label%-nohalfclose}" = nginx ]; then
         # The master listens before it forks its workers: wait for both (our own children's
         # children, listed by parent PID).
         for _ in $(seq 1 100); do
@@ -176,7 +180,7 @@ start_lb() {
             sleep 0.1
         done
         if [ "$(wc -w <<<"$workers")" -lt 2 ]; then
-            log "nginx started ${workers:-no} workers, not 2; see $OUT/nginx/error.log"
+            log "nginx started ${workers:-no} workers, not 2; see $OUT/$label/error.log"
             stop_pid "$LB_PID"
             return 1
         fi
@@ -312,7 +316,7 @@ done
     echo
     has_label stickylb && echo "- stickylb: $STICKYLB_FROM"
     has_label haproxy && echo "- haproxy: $(haproxy -v 2>&1 | head -1)"
-    has_label nginx && echo "- nginx: $(nginx -v 2>&1)"
+    { has_label nginx || has_label nginx-nohalfclose; } && echo "- nginx: $(nginx -v 2>&1)"
     echo "- $(strace -V | head -1), kernel $(uname -r), $(nproc) CPUs"
     echo
     echo "Every count is strace -c -f's (all threads; nginx: its 2 workers) divided by the" \
