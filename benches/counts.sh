@@ -3,6 +3,7 @@
 #
 #   benches/counts.sh [--seconds S] [--reps N] [--scenarios "bulk1 iperf4-16k ..."]
 #                     [--labels "stickylb haproxy-splice"] [--out DIR]
+#                     [--alt PATH] [--alt-key '"balancerCount": 1,']
 #
 # For each repetition, scenario and label (interleaved, like compare.sh), starts the balancer
 # fresh, attaches `perf stat` to it (tracepoint and software counters: they count, they do not
@@ -17,6 +18,9 @@
 #   cs           context switches of the balancer's threads (voluntary + involuntary)
 #   CPU ms       the balancer's task-clock, ms per MiB (= CPU s per GB × 1.05; this one does
 #                depend on the load)
+# Label `stickylb-alt` (not in the defaults) is a second stickylb in the same run, to measure a
+# change side by side: the binary PATH of `--alt` (default: the same build), with the config key
+# line of `--alt-key` added to its config when given.
 # Writes counts.jsonl (one line per run) and counts.md (medians) into the output directory.
 # Needs perf (linux-perf), iperf3 and, for the HAProxy labels, haproxy. Loopback only; every
 # process started here is ended by PID.
@@ -31,6 +35,8 @@ REPS=3
 SCENARIOS="bulk1 bulk4 iperf1 iperf4 iperf1-16k iperf4-16k"
 LABELS="stickylb haproxy-splice"
 OUT=""
+ALT=""
+ALT_KEY=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --seconds) SECS=$2; shift ;;
@@ -38,7 +44,9 @@ while [ $# -gt 0 ]; do
         --scenarios) SCENARIOS=$2; shift ;;
         --labels) LABELS=$2; shift ;;
         --out) OUT=$2; shift ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        --alt) ALT=$2; shift ;;
+        --alt-key) ALT_KEY=$2; shift ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         *) echo "counts.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -54,6 +62,7 @@ cargo build --release --bin stickylb 2>&1 | tail -1 >&2
 LOAD=$(cargo bench --bench load --no-run --message-format=json 2>/dev/null \
     | grep -o '"executable":"[^"]*/load-[^"]*"' | tail -1 | cut -d'"' -f4)
 cp "$TARGET/release/stickylb" "$OUT/bin/stickylb"
+cp "${ALT:-$TARGET/release/stickylb}" "$OUT/bin/stickylb-alt"
 cp "$LOAD" "$OUT/bin/load"
 LOAD=$OUT/bin/load
 
@@ -80,6 +89,7 @@ for group in sink iperf; do
     [ $group = iperf ] && ports=$IPERF
     # The same configs as compare.sh's (benches/lib.sh).
     stickylb_conf 27000 "$ports" >"$OUT/conf/stickylb-$group.json"
+    stickylb_conf 27000 "$ports" "$ALT_KEY" >"$OUT/conf/stickylb-alt-$group.json"
     for variant in haproxy haproxy-splice; do
         haproxy_conf 27000 "$ports" $variant >"$OUT/conf/$variant-$group.cfg"
     done
@@ -96,7 +106,8 @@ for rep in $(seq 1 "$REPS"); do
         for label in $LABELS; do
             logf=$OUT/logs/$label.log
             case $label in
-                stickylb) "$OUT/bin/stickylb" --config "$OUT/conf/stickylb-$group.json" >>"$logf" 2>&1 & ;;
+                stickylb|stickylb-alt) "$OUT/bin/$label" --config "$OUT/conf/$label-$group.json" \
+                    >>"$logf" 2>&1 & ;;
                 haproxy|haproxy-splice) haproxy -db -f "$OUT/conf/$label-$group.cfg" >>"$logf" 2>&1 & ;;
                 *) echo "counts.sh: unknown label $label" >&2; exit 2 ;;
             esac
@@ -162,7 +173,8 @@ for s, l in seen:
     cells = []
     for key, _ in cols:
         vals = [r.get(key, 0.0) for r in sel]
-        cells.append(f"{statistics.median(vals):.2f}")
+        digits = 3 if key == "cpu_ms" else 2
+        cells.append(f"{statistics.median(vals):.{digits}f}")
     print(f"| {s} | {l} | " + " | ".join(cells) + " |")
 PY
 cat "$OUT/counts.md"
