@@ -46,7 +46,7 @@ while [ $# -gt 0 ]; do
         --out) OUT=$2; shift ;;
         --alt) ALT=$2; shift ;;
         --alt-key) ALT_KEY=$2; shift ;;
-        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "counts.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift

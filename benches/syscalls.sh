@@ -50,7 +50,7 @@ while [ $# -gt 0 ]; do
         --scenarios) SCENARIOS=$2; shift ;;
         --stickylb) STICKYLB_GIVEN=$2; shift ;;
         --out) OUT=$2; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         *) echo "syscalls.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
