@@ -39,10 +39,9 @@ SCENARIOS="bulk1 bulk4 iperf1 iperf4 iperf1-16k iperf4-16k shortconn keepalive i
 LABELS="direct stickylb stickylb-pp haproxy haproxy-splice nginx"
 OUT=""
 ALT=""
-QUICK=0
 while [ $# -gt 0 ]; do
     case "$1" in
-        --quick) QUICK=1; REPS=1; DURATION=3 ;;
+        --quick) REPS=1; DURATION=3 ;;
         --reps) REPS=$2; shift ;;
         --duration) DURATION=$2; shift ;;
         --scenarios) SCENARIOS=$2; shift ;;
