@@ -120,41 +120,6 @@ fn set_keepalive(socket: &SockRef<'_>, keepalive: Option<&Keepalive>) -> io::Res
     }
 }
 
-/// Raises `stream`'s SO_RCVLOWAT to half its receive buffer: arrivals no longer wake its reader
-/// until that much is queued (a FIN, an error, a buffer or window close to full still do at
-/// once). For a reader that cannot read now anyway (see `proxy/relay.rs`, `lowat_raised`).
-/// Half the buffer keeps the kernel from growing the buffer or clamping the window for the
-/// mark. False if it could not be set.
-pub fn raise_rcvlowat(stream: &TcpStream) -> bool {
-    let socket = SockRef::from(stream);
-    let Ok(buffer) = socket.recv_buffer_size() else {
-        return false;
-    };
-    set_rcvlowat(stream, (buffer / 2).max(1))
-}
-
-/// Undoes [`raise_rcvlowat`]: every arrival wakes the reader again (SO_RCVLOWAT 1, the
-/// default).
-pub fn reset_rcvlowat(stream: &TcpStream) {
-    set_rcvlowat(stream, 1);
-}
-
-fn set_rcvlowat(stream: &TcpStream, bytes: usize) -> bool {
-    use std::os::fd::AsRawFd;
-    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: SO_RCVLOWAT on a socket we own, from a valid int.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    rc == 0
-}
-
 /// Makes the coming close of `stream` abortive: SO_LINGER with a zero timeout turns close(2)
 /// into a RST, which is how a peer learns that the stream was cut rather than complete.
 pub fn reset_on_close(stream: &TcpStream) {

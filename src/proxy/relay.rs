@@ -19,12 +19,6 @@
 //!   (unless `zeroCopy` is false), switching per direction as the traffic changes; it keeps
 //!   copying if the kernel refuses splice for these sockets, no fd is left for a pipe, or the
 //!   pipe it gets is smaller than the copy buffer (the per-user pipe budget is spent).
-//! - A splicing direction whose destination takes no more raises its source's SO_RCVLOWAT to
-//!   half the receive buffer until it would wait for the source again: each segment arriving
-//!   meanwhile would otherwise wake a thread (edge-triggered epoll signals every arrival) that
-//!   cannot read it yet, dozens of times per pipe under a sender faster than the receiver.
-//!   Reads take what is queued whatever the mark; a FIN, an error, or a buffer near full still
-//!   wake at once. HAProxy gets the same by dropping the read interest from its poller.
 //! - The target socket is tuned as late as it can be without changing what happens on the
 //!   wire, so that a short connection does not pay for options it never needs (see [`Fresh`]):
 //!   TCP_NODELAY before the second write to it (Nagle's algorithm holds back only a small
@@ -384,11 +378,6 @@ pub(crate) struct Direction {
     /// from [`splice::GROW_AFTER`] on, this is a sustained bulk transfer, whose pipe grows.
     #[cfg(target_os = "linux")]
     full_fills: u8,
-    /// The source's SO_RCVLOWAT is raised (`sockets::raise_rcvlowat`): while a splicing
-    /// direction waits for its destination to take more, each segment arriving from the source
-    /// would otherwise wake a thread that cannot read it yet. Never raised while the direction
-    /// waits to read.
-    lowat_raised: bool,
 }
 
 /// TCP_NODELAY on a direction's destination (see the module comment).
@@ -415,7 +404,6 @@ impl Direction {
             nodelay: NoDelay::Set,
             #[cfg(target_os = "linux")]
             full_fills: 0,
-            lowat_raised: false,
         }
     }
 
@@ -438,24 +426,14 @@ impl Direction {
     ) -> Poll<Result<(), Fault>> {
         loop {
             if self.holding() {
-                if self.poll_write(cx, dst, meter)?.is_pending() {
-                    self.raise_lowat(src);
-                    return Poll::Pending;
-                }
+                ready!(self.poll_write(cx, dst, meter))?;
                 if self.holding() {
                     continue;
                 }
                 self.chunk_delivered();
                 continue;
             }
-            let ready = src.poll_read_ready(cx);
-            if ready.is_pending() && self.lowat_raised {
-                // About to wait for the source: every arrival must wake it again. (Setting
-                // the mark signals readable at once if bytes are queued: none is lost.)
-                sockets::reset_rcvlowat(src);
-                self.lowat_raised = false;
-            }
-            ready!(ready).map_err(Fault::read)?;
+            ready!(src.poll_read_ready(cx)).map_err(Fault::read)?;
             match self.try_read(src, true).map_err(Fault::read)? {
                 Some(0) => {
                     self.release();
@@ -504,18 +482,6 @@ impl Direction {
                 // EOF, nothing more for now, or an error: all that had arrived was delivered.
                 _ => return Poll::Ready(()),
             }
-        }
-    }
-
-    /// The destination takes no more now, and this direction splices (bulk): its source's
-    /// arrivals need not wake a thread until it can write again (see
-    /// [`Direction::lowat_raised`]). It stays raised while the direction finds bytes to read
-    /// each time it comes back for them (reads take what is queued whatever the mark), and is
-    /// lowered as soon as it would wait for the source.
-    fn raise_lowat(&mut self, src: &TcpStream) {
-        #[cfg(target_os = "linux")]
-        if self.mode == Mode::Splice && !self.lowat_raised {
-            self.lowat_raised = sockets::raise_rcvlowat(src);
         }
     }
 
@@ -806,10 +772,6 @@ impl Direction {
             #[cfg(not(target_os = "linux"))]
             handover::Held::Pipe { .. } => return Err("a pipe, and no splice here".into()),
         }
-        // The older process may have left the source's SO_RCVLOWAT raised (the record does not
-        // say): lowered before this direction first waits for its source, as it would have
-        // been there.
-        direction.lowat_raised = !direction.ended;
         Ok(direction)
     }
 }
@@ -1084,141 +1046,6 @@ mod tests {
             !keepalive_of(&client).0,
             "the client socket is not the relay's to tune"
         );
-    }
-
-    fn rcvlowat_of(stream: &TcpStream) -> libc::c_int {
-        let mut value: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: SO_RCVLOWAT into a valid int of the given length.
-        let rc = unsafe {
-            libc::getsockopt(
-                stream.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVLOWAT,
-                (&mut value as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0, "getsockopt(SO_RCVLOWAT)");
-        value
-    }
-
-    /// Looks at `stream`'s SO_RCVLOWAT until `wanted` says yes (1,000 looks, 10 ms apart: the
-    /// kernel signals nothing for it); the last value seen.
-    async fn rcvlowat_until(stream: &TcpStream, wanted: impl Fn(libc::c_int) -> bool) -> i32 {
-        let mut value = rcvlowat_of(stream);
-        for _ in 0..1000 {
-            if wanted(value) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            value = rcvlowat_of(stream);
-        }
-        value
-    }
-
-    /// While a splicing direction waits for a destination that takes no more, its source's
-    /// SO_RCVLOWAT is raised (arrivals wake nobody); once the direction has delivered
-    /// everything and waits for its source again, the mark is back at 1, so a short message
-    /// after that (far below the raised mark) still goes through at once. Every byte arrives in
-    /// order, then the FIN.
-    #[cfg(target_os = "linux")]
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_blocked_splice_quiets_its_source_until_it_waits_for_it_again() {
-        const LEN: usize = 4 * 1024 * 1024;
-        let (client, mut client_far) = pair(None).await;
-        let (server, mut target_far) = pair(Some(4096)).await;
-        socket2::SockRef::from(&server)
-            .set_send_buffer_size(4096)
-            .unwrap();
-        let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
-        let sent = data.clone();
-        let (go_on, tail_may_go) = tokio::sync::oneshot::channel::<()>();
-        let writer = tokio::spawn(async move {
-            client_far.write_all(&sent).await.unwrap();
-            tail_may_go.await.unwrap();
-            client_far.write_all(b"tail").await.unwrap();
-            client_far.shutdown().await.unwrap();
-            let mut rest = Vec::new();
-            client_far.read_to_end(&mut rest).await.unwrap();
-        });
-        let (total_up, total_down) = (AtomicU64::new(0), AtomicU64::new(0));
-        let (to_server, to_client) = (Meter::new(&total_up), Meter::new(&total_down));
-        let fresh = Fresh {
-            keepalive: None,
-            wrote: false,
-        };
-        let relay = relay(&client, &server, true, None, fresh, &to_server, &to_client);
-        let far = async {
-            // The first MiB is read at once (a read that fills the copy buffer turns the
-            // direction to splicing); then nothing until the relay has raised the mark.
-            let mut got = vec![0u8; LEN];
-            target_far.read_exact(&mut got[..1 << 20]).await.unwrap();
-            let raised = rcvlowat_until(&client, |v| v > 1).await;
-            target_far.read_exact(&mut got[1 << 20..]).await.unwrap();
-            let lowered = rcvlowat_until(&client, |v| v == 1).await;
-            go_on.send(()).unwrap();
-            let mut tail = Vec::new();
-            target_far.read_to_end(&mut tail).await.unwrap();
-            target_far.shutdown().await.unwrap();
-            (raised, got, lowered, tail)
-        };
-        let (ended, (raised, got, lowered, tail)) =
-            tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(relay, far) })
-                .await
-                .expect("the upload finishes");
-        assert!(
-            raised > 1,
-            "the mark was never raised (SO_RCVLOWAT {raised})"
-        );
-        assert!(got == data, "every byte, in order");
-        assert_eq!(lowered, 1, "lowered once the source was drained");
-        assert_eq!(tail, b"tail", "the short message, then the FIN");
-        assert!(matches!(ended, Ok(Ended::Complete)), "{ended:?}");
-        assert_eq!(total_up.load(Ordering::Relaxed), LEN as u64 + 4);
-        // Closed as the handler closes them, which ends the writer's wait for the far end.
-        drop((client, server));
-        writer.await.unwrap();
-    }
-
-    /// An older process may hand over a connection whose source has SO_RCVLOWAT raised (the
-    /// record does not say): the resumed relay lowers it before waiting, so a message far
-    /// below the mark still goes through.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_resumed_direction_lowers_a_mark_the_older_process_left_raised() {
-        let (client, mut client_far) = pair(None).await;
-        let (server, mut target_far) = pair(None).await;
-        assert!(
-            sockets::raise_rcvlowat(&client),
-            "as the older process left it"
-        );
-        assert!(rcvlowat_of(&client) > 1);
-        let record = || handover::Direction::<OwnedFd> {
-            splice: true,
-            may_splice: true,
-            ended: false,
-            held: handover::Held::Nothing,
-        };
-        let directions = [
-            Direction::resume(record(), true).unwrap(),
-            Direction::resume(record(), true).unwrap(),
-        ];
-        let (total_up, total_down) = (AtomicU64::new(0), AtomicU64::new(0));
-        let (to_server, to_client) = (Meter::new(&total_up), Meter::new(&total_down));
-        let relay = resume(
-            &client, &server, directions, None, None, &to_server, &to_client,
-        );
-        let message = async {
-            up(&mut client_far, &mut target_far, b"after the upgrade").await;
-            rcvlowat_of(&client)
-        };
-        let lowat = tokio::select! {
-            ended = relay => panic!("the relay ended: {ended:?}"),
-            lowat = tokio::time::timeout(Duration::from_secs(20), message) => {
-                lowat.expect("a short message goes through after the handover")
-            }
-        };
-        assert_eq!(lowat, 1);
     }
 
     /// A direction whose splices keep filling a whole pipe grows it after GROW_AFTER of them
