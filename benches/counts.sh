@@ -14,6 +14,7 @@
 #   EAGAIN       of those, the ones that found nothing to read or no room to write
 #   read, send   read(2)/recvfrom(2) and write(2)/sendto(2): the copy path (a direction copies
 #                small messages and switches to splice when a read fills its 16 KiB buffer)
+#   pipe2, fcntl, close   pipes made, sized and closed: the pipe pools' churn
 #   epoll_wait   calls: each one a wake-up of a thread waiting for events, or a poll
 #   cs           context switches of the balancer's threads (voluntary + involuntary)
 #   CPU ms       the balancer's task-clock, ms per MiB (= CPU s per GB × 1.05; this one does
@@ -46,7 +47,7 @@ while [ $# -gt 0 ]; do
         --out) OUT=$2; shift ;;
         --alt) ALT=$2; shift ;;
         --alt-key) ALT_KEY=$2; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) echo "counts.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -98,6 +99,7 @@ done
 EVENTS=task-clock,context-switches,syscalls:sys_enter_splice,syscalls:sys_enter_epoll_wait
 EVENTS=$EVENTS,syscalls:sys_enter_read,syscalls:sys_enter_recvfrom
 EVENTS=$EVENTS,syscalls:sys_enter_write,syscalls:sys_enter_sendto
+EVENTS=$EVENTS,syscalls:sys_enter_pipe2,syscalls:sys_enter_fcntl,syscalls:sys_enter_close
 RESULTS=$OUT/counts.jsonl
 for rep in $(seq 1 "$REPS"); do
     for scenario in $SCENARIOS; do
@@ -154,6 +156,7 @@ import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 cols = [("splice", "splice"), ("splice_eagain", "EAGAIN"), ("read", "read"),
         ("recvfrom", "recvfrom"), ("write", "write"), ("sendto", "sendto"),
+        ("pipe2", "pipe2"), ("fcntl", "fcntl"), ("close", "close"),
         ("epoll_wait", "epoll_wait"), ("cs", "cs"), ("cpu_ms", "CPU ms")]
 loads = [r["load1"] for r in rows]
 print(f"Per MiB received, median of {max(r['rep'] for r in rows)} repetitions; "

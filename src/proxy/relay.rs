@@ -374,8 +374,13 @@ pub(crate) struct Direction {
     ended: bool,
     /// Whether the destination has TCP_NODELAY yet.
     nodelay: NoDelay,
-    /// Splices in a row that moved a whole [`splice::PIPE_SIZE`] from the source (saturating):
-    /// from [`splice::GROW_AFTER`] on, this is a sustained bulk transfer, whose pipe grows.
+    /// Splices in a row that moved a whole [`splice::PIPE_SIZE`] from the source (saturating).
+    /// From [`splice::GROW_AFTER`] on, this is a sustained bulk transfer until the direction
+    /// goes back to copying: a short fill (the last one before each wait) no longer resets it,
+    /// it takes big pipes from the pool, and grows a small one at its first full fill. (Were it
+    /// reset before each wait, the direction would take a small pipe every time, grow it
+    /// again, and the grown ones would pile up in the big pool and be closed while new small
+    /// ones were made: a pipe2, two fcntl and two close every few MiB.)
     #[cfg(target_os = "linux")]
     full_fills: u8,
 }
@@ -499,9 +504,8 @@ impl Direction {
         };
         #[cfg(target_os = "linux")]
         if self.mode == Mode::Splice {
-            let bulk = self.full_fills >= splice::GROW_AFTER;
             if self.pipe.is_none() {
-                match splice::take_pipe(bulk) {
+                match splice::take_pipe(self.is_bulk()) {
                     Ok(pipe) => self.pipe = Some(pipe),
                     // Out of file descriptors, or past the per-user pipe budget (the kernel
                     // gives a pipe smaller than the copy buffer): this direction copies in
@@ -550,16 +554,25 @@ impl Direction {
         }
     }
 
+    /// In a sustained bulk transfer (see [`Direction::full_fills`]).
+    #[cfg(target_os = "linux")]
+    fn is_bulk(&self) -> bool {
+        self.full_fills >= splice::GROW_AFTER
+    }
+
     /// A splice from the source moved `n` bytes into the pipe: counts the full ones in a row,
-    /// and grows the pipe of a sustained bulk transfer (see `splice.rs`).
+    /// and grows the pipe of a sustained bulk transfer (see `splice.rs` and
+    /// [`Direction::full_fills`]).
     #[cfg(target_os = "linux")]
     fn filled(&mut self, n: usize) {
         if n < splice::PIPE_SIZE {
-            self.full_fills = 0;
+            if !self.is_bulk() {
+                self.full_fills = 0;
+            }
             return;
         }
         self.full_fills = self.full_fills.saturating_add(1);
-        if self.full_fills >= splice::GROW_AFTER {
+        if self.is_bulk() {
             if let Some(pipe) = self.pipe.as_mut().filter(|p| !p.is_big()) {
                 if !pipe.grow() {
                     // None to be had now: asked again after the next GROW_AFTER full ones.
@@ -641,6 +654,7 @@ impl Direction {
                 // Small messages again: a read and a write move them more cheaply.
                 self.release();
                 self.mode = Mode::Copy;
+                self.full_fills = 0;
             }
             _ => {}
         }
@@ -1046,6 +1060,46 @@ mod tests {
             !keepalive_of(&client).0,
             "the client socket is not the relay's to tune"
         );
+    }
+
+    /// Once a direction's pipe grew, the short fill before each wait does not end the bulk
+    /// transfer: it takes the big pipe back from the pool, and grows a small one at its first
+    /// full fill. Going back to copying ends it.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_bulk_transfer_keeps_big_pipes_across_waits() {
+        let _one = splice::ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut direction = Direction::new(true);
+        direction.mode = Mode::Splice;
+        direction.pipe = Some(splice::take_pipe(false).unwrap());
+        let big = |d: &Direction| d.pipe.as_ref().is_some_and(|p| p.is_big());
+        for _ in 0..splice::GROW_AFTER {
+            direction.filled(splice::PIPE_SIZE);
+        }
+        assert!(big(&direction), "grown");
+        let inode = |d: &Direction| {
+            use std::os::unix::fs::MetadataExt;
+            let fd = d.pipe.as_ref().map(|p| p.read_fd()).unwrap();
+            std::fs::metadata(format!("/proc/self/fd/{fd}"))
+                .unwrap()
+                .ino()
+        };
+        let grown = inode(&direction);
+        // The last fill before a wait is short; the wait gives the pipe back to the pool.
+        direction.filled(splice::PIPE_SIZE - 1);
+        direction.release();
+        direction.pipe =
+            Some(splice::take_pipe(direction.full_fills >= splice::GROW_AFTER).unwrap());
+        assert_eq!(inode(&direction), grown, "the same big pipe, from the pool");
+        // No big one in the pool: a small one grows at its first full fill.
+        direction.pipe = Some(splice::take_pipe(false).unwrap());
+        direction.filled(splice::PIPE_SIZE);
+        assert!(big(&direction), "grown at its first full fill");
+        direction.chunk = splice::SMALL - 1;
+        direction.chunk_delivered();
+        assert_eq!((direction.mode, direction.full_fills), (Mode::Copy, 0));
     }
 
     /// A direction whose splices keep filling a whole pipe grows it after GROW_AFTER of them

@@ -34,10 +34,10 @@ use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
 /// Pipes kept per worker thread among the big ones (they count in [`max_pooled`] too).
 const BIG_POOL_PER_THREAD: usize = 2;
-use std::sync::OnceLock;
 
 /// Pipes kept per worker thread. Beyond it (or beyond [`max_pooled`] for all threads), returned
 /// pipes are closed. Small, because each pooled pipe holds two file descriptors out of the
