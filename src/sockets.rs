@@ -7,10 +7,10 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
-use tokio::net::TcpStream;
 
 /// Pending connections the kernel queues before we accept them. The kernel caps it at
 /// `net.core.somaxconn`.
@@ -92,18 +92,18 @@ pub fn inherit_to_accepted<S: std::os::fd::AsFd>(
 /// vanished is noticed and its connection freed in minutes rather than the kernel's hours.
 /// (A new target socket gets them one at a time, when they start to matter: see
 /// `proxy/relay.rs`.)
-pub fn tune(stream: &TcpStream, keepalive: Option<&Keepalive>) {
+pub fn tune(stream: &impl AsFd, keepalive: Option<&Keepalive>) {
     nodelay(stream);
     let _ = set_keepalive(&SockRef::from(stream), keepalive);
 }
 
 /// TCP_NODELAY on `stream` (see [`tune`]). A failure (the peer is gone) leaves nothing to do.
-pub fn nodelay(stream: &TcpStream) {
-    let _ = stream.set_nodelay(true);
+pub fn nodelay(stream: &impl AsFd) {
+    let _ = SockRef::from(stream).set_tcp_nodelay(true);
 }
 
 /// TCP keepalive with `keepalive`'s times on `stream` (see [`tune`]).
-pub fn keepalive(stream: &TcpStream, keepalive: &Keepalive) {
+pub fn keepalive(stream: &impl AsFd, keepalive: &Keepalive) {
     let _ = set_keepalive(&SockRef::from(stream), Some(keepalive));
 }
 
@@ -122,17 +122,23 @@ fn set_keepalive(socket: &SockRef<'_>, keepalive: Option<&Keepalive>) -> io::Res
 
 /// Makes the coming close of `stream` abortive: SO_LINGER with a zero timeout turns close(2)
 /// into a RST, which is how a peer learns that the stream was cut rather than complete.
-pub fn reset_on_close(stream: &TcpStream) {
+pub fn reset_on_close(stream: &impl AsFd) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
 /// Bytes written to `stream` that the kernel has not sent yet (`SIOCOUTQNSD`): a reset now
 /// would discard them. (Bytes sent and not yet acknowledged are with the peer already.)
-pub fn unsent(stream: &TcpStream) -> usize {
+pub fn unsent(stream: &impl AsFd) -> usize {
     use std::os::fd::AsRawFd;
     let mut queued: libc::c_int = 0;
     // SAFETY: SIOCOUTQNSD on a TCP socket we own writes one int; on failure we report 0.
-    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::SIOCOUTQNSD as _, &mut queued) };
+    let rc = unsafe {
+        libc::ioctl(
+            stream.as_fd().as_raw_fd(),
+            libc::SIOCOUTQNSD as _,
+            &mut queued,
+        )
+    };
     if rc == 0 {
         usize::try_from(queued).unwrap_or(0)
     } else {

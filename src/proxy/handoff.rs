@@ -35,7 +35,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 
@@ -170,17 +169,16 @@ impl Proxied<'_> {
     /// The record of this connection, its relay stopped between two polls.
     pub(super) fn record(
         &self,
-        client: &TcpStream,
-        server: &TcpStream,
         relay: &Relay<'_>,
         to_target: u64,
         to_client: u64,
     ) -> handover::Connection<RawFd> {
         let ([up, down], quiet) = relay.record();
+        let (client, server) = relay.fds();
         let micros = |since: Instant| u64::try_from(since.elapsed().as_micros()).unwrap_or(0);
         handover::Connection {
-            client: client.as_raw_fd(),
-            server: server.as_raw_fd(),
+            client,
+            server,
             peer: self.peer,
             target: self.target.id.to_string(),
             pinned: self.pinned,

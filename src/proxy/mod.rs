@@ -32,6 +32,7 @@ mod header;
 pub(crate) mod listener;
 pub(crate) mod own_sockets;
 pub(crate) mod relay;
+mod relay_socket;
 mod snapshot;
 #[cfg(target_os = "linux")]
 pub(crate) mod splice;
@@ -231,9 +232,12 @@ impl Proxy {
             keepalive: config.tcp_keepalive.as_ref(),
             wrote: route.target().proxy_protocol.is_some(),
         };
+        // The relay owns both sockets from here, and resets them unless they end cleanly.
+        client_guard.hand_to_relay();
+        server_guard.hand_to_relay();
         let mut relay = relay::relay(
-            &client,
-            &server,
+            client,
+            server,
             config.zero_copy,
             config.idle_timeout,
             fresh,
@@ -242,12 +246,9 @@ impl Proxy {
         );
         // Awaited here, not in a shared helper: each async layer a relay is moved through keeps
         // its own copy in the task, and the task is what an idle connection costs.
-        let relayed = self
-            .relay_stage(&client, &server, &mut relay, &proxied)
-            .await;
-        let guards = [client_guard, server_guard];
+        let relayed = self.relay_stage(&mut relay, &proxied).await;
         let meters = [&to_target, &to_client];
-        self.relayed(relayed, guards, on_target, meters, &proxied, config);
+        self.relayed(relayed, &mut relay, on_target, meters, &proxied, config);
     }
 
     /// Serves a connection an older process handed over in an upgrade (see [`handoff`]) to
@@ -280,8 +281,6 @@ impl Proxy {
                 return;
             }
         };
-        let client_guard = ResetOnDrop::new(&client);
-        let server_guard = ResetOnDrop::new(&server);
         let generation = self.store.load_full();
         let config = &generation.config;
         // The older process may have handed it over before its relay tuned the target socket
@@ -307,9 +306,10 @@ impl Proxy {
             accepted,
             proxied,
         };
+        // The relay owns both sockets, and resets them unless they end cleanly.
         let mut relay = relay::resume(
-            &client,
-            &server,
+            client,
+            server,
             directions,
             config.idle_timeout,
             quiet,
@@ -318,24 +318,15 @@ impl Proxy {
         );
         // Awaited here, not in a shared helper: each async layer a relay is moved through keeps
         // its own copy in the task, and the task is what an idle connection costs.
-        let relayed = self
-            .relay_stage(&client, &server, &mut relay, &proxied)
-            .await;
-        let guards = [client_guard, server_guard];
+        let relayed = self.relay_stage(&mut relay, &proxied).await;
         let meters = [&to_target, &to_client];
-        self.relayed(relayed, guards, on_target, meters, &proxied, config);
+        self.relayed(relayed, &mut relay, on_target, meters, &proxied, config);
     }
 
     /// Relays until the relay ends, the shutdown cut, or an upgrade takes the connection over
     /// (see [`handoff`]). An upgrade that fails hands the connection back, and it relays on
     /// from where it stopped.
-    async fn relay_stage(
-        &self,
-        client: &TcpStream,
-        server: &TcpStream,
-        relay: &mut Relay<'_>,
-        proxied: &Proxied<'_>,
-    ) -> Relayed {
+    async fn relay_stage(&self, relay: &mut Relay<'_>, proxied: &Proxied<'_>) -> Relayed {
         let mut seen = 0;
         let mut staying = None;
         loop {
@@ -350,7 +341,7 @@ impl Proxy {
                         continue;
                     }
                     let (to_target, to_client) = relay.bytes();
-                    let record = proxied.record(client, server, relay, to_target, to_client);
+                    let record = proxied.record(relay, to_target, to_client);
                     // Boxed: a hand-off is rare, and held inline its state would make every
                     // connection's task larger for its whole life (idle memory).
                     if Box::pin(self.handover.hand_off(record)).await == Verdict::Taken {
@@ -363,14 +354,15 @@ impl Proxy {
     }
 
     /// The end of a relay stage: a connection that ended cleanly closes both sockets with a
-    /// FIN; a cut one resets both (the guards), so neither peer mistakes it for a complete
+    /// FIN; a cut one resets both (the relay does, when dropped), so neither peer mistakes it for a complete
     /// stream; one handed over closes this process's descriptors without touching the
     /// connection, which lives on in the new process. Then the accounting, except for a
-    /// handed-over connection: it is not over.
+    /// handed-over connection: it is not over. (The sockets close when the relay is dropped,
+    /// after this.)
     fn relayed(
         &self,
         relayed: Relayed,
-        mut guards: [ResetOnDrop<'_>; 2],
+        relay: &mut Relay<'_>,
         on_target: TargetOpen<'_>,
         [to_target, to_client]: [&Meter<'_>; 2],
         proxied: &Proxied<'_>,
@@ -379,15 +371,11 @@ impl Proxy {
         let result = match relayed {
             Relayed::Ended(result) => result,
             Relayed::HandedOver => {
-                guards.iter_mut().for_each(ResetOnDrop::disarm);
+                relay.handed_over();
                 tracing::trace!(client = %proxied.peer, "connection handed over");
                 return;
             }
         };
-        if result.is_ok() {
-            guards.iter_mut().for_each(ResetOnDrop::disarm);
-        }
-        drop(guards);
         drop(on_target);
         self.account(Account {
             config,
@@ -582,8 +570,8 @@ impl<'a> ResetOnDrop<'a> {
         ResetOnDrop(Some(stream))
     }
 
-    /// The stream ended cleanly: close it normally.
-    fn disarm(&mut self) {
+    /// The relay takes the stream over, and resets it itself unless it ends cleanly.
+    fn hand_to_relay(mut self) {
         self.0 = None;
     }
 }

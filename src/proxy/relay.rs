@@ -41,6 +41,7 @@ use tokio::net::TcpStream;
 
 use super::copy;
 use super::cut::{Cut, How, Side};
+use super::relay_socket::RelaySocket;
 #[cfg(target_os = "linux")]
 use super::splice;
 use crate::handover;
@@ -110,10 +111,13 @@ pub(crate) struct Fresh<'a> {
 }
 
 /// Relays `client` ⇄ `server` until both directions have ended cleanly, a cut, or (with
-/// `idle` set) no byte moved either way for that long. `server` is [`Fresh`].
+/// `idle` set) no byte moved either way for that long. `server` is [`Fresh`]. The relay owns
+/// both sockets from here on (it changes their registration with the reactor, see
+/// `relay_socket.rs`) and resets both when dropped unless it ended cleanly (or
+/// [`Relay::handed_over`]).
 pub(crate) fn relay<'a>(
-    client: &'a TcpStream,
-    server: &'a TcpStream,
+    client: TcpStream,
+    server: TcpStream,
     zero_copy: bool,
     idle: Option<Duration>,
     fresh: Fresh<'a>,
@@ -134,8 +138,8 @@ pub(crate) fn relay<'a>(
 /// its directions as they were, and the time since a byte last moved (`quiet`), so the idle
 /// timeout goes on counting where it was. Its target socket is tuned already.
 pub(crate) fn resume<'a>(
-    client: &'a TcpStream,
-    server: &'a TcpStream,
+    client: TcpStream,
+    server: TcpStream,
     [up, down]: [Direction; 2],
     idle: Option<Duration>,
     quiet: Option<Duration>,
@@ -144,8 +148,9 @@ pub(crate) fn resume<'a>(
 ) -> Relay<'a> {
     let moved = to_server.bytes() + to_client.bytes();
     Relay {
-        client,
-        server,
+        client: RelaySocket::new(client),
+        server: RelaySocket::new(server),
+        reset_on_drop: true,
         up,
         down,
         to_server,
@@ -165,8 +170,13 @@ pub(crate) fn resume<'a>(
 /// `poll_write_ready` (one waker each) allow.
 #[derive(Debug)]
 pub(crate) struct Relay<'a> {
-    client: &'a TcpStream,
-    server: &'a TcpStream,
+    client: RelaySocket,
+    server: RelaySocket,
+    /// Whether dropping the relay resets both sockets: until it ends cleanly (or
+    /// [`Relay::handed_over`]), so that every cut, including one that drops the handler (a
+    /// panic, the runtime shutting down), reaches the peers as a reset, never as a FIN they
+    /// would take for the end of the stream.
+    reset_on_drop: bool,
     up: Direction,
     down: Direction,
     to_server: &'a Meter<'a>,
@@ -240,25 +250,29 @@ impl Future for Relay<'_> {
         let this = self.get_mut();
         if let Some((timer, keepalive)) = &mut this.keepalive {
             if timer.as_mut().poll(cx).is_ready() {
-                sockets::keepalive(this.server, keepalive);
+                sockets::keepalive(&this.server, keepalive);
                 this.keepalive = None;
             }
         }
         if this.failed.is_none() {
             let down_ended = this.down.ended;
             if !this.up.ended {
-                let up = this
-                    .up
-                    .poll(cx, this.client, this.server, this.to_server, down_ended);
+                let up = this.up.poll(
+                    cx,
+                    &mut this.client,
+                    &this.server,
+                    this.to_server,
+                    down_ended,
+                );
                 if let Poll::Ready(Err(fault)) = up {
                     this.fail(Which::Up, fault);
                 }
             }
             let up_ended = this.up.ended;
             if this.failed.is_none() && !this.down.ended {
-                let down = this
-                    .down
-                    .poll(cx, this.server, this.client, this.to_client, up_ended);
+                let down =
+                    this.down
+                        .poll(cx, &mut this.server, &this.client, this.to_client, up_ended);
                 if let Poll::Ready(Err(fault)) = down {
                     this.fail(Which::Down, fault);
                 }
@@ -266,16 +280,17 @@ impl Future for Relay<'_> {
         }
         let Some(failed) = &mut this.failed else {
             if this.up.ended && this.down.ended {
+                this.reset_on_drop = false;
                 return Poll::Ready(Ok(Ended::Complete));
             }
             if let Some(idle) = &mut this.idle {
                 let moved = this.to_server.bytes() + this.to_client.bytes();
                 if idle.poll_expired(cx, moved) {
-                    return Poll::Ready(if this.holding() {
-                        Err(Cut::by_balancer(How::Idle))
-                    } else {
-                        Ok(Ended::Idle)
-                    });
+                    if this.holding() {
+                        return Poll::Ready(Err(Cut::by_balancer(How::Idle)));
+                    }
+                    this.reset_on_drop = false;
+                    return Poll::Ready(Ok(Ended::Idle));
                 }
             }
             return Poll::Pending;
@@ -286,10 +301,11 @@ impl Future for Relay<'_> {
         let delivered = match failed.survivor {
             Some(Which::Up) => this
                 .up
-                .poll_drain(cx, this.client, this.server, this.to_server),
-            Some(Which::Down) => this
-                .down
-                .poll_drain(cx, this.server, this.client, this.to_client),
+                .poll_drain(cx, &this.client, &this.server, this.to_server),
+            Some(Which::Down) => {
+                this.down
+                    .poll_drain(cx, &this.server, &this.client, this.to_client)
+            }
             None => Poll::Ready(()),
         };
         if delivered.is_pending() {
@@ -298,8 +314,8 @@ impl Future for Relay<'_> {
         failed.survivor = None;
         // What stickylb wrote must also have left its send queue: the reset would discard it.
         let flush = match failed.flush {
-            Which::Up => this.server,
-            Which::Down => this.client,
+            Which::Up => &this.server,
+            Which::Down => &this.client,
         };
         loop {
             if crate::sockets::unsent(flush) == 0 {
@@ -308,6 +324,15 @@ impl Future for Relay<'_> {
             ready!(failed.tick.as_mut().poll(cx));
             let next = tokio::time::Instant::now() + FLUSH_TICK;
             failed.tick.as_mut().reset(next);
+        }
+    }
+}
+
+impl Drop for Relay<'_> {
+    fn drop(&mut self) {
+        if self.reset_on_drop {
+            sockets::reset_on_close(&self.client);
+            sockets::reset_on_close(&self.server);
         }
     }
 }
@@ -421,25 +446,47 @@ impl Direction {
     /// passed on (Ready(Ok)), or a fault. `other_ended`: the other direction has already
     /// ended, so the half-close is skipped: both sockets are closed right after, and close(2)
     /// sends the FIN anyway.
+    ///
+    /// A splicing direction whose destination takes no more takes its source's read interest
+    /// off the reactor (its arrivals would wake a thread that cannot read them yet), reads
+    /// without waiting for readiness from then on, and turns the interest back on when it
+    /// finds the source empty (see `relay_socket.rs`). A change of registration drops the
+    /// wakers registered with the old one, so the task is woken to poll both directions again.
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        src: &TcpStream,
-        dst: &TcpStream,
+        src: &mut RelaySocket,
+        dst: &RelaySocket,
         meter: &Meter<'_>,
         other_ended: bool,
     ) -> Poll<Result<(), Fault>> {
         loop {
             if self.holding() {
-                ready!(self.poll_write(cx, dst, meter))?;
+                if self.poll_write(cx, dst, meter)?.is_pending() {
+                    #[cfg(target_os = "linux")]
+                    if self.mode == Mode::Splice && src.set_reads(false).map_err(Fault::read)? {
+                        cx.waker().wake_by_ref();
+                    }
+                    return Poll::Pending;
+                }
                 if self.holding() {
                     continue;
                 }
                 self.chunk_delivered();
                 continue;
             }
-            ready!(src.poll_read_ready(cx)).map_err(Fault::read)?;
-            match self.try_read(src, true).map_err(Fault::read)? {
+            let read = if src.reads() {
+                ready!(src.poll_read_ready(cx)).map_err(Fault::read)?;
+                self.try_read(src, true).map_err(Fault::read)?
+            } else {
+                let read = self.try_read(src, false).map_err(Fault::read)?;
+                // Found empty: its arrivals must wake the reactor again before it waits.
+                if read.is_none() && src.set_reads(true).map_err(Fault::read)? {
+                    cx.waker().wake_by_ref();
+                }
+                read
+            };
+            match read {
                 Some(0) => {
                     self.release();
                     self.ended = true;
@@ -452,9 +499,10 @@ impl Direction {
                     self.chunk = n;
                     self.written = 0;
                 }
-                // Nothing to read now: readiness was cleared, so the next poll_read_ready
-                // registers the waker and returns Pending. Nothing is in flight, so the
-                // buffer or pipe goes back to its pool.
+                // Nothing to read now: readiness was cleared (or the read interest just came
+                // back on, with none yet), so the next poll_read_ready registers the waker and
+                // returns Pending. Nothing is in flight, so the buffer or pipe goes back to its
+                // pool.
                 None => self.release(),
             }
         }
@@ -466,8 +514,8 @@ impl Direction {
     fn poll_drain(
         &mut self,
         cx: &mut Context<'_>,
-        src: &TcpStream,
-        dst: &TcpStream,
+        src: &RelaySocket,
+        dst: &RelaySocket,
         meter: &Meter<'_>,
     ) -> Poll<()> {
         loop {
@@ -493,7 +541,7 @@ impl Direction {
     /// One read (or splice into the pipe) from `src`: `Some(n)` bytes (0 = EOF), or `None`
     /// when the socket had nothing. `gated`: go through tokio's readiness (which then clears
     /// the read readiness on `None`); otherwise read straight away.
-    fn try_read(&mut self, src: &TcpStream, gated: bool) -> io::Result<Option<usize>> {
+    fn try_read(&mut self, src: &RelaySocket, gated: bool) -> io::Result<Option<usize>> {
         let fd = src.as_raw_fd();
         let io = |op: &mut dyn FnMut() -> io::Result<usize>| {
             if gated {
@@ -587,7 +635,7 @@ impl Direction {
     fn poll_write(
         &mut self,
         cx: &mut Context<'_>,
-        dst: &TcpStream,
+        dst: &RelaySocket,
         meter: &Meter<'_>,
     ) -> Poll<Result<(), Fault>> {
         ready!(dst.poll_write_ready(cx)).map_err(Fault::write)?;
@@ -679,6 +727,17 @@ impl Direction {
 /// (the copy buffer's unwritten bytes are copied out; a pipe's descriptors are lent, the pipe
 /// itself stays here until the next process has its own descriptors of it).
 impl Relay<'_> {
+    /// The connection lives on in a new process: dropping the relay closes this process's
+    /// descriptors without touching it. (A relay that ended cleanly closes normally too.)
+    pub(crate) fn handed_over(&mut self) {
+        self.reset_on_drop = false;
+    }
+
+    /// The sockets' descriptors: client, target.
+    pub(crate) fn fds(&self) -> (RawFd, RawFd) {
+        (self.client.as_raw_fd(), self.server.as_raw_fd())
+    }
+
     /// One direction failed, and the other is delivering its last bytes: the connection is
     /// ending, within [`DRAIN_GRACE`]. Such a relay is never handed over.
     pub(crate) fn is_failing(&self) -> bool {
@@ -843,7 +902,7 @@ impl IdleWatch {
 }
 
 /// Passes a FIN on. A peer that is already gone (`ENOTCONN`) has nothing left to tell.
-fn half_close(stream: &TcpStream) -> io::Result<()> {
+fn half_close(stream: &RelaySocket) -> io::Result<()> {
     match socket2::SockRef::from(stream).shutdown(Shutdown::Write) {
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
         other => other,
@@ -898,25 +957,24 @@ mod tests {
         let total_to_server = AtomicU64::new(0);
         let to_client = Meter::new(&total_to_client);
         let to_server = Meter::new(&total_to_server);
-        // Like the handler, close both sockets when the relay ends (the last FIN comes with the
-        // close when the other direction had already ended).
+        // Both sockets close when the relay ends, as in the handler (the last FIN comes with
+        // the close when the other direction had already ended).
         let relay = async {
             let fresh = Fresh {
                 keepalive: None,
                 wrote: false,
             };
-            let ended = relay(
-                &client,
-                &server,
+            // The relay owns both sockets: they close as it completes.
+            relay(
+                client,
+                server,
                 true,
                 Some(IDLE),
                 fresh,
                 &to_server,
                 &to_client,
-            );
-            let ended = ended.await;
-            drop((client, server));
-            ended
+            )
+            .await
         };
         // Reads 4 KiB every 40 ms (about 100 KB/s): one 256 KiB chunk takes ~2.5 s, five
         // times the idle timeout. After each read, the counter must already hold what arrived.
@@ -957,7 +1015,13 @@ mod tests {
         source.await.unwrap();
     }
 
-    fn nodelay_of(stream: &TcpStream) -> bool {
+    /// Another descriptor of a socket the relay is about to own, to look at its options.
+    fn view(stream: &TcpStream) -> OwnedFd {
+        use std::os::fd::AsFd;
+        stream.as_fd().try_clone_to_owned().unwrap()
+    }
+
+    fn nodelay_of(stream: &impl std::os::fd::AsFd) -> bool {
         socket2::SockRef::from(stream).tcp_nodelay().unwrap()
     }
 
@@ -979,18 +1043,19 @@ mod tests {
             let (client, mut client_far) = pair(None).await;
             let (server, mut target_far) = pair(None).await;
             assert!(!nodelay_of(&server), "a fresh socket has Nagle on");
+            let server_view = view(&server);
             let (total_up, total_down) = (AtomicU64::new(0), AtomicU64::new(0));
             let (to_server, to_client) = (Meter::new(&total_up), Meter::new(&total_down));
             let fresh = Fresh {
                 keepalive: None,
                 wrote: header_sent,
             };
-            let relay = relay(&client, &server, true, None, fresh, &to_server, &to_client);
+            let relay = relay(client, server, true, None, fresh, &to_server, &to_client);
             let checks = async {
                 up(&mut client_far, &mut target_far, b"first").await;
-                let after_first = nodelay_of(&server);
+                let after_first = nodelay_of(&server_view);
                 up(&mut client_far, &mut target_far, b"second").await;
-                let after_second = nodelay_of(&server);
+                let after_second = nodelay_of(&server_view);
                 drop((client_far, target_far));
                 (after_first, after_second)
             };
@@ -1025,7 +1090,8 @@ mod tests {
             keepalive: Some(&keepalive),
             wrote: false,
         };
-        let mut relay = relay(&client, &server, true, None, fresh, &to_server, &to_client);
+        let (client_view, server_view) = (view(&client), view(&server));
+        let mut relay = relay(client, server, true, None, fresh, &to_server, &to_client);
         async fn poll_once(relay: &mut Relay<'_>) {
             std::future::poll_fn(|cx| {
                 assert!(
@@ -1036,7 +1102,7 @@ mod tests {
             })
             .await
         }
-        let keepalive_of = |stream: &TcpStream| {
+        let keepalive_of = |stream: &OwnedFd| {
             let socket = socket2::SockRef::from(stream);
             let on = socket.keepalive().unwrap();
             let times = (
@@ -1047,17 +1113,20 @@ mod tests {
             (on, times)
         };
         poll_once(&mut relay).await;
-        assert!(!keepalive_of(&server).0, "not at once");
+        assert!(!keepalive_of(&server_view).0, "not at once");
         tokio::time::advance(KEEPALIVE_AFTER - Duration::from_millis(1)).await;
         poll_once(&mut relay).await;
-        assert!(!keepalive_of(&server).0, "not before {KEEPALIVE_AFTER:?}");
+        assert!(
+            !keepalive_of(&server_view).0,
+            "not before {KEEPALIVE_AFTER:?}"
+        );
         tokio::time::advance(Duration::from_millis(1)).await;
         poll_once(&mut relay).await;
         let times = (keepalive.idle, keepalive.interval, keepalive.count);
-        assert_eq!(keepalive_of(&server), (true, times));
+        assert_eq!(keepalive_of(&server_view), (true, times));
         assert!(relay.keepalive.is_none(), "its timer is freed");
         assert!(
-            !keepalive_of(&client).0,
+            !keepalive_of(&client_view).0,
             "the client socket is not the relay's to tune"
         );
     }
@@ -1129,5 +1198,176 @@ mod tests {
             splice::GROW_AFTER
         );
         direction.release();
+    }
+    /// The events `fd` is registered for in this process's epoll sets (from
+    /// /proc/self/fdinfo), if it is registered: what the reactor will be woken for.
+    fn epoll_events(fd: RawFd) -> Option<u32> {
+        for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+            let is_epoll = std::fs::read_link(entry.path())
+                .is_ok_and(|link| link.to_str() == Some("anon_inode:[eventpoll]"));
+            if !is_epoll {
+                continue;
+            }
+            let name = entry.file_name();
+            let info = std::fs::read_to_string(format!(
+                "/proc/self/fdinfo/{}",
+                name.to_str().unwrap_or_default()
+            ))
+            .unwrap_or_default();
+            for line in info.lines() {
+                let mut words = line.split_whitespace();
+                if words.next() != Some("tfd:") {
+                    continue;
+                }
+                if words.next().and_then(|w| w.parse::<RawFd>().ok()) != Some(fd) {
+                    continue;
+                }
+                let _ = words.next(); // "events:"
+                return words.next().and_then(|w| u32::from_str_radix(w, 16).ok());
+            }
+        }
+        None
+    }
+
+    /// Whether arrivals on `fd` wake the reactor now; looks until `wanted` (1,000 looks, 10 ms
+    /// apart: the kernel signals nothing for a registration's change) and returns the last.
+    async fn reads_until(fd: RawFd, wanted: bool) -> bool {
+        let reads = || epoll_events(fd).is_some_and(|e| e & libc::EPOLLIN as u32 != 0);
+        for _ in 0..1000 {
+            if reads() == wanted {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        reads()
+    }
+
+    /// An upload through a splicing direction into a target that takes no more for a while:
+    /// (client socket's descriptor, far client, far target, relay) with a 4 MiB upload of
+    /// `data` under way, the target's buffers small so that the relay blocks soon.
+    const UPLOAD: usize = 4 * 1024 * 1024;
+
+    fn upload_data() -> Vec<u8> {
+        (0..UPLOAD).map(|i| (i % 251) as u8).collect()
+    }
+
+    /// While a splicing direction waits for a destination that takes no more, its source's
+    /// arrivals wake nobody (its registration loses EPOLLIN); once it has delivered everything
+    /// and finds the source empty, EPOLLIN is back, so a short message after that still goes
+    /// through at once. Every byte arrives in order, then the FIN.
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_blocked_splice_takes_its_source_off_the_reactor_until_it_finds_it_empty() {
+        let (client, mut client_far) = pair(None).await;
+        let (server, mut target_far) = pair(Some(4096)).await;
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let client_fd = client.as_raw_fd();
+        let data = upload_data();
+        let sent = data.clone();
+        let (go_on, tail_may_go) = tokio::sync::oneshot::channel::<()>();
+        let writer = tokio::spawn(async move {
+            client_far.write_all(&sent).await.unwrap();
+            tail_may_go.await.unwrap();
+            client_far.write_all(b"tail").await.unwrap();
+            client_far.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            client_far.read_to_end(&mut rest).await.unwrap();
+        });
+        let (total_up, total_down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let (to_server, to_client) = (Meter::new(&total_up), Meter::new(&total_down));
+        let fresh = Fresh {
+            keepalive: None,
+            wrote: false,
+        };
+        assert!(reads_until(client_fd, true).await, "registered for reads");
+        let relay = relay(client, server, true, None, fresh, &to_server, &to_client);
+        let far = async {
+            // The first MiB at once (a read that fills the copy buffer turns the direction to
+            // splicing); then nothing until the relay has taken the client off the reactor.
+            let mut got = vec![0u8; UPLOAD];
+            target_far.read_exact(&mut got[..1 << 20]).await.unwrap();
+            let off = !reads_until(client_fd, false).await;
+            target_far.read_exact(&mut got[1 << 20..]).await.unwrap();
+            let on = reads_until(client_fd, true).await;
+            go_on.send(()).unwrap();
+            let mut tail = Vec::new();
+            target_far.read_to_end(&mut tail).await.unwrap();
+            target_far.shutdown().await.unwrap();
+            (off, got, on, tail)
+        };
+        let (ended, (off, got, on, tail)) =
+            tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(relay, far) })
+                .await
+                .expect("the upload finishes");
+        assert!(
+            off,
+            "the client's arrivals kept waking the reactor while blocked"
+        );
+        assert!(got == data, "every byte, in order");
+        assert!(on, "EPOLLIN back once the client was found empty");
+        assert_eq!(tail, b"tail", "the short message, then the FIN");
+        assert!(matches!(ended, Ok(Ended::Complete)), "{ended:?}");
+        assert_eq!(total_up.load(Ordering::Relaxed), UPLOAD as u64 + 4);
+        writer.await.unwrap();
+    }
+
+    /// A client that resets while its direction waits for the target (off the reactor, as
+    /// long as the target reads nothing) is still heard once the target takes more: the
+    /// target's stream ends in a reset, never in a clean FIN it would take for the whole upload.
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_reset_while_its_direction_waits_reaches_the_target_as_a_reset() {
+        let (client, mut client_far) = pair(None).await;
+        let (server, mut target_far) = pair(Some(4096)).await;
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let client_fd = client.as_raw_fd();
+        let data = upload_data();
+        let writer = tokio::spawn(async move {
+            client_far.write_all(&data).await.unwrap();
+            socket2::SockRef::from(&client_far)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            drop(client_far);
+        });
+        let (total_up, total_down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let (to_server, to_client) = (Meter::new(&total_up), Meter::new(&total_down));
+        let fresh = Fresh {
+            keepalive: None,
+            wrote: false,
+        };
+        let relay = relay(client, server, true, None, fresh, &to_server, &to_client);
+        let far = async {
+            let mut first = vec![0u8; 1 << 20];
+            target_far.read_exact(&mut first).await.unwrap();
+            let off = !reads_until(client_fd, false).await;
+            // The target's stream, to its very end.
+            let mut got = first.len();
+            let mut buf = vec![0u8; 1 << 16];
+            let ending = loop {
+                match target_far.read(&mut buf).await {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => got += n,
+                    Err(e) => break Err(e.kind()),
+                }
+            };
+            (off, got, ending)
+        };
+        let (ended, (off, got, ending)) =
+            tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(relay, far) })
+                .await
+                .expect("the upload ends");
+        assert!(off, "never off the reactor");
+        assert_eq!(
+            ending,
+            Err(io::ErrorKind::ConnectionReset),
+            "the target's stream after {got} bytes"
+        );
+        assert!(got <= UPLOAD, "{got} bytes");
+        assert!(ended.is_err(), "{ended:?}");
+        writer.await.unwrap();
     }
 }
