@@ -16,6 +16,8 @@
 #                small messages and switches to splice when a read fills its 16 KiB buffer)
 #   pipe2, fcntl, close   pipes made, sized and closed: the pipe pools' churn
 #   epoll_wait   calls: each one a wake-up of a thread waiting for events, or a poll
+#   epoll_ctl    registrations added, changed or removed (stickylb takes a blocked direction's
+#                source off epoll and puts it back: a DEL and an ADD each way)
 #   cs           context switches of the balancer's threads (voluntary + involuntary)
 #   CPU ms       the balancer's task-clock, ms per MiB (= CPU s per GB × 1.05; this one does
 #                depend on the load)
@@ -100,6 +102,7 @@ EVENTS=task-clock,context-switches,syscalls:sys_enter_splice,syscalls:sys_enter_
 EVENTS=$EVENTS,syscalls:sys_enter_read,syscalls:sys_enter_recvfrom
 EVENTS=$EVENTS,syscalls:sys_enter_write,syscalls:sys_enter_sendto
 EVENTS=$EVENTS,syscalls:sys_enter_pipe2,syscalls:sys_enter_fcntl,syscalls:sys_enter_close
+EVENTS=$EVENTS,syscalls:sys_enter_epoll_ctl
 RESULTS=$OUT/counts.jsonl
 for rep in $(seq 1 "$REPS"); do
     for scenario in $SCENARIOS; do
@@ -157,7 +160,8 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 cols = [("splice", "splice"), ("splice_eagain", "EAGAIN"), ("read", "read"),
         ("recvfrom", "recvfrom"), ("write", "write"), ("sendto", "sendto"),
         ("pipe2", "pipe2"), ("fcntl", "fcntl"), ("close", "close"),
-        ("epoll_wait", "epoll_wait"), ("cs", "cs"), ("cpu_ms", "CPU ms")]
+        ("epoll_wait", "epoll_wait"), ("epoll_ctl", "epoll_ctl"), ("cs", "cs"),
+        ("cpu_ms", "CPU ms")]
 loads = [r["load1"] for r in rows]
 print(f"Per MiB received, median of {max(r['rep'] for r in rows)} repetitions; "
       f"1-minute load average before each run: median {statistics.median(loads):.2f}, "
