@@ -6,7 +6,9 @@
 //! - [`own_sockets`]: the local addresses of stickylb's own outgoing sockets, so that a target
 //!   that loops back into the listener is refused at its first turn.
 //! - [`relay`]: both directions of one connection, half-close and reset semantics;
-//!   `splice` (Linux) and [`copy`]: the two ways one direction moves bytes.
+//!   `splice` (Linux) and [`copy`]: the two ways one direction moves bytes;
+//!   `relay_socket`: the relay's hold on a socket, whose read interest it takes off the
+//!   reactor while the direction reading it is blocked.
 //! - [`cut`]: how a connection ended when it did not end cleanly (who failed, and how), and
 //!   the shutdown deadline's signal.
 //! - [`handoff`]: an upgrade's side of the data path: a connection leaves for a new process
@@ -281,6 +283,9 @@ impl Proxy {
                 return;
             }
         };
+        // Until the relay owns them: a reset if this handler is dropped before.
+        let client_guard = ResetOnDrop::new(&client);
+        let server_guard = ResetOnDrop::new(&server);
         let generation = self.store.load_full();
         let config = &generation.config;
         // The older process may have handed it over before its relay tuned the target socket
@@ -306,7 +311,9 @@ impl Proxy {
             accepted,
             proxied,
         };
-        // The relay owns both sockets, and resets them unless they end cleanly.
+        // The relay owns both sockets from here, and resets them unless they end cleanly.
+        client_guard.hand_to_relay();
+        server_guard.hand_to_relay();
         let mut relay = relay::resume(
             client,
             server,
@@ -561,8 +568,9 @@ struct Account<'a> {
     proxied: Option<Instant>,
 }
 
-/// Makes the close of a socket a reset unless the connection ended cleanly: every cut,
-/// including one that drops the handler, reaches the peers as a reset.
+/// Makes the close of a socket a reset until the relay takes it over (the relay then does the
+/// same for its whole life, see `Relay`): every cut, including one that drops the handler (a
+/// panic, the runtime shutting down), reaches the peers as a reset.
 struct ResetOnDrop<'a>(Option<&'a TcpStream>);
 
 impl<'a> ResetOnDrop<'a> {

@@ -19,6 +19,11 @@
 //!   (unless `zeroCopy` is false), switching per direction as the traffic changes; it keeps
 //!   copying if the kernel refuses splice for these sockets, no fd is left for a pipe, or the
 //!   pipe it gets is smaller than the copy buffer (the per-user pipe budget is spent).
+//! - A splicing direction whose destination takes no more takes its source off the reactor's
+//!   read interest until it finds the source empty (see `relay_socket.rs`): otherwise every
+//!   segment arriving from a client faster than its target wakes a thread that cannot read it
+//!   yet. The relay owns both sockets for that, and resets both if it is dropped before it
+//!   ended cleanly.
 //! - The target socket is tuned as late as it can be without changing what happens on the
 //!   wire, so that a short connection does not pay for options it never needs (see [`Fresh`]):
 //!   TCP_NODELAY before the second write to it (Nagle's algorithm holds back only a small
