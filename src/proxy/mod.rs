@@ -361,11 +361,11 @@ impl Proxy {
     }
 
     /// The end of a relay stage: a connection that ended cleanly closes both sockets with a
-    /// FIN; a cut one resets both (the relay does, when dropped), so neither peer mistakes it for a complete
-    /// stream; one handed over closes this process's descriptors without touching the
-    /// connection, which lives on in the new process. Then the accounting, except for a
-    /// handed-over connection: it is not over. (The sockets close when the relay is dropped,
-    /// after this.)
+    /// FIN; a cut one resets both, so neither peer mistakes it for a complete stream; one
+    /// handed over closes this process's descriptors without touching the connection, which
+    /// lives on in the new process. Then the accounting, except for a handed-over connection:
+    /// it is not over. The sockets close when the relay is dropped, after this (it resets them
+    /// unless it ended cleanly or was handed over).
     fn relayed(
         &self,
         relayed: Relayed,
