@@ -455,8 +455,8 @@ impl Direction {
     /// A splicing direction whose destination takes no more takes its source's read interest
     /// off the reactor (its arrivals would wake a thread that cannot read them yet), reads
     /// without waiting for readiness from then on, and turns the interest back on when it
-    /// finds the source empty (see `relay_socket.rs`). A change of registration drops the
-    /// wakers registered with the old one, so the task is woken to poll both directions again.
+    /// finds the source empty (see `relay_socket.rs`; a change wakes the task, so that both
+    /// directions poll again on the new registration).
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
@@ -469,8 +469,8 @@ impl Direction {
             if self.holding() {
                 if self.poll_write(cx, dst, meter)?.is_pending() {
                     #[cfg(target_os = "linux")]
-                    if self.mode == Mode::Splice && src.set_reads(false).map_err(Fault::read)? {
-                        cx.waker().wake_by_ref();
+                    if self.mode == Mode::Splice {
+                        src.set_reads(false, cx).map_err(Fault::read)?;
                     }
                     return Poll::Pending;
                 }
@@ -486,8 +486,8 @@ impl Direction {
             } else {
                 let read = self.try_read(src, false).map_err(Fault::read)?;
                 // Found empty: its arrivals must wake the reactor again before it waits.
-                if read.is_none() && src.set_reads(true).map_err(Fault::read)? {
-                    cx.waker().wake_by_ref();
+                if read.is_none() {
+                    src.set_reads(true, cx).map_err(Fault::read)?;
                 }
                 read
             };

@@ -14,8 +14,8 @@
 //! back on registers it again for both. Each change is an `epoll_ctl` DEL and ADD (tokio cannot
 //! modify a registration in place). ADD reports the socket's state at once, so no readiness is
 //! lost across a change; a waker registered with the old registration is dropped with it, so
-//! the caller polls again whatever waits on the socket after a change ([`RelaySocket::set_reads`]
-//! says when one happened).
+//! [`RelaySocket::set_reads`] wakes the task after a change, to poll again whatever waits on
+//! the socket.
 //!
 //! While the read interest is off, the relay reads without waiting for readiness (an empty
 //! socket answers EAGAIN), and turns it back on only when it finds the socket empty: under a
@@ -68,9 +68,10 @@ impl RelaySocket {
     }
 
     /// Turns the read interest on or off. `Ok(true)` if the registration changed: wakers
-    /// registered with the old one are gone, and whatever waits on this socket must poll again.
-    /// An error leaves the socket registered nowhere; every later poll of it fails.
-    pub(crate) fn set_reads(&mut self, on: bool) -> io::Result<bool> {
+    /// registered with the old one are gone, so the task of `cx` is woken to poll again
+    /// whatever waits on this socket. An error leaves the socket registered nowhere; every
+    /// later poll of it fails.
+    pub(crate) fn set_reads(&mut self, on: bool, cx: &Context<'_>) -> io::Result<bool> {
         if self.reads() == on {
             return Ok(false);
         }
@@ -96,6 +97,7 @@ impl RelaySocket {
         match unsafe { AsyncFd::register_with_interest(stream, interest) } {
             Ok(fd) => {
                 self.0 = Registration::Fd { fd, reads: on };
+                cx.waker().wake_by_ref();
                 Ok(true)
             }
             Err(error) => {
@@ -169,7 +171,9 @@ impl AsRawFd for RelaySocket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::copy;
     use std::future::poll_fn;
+    use std::task::ready;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -183,22 +187,43 @@ mod tests {
         (near, far)
     }
 
-    /// Reads what is there, without waiting for readiness.
-    fn read_now(socket: &RelaySocket, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: recv into a buffer we own, of its length.
-        let n = unsafe {
-            libc::recv(
-                socket.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+    /// Bytes now readable on `fd`, as poll(2) sees them (outside any epoll registration):
+    /// waits up to 10 s for them.
+    async fn readable_outside_epoll(fd: RawFd) -> bool {
+        tokio::task::spawn_blocking(move || {
+            let mut pollfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd; fd stays open (the caller holds the socket).
+            unsafe { libc::poll(&mut pollfd, 1, 10_000) == 1 }
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Waits for read readiness and reads, `try_io`-gated as the relay reads (a `WouldBlock`
+    /// clears the readiness, and the next poll waits for more).
+    async fn read_when_ready(socket: &RelaySocket, buf: &mut [u8]) -> usize {
+        let read = poll_fn(|cx| loop {
+            if let Err(e) = ready!(socket.poll_read_ready(cx)) {
+                panic!("{e}");
+            }
+            let read = socket.try_io(Interest::READABLE, || {
+                match copy::read(socket.as_raw_fd(), buf)? {
+                    copy::Read::Full(n) | copy::Read::Short(n) => Ok(n),
+                }
+            });
+            match read {
+                Ok(n) => return Poll::Ready(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => panic!("{e}"),
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("readable")
     }
 
     /// With the read interest off, arrivals wake nobody (a waiting read stays pending although
@@ -209,31 +234,17 @@ mod tests {
         let (near, mut far) = pair().await;
         let mut socket = RelaySocket::new(near);
         assert!(socket.reads());
-        assert!(socket.set_reads(false).unwrap(), "a change");
-        assert!(!socket.set_reads(false).unwrap(), "no change");
+        let changed = poll_fn(|cx| Poll::Ready(socket.set_reads(false, cx).unwrap())).await;
+        assert!(changed, "a change");
+        let changed = poll_fn(|cx| Poll::Ready(socket.set_reads(false, cx).unwrap())).await;
+        assert!(!changed, "no change");
         assert!(!socket.reads());
         far.write_all(b"while off").await.unwrap();
-        // The bytes are there (a read without waiting finds them)...
-        let mut buf = [0u8; 64];
-        let mut queued = 0;
-        for _ in 0..1000 {
-            let mut peek = [0u8; 64];
-            // SAFETY: MSG_PEEK into a buffer we own.
-            let n = unsafe {
-                libc::recv(
-                    socket.as_raw_fd(),
-                    peek.as_mut_ptr().cast(),
-                    peek.len(),
-                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
-                )
-            };
-            if n == 9 {
-                queued = n;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        assert_eq!(queued, 9, "the bytes arrived");
+        // The bytes are there (poll(2) sees them)...
+        assert!(
+            readable_outside_epoll(socket.as_raw_fd()).await,
+            "the bytes arrived"
+        );
         // ...and yet the socket reports no read readiness: nobody was woken for them.
         let ready = poll_fn(|cx| Poll::Ready(socket.poll_read_ready(cx).is_ready())).await;
         assert!(!ready, "read readiness while the read interest is off");
@@ -253,39 +264,13 @@ mod tests {
         far.read_exact(&mut out).await.unwrap();
         assert_eq!(&out, b"out");
         // Back on: the queued bytes are reported without any new arrival.
-        assert!(socket.set_reads(true).unwrap());
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            poll_fn(|cx| socket.poll_read_ready(cx)),
-        )
-        .await
-        .expect("the bytes that arrived while off are reported")
-        .unwrap();
-        let n = socket
-            .try_io(Interest::READABLE, || read_now(&socket, &mut buf))
-            .unwrap();
+        let changed = poll_fn(|cx| Poll::Ready(socket.set_reads(true, cx).unwrap())).await;
+        assert!(changed);
+        let mut buf = [0u8; 64];
+        let n = read_when_ready(&socket, &mut buf).await;
         assert_eq!(&buf[..n], b"while off");
         // And a FIN after that, through the new registration.
         far.shutdown().await.unwrap();
-        let eof = tokio::time::timeout(
-            Duration::from_secs(10),
-            poll_fn(|cx| match socket.poll_read_ready(cx) {
-                Poll::Ready(r) => {
-                    r.unwrap();
-                    match socket.try_io(Interest::READABLE, || read_now(&socket, &mut buf)) {
-                        Ok(n) => Poll::Ready(n),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            cx.waker().wake_by_ref();
-                            Poll::Pending
-                        }
-                        Err(e) => panic!("{e}"),
-                    }
-                }
-                Poll::Pending => Poll::Pending,
-            }),
-        )
-        .await
-        .expect("the FIN is reported");
-        assert_eq!(eof, 0, "EOF");
+        assert_eq!(read_when_ready(&socket, &mut buf).await, 0, "EOF");
     }
 }
