@@ -920,6 +920,12 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpSocket};
 
+    /// A fresh target socket with nothing to set later (no keepalive, no header sent).
+    const UNTUNED: Fresh<'static> = Fresh {
+        keepalive: None,
+        wrote: false,
+    };
+
     /// A connected pair on loopback: (the side the relay owns, the far side), with `rcvbuf`
     /// set on the far side before it connects (which caps the window it advertises).
     async fn pair(far_rcvbuf: Option<u32>) -> (TcpStream, TcpStream) {
@@ -965,10 +971,7 @@ mod tests {
         // Both sockets close when the relay ends, as in the handler (the last FIN comes with
         // the close when the other direction had already ended).
         let relay = async {
-            let fresh = Fresh {
-                keepalive: None,
-                wrote: false,
-            };
+            let fresh = UNTUNED;
             // The relay owns both sockets: they close as it completes.
             relay(
                 client,
@@ -1136,6 +1139,22 @@ mod tests {
         );
     }
 
+    /// A direction that splices, holding a small pipe from the pool (the caller holds
+    /// `splice::ONE_AT_A_TIME`: the pools are shared).
+    #[cfg(target_os = "linux")]
+    fn splicing_with_a_small_pipe() -> Direction {
+        let mut direction = Direction::new(true);
+        direction.mode = Mode::Splice;
+        direction.pipe = Some(splice::take_pipe(false).unwrap());
+        direction
+    }
+
+    /// Whether the direction's pipe grew.
+    #[cfg(target_os = "linux")]
+    fn big(direction: &Direction) -> bool {
+        direction.pipe.as_ref().is_some_and(|p| p.is_big())
+    }
+
     /// Once a direction's pipe grew, the short fill before each wait does not end the bulk
     /// transfer: it takes the big pipe back from the pool, and grows a small one at its first
     /// full fill. Going back to copying ends it.
@@ -1145,10 +1164,7 @@ mod tests {
         let _one = splice::ONE_AT_A_TIME
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let mut direction = Direction::new(true);
-        direction.mode = Mode::Splice;
-        direction.pipe = Some(splice::take_pipe(false).unwrap());
-        let big = |d: &Direction| d.pipe.as_ref().is_some_and(|p| p.is_big());
+        let mut direction = splicing_with_a_small_pipe();
         for _ in 0..splice::GROW_AFTER {
             direction.filled(splice::PIPE_SIZE);
         }
@@ -1164,8 +1180,7 @@ mod tests {
         // The last fill before a wait is short; the wait gives the pipe back to the pool.
         direction.filled(splice::PIPE_SIZE - 1);
         direction.release();
-        direction.pipe =
-            Some(splice::take_pipe(direction.full_fills >= splice::GROW_AFTER).unwrap());
+        direction.pipe = Some(splice::take_pipe(direction.is_bulk()).unwrap());
         assert_eq!(inode(&direction), grown, "the same big pipe, from the pool");
         // No big one in the pool: a small one grows at its first full fill.
         direction.pipe = Some(splice::take_pipe(false).unwrap());
@@ -1184,10 +1199,7 @@ mod tests {
         let _one = splice::ONE_AT_A_TIME
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let mut direction = Direction::new(true);
-        direction.mode = Mode::Splice;
-        direction.pipe = Some(splice::take_pipe(false).unwrap());
-        let big = |d: &Direction| d.pipe.as_ref().is_some_and(|p| p.is_big());
+        let mut direction = splicing_with_a_small_pipe();
         for _ in 1..splice::GROW_AFTER {
             direction.filled(splice::PIPE_SIZE);
         }
@@ -1247,13 +1259,23 @@ mod tests {
         reads()
     }
 
-    /// An upload through a splicing direction into a target that takes no more for a while:
-    /// (client socket's descriptor, far client, far target, relay) with a 4 MiB upload of
-    /// `data` under way, the target's buffers small so that the relay blocks soon.
+    /// The upload of the tests below: 4 MiB, far more than the target's small buffers take, so
+    /// that the relay blocks on the target while the target reads nothing.
     const UPLOAD: usize = 4 * 1024 * 1024;
 
     fn upload_data() -> Vec<u8> {
         (0..UPLOAD).map(|i| (i % 251) as u8).collect()
+    }
+
+    /// (client, far client, target, far target) for an upload that blocks soon: the target
+    /// socket's send buffer and the far target's receive buffer are 4 KiB.
+    async fn pairs_for_a_blocked_upload() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
+        let (client, client_far) = pair(None).await;
+        let (server, target_far) = pair(Some(4096)).await;
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        (client, client_far, server, target_far)
     }
 
     /// While a splicing direction waits for a destination that takes no more, its source's
@@ -1263,11 +1285,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_blocked_splice_takes_its_source_off_the_reactor_until_it_finds_it_empty() {
-        let (client, mut client_far) = pair(None).await;
-        let (server, mut target_far) = pair(Some(4096)).await;
-        socket2::SockRef::from(&server)
-            .set_send_buffer_size(4096)
-            .unwrap();
+        let (client, mut client_far, server, mut target_far) = pairs_for_a_blocked_upload().await;
         let client_fd = client.as_raw_fd();
         let data = upload_data();
         let sent = data.clone();
@@ -1282,10 +1300,7 @@ mod tests {
         });
         let (total_up, total_down) = (AtomicU64::new(0), AtomicU64::new(0));
         let (to_server, to_client) = (Meter::new(&total_up), Meter::new(&total_down));
-        let fresh = Fresh {
-            keepalive: None,
-            wrote: false,
-        };
+        let fresh = UNTUNED;
         assert!(reads_until(client_fd, true).await, "registered for reads");
         let relay = relay(client, server, true, None, fresh, &to_server, &to_client);
         let far = async {
@@ -1324,15 +1339,21 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_client_reset_while_its_direction_waits_reaches_the_target_as_a_reset() {
-        let (client, mut client_far) = pair(None).await;
-        let (server, mut target_far) = pair(Some(4096)).await;
-        socket2::SockRef::from(&server)
-            .set_send_buffer_size(4096)
-            .unwrap();
+        let (client, mut client_far, server, mut target_far) = pairs_for_a_blocked_upload().await;
         let client_fd = client.as_raw_fd();
         let data = upload_data();
+        // Resets when told, whether the whole upload was written by then or not (the rest is
+        // dropped), so that the reset comes while the relay waits for a target that reads
+        // nothing, not before.
+        let (reset_now, mut told) = tokio::sync::oneshot::channel::<()>();
         let writer = tokio::spawn(async move {
-            client_far.write_all(&data).await.unwrap();
+            tokio::select! {
+                written = client_far.write_all(&data) => {
+                    written.unwrap();
+                    told.await.unwrap();
+                }
+                _ = &mut told => {}
+            }
             socket2::SockRef::from(&client_far)
                 .set_linger(Some(Duration::ZERO))
                 .unwrap();
@@ -1340,15 +1361,13 @@ mod tests {
         });
         let (total_up, total_down) = (AtomicU64::new(0), AtomicU64::new(0));
         let (to_server, to_client) = (Meter::new(&total_up), Meter::new(&total_down));
-        let fresh = Fresh {
-            keepalive: None,
-            wrote: false,
-        };
+        let fresh = UNTUNED;
         let relay = relay(client, server, true, None, fresh, &to_server, &to_client);
         let far = async {
             let mut first = vec![0u8; 1 << 20];
             target_far.read_exact(&mut first).await.unwrap();
             let off = !reads_until(client_fd, false).await;
+            reset_now.send(()).unwrap();
             // The target's stream, to its very end.
             let mut got = first.len();
             let mut buf = vec![0u8; 1 << 16];
