@@ -74,13 +74,7 @@ log() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
 # ---------------------------------------------------------------------------------------------
 # Processes we start (STARTED, stop_pid: benches/lib.sh), all ended on exit.
-cleanup() {
-    local pid
-    for pid in "${STARTED[@]}"; do
-        stop_pid "$pid"
-    done
-}
-trap cleanup EXIT
+trap stop_started EXIT
 trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------------------------------------
@@ -101,8 +95,7 @@ fi
 cd "$ROOT"
 log "building stickylb (release) and the load tool"
 cargo build --release --bin stickylb 2>&1 | tail -1 >&2
-LOAD=$(cargo bench --bench load --no-run --message-format=json 2>/dev/null \
-    | grep -o '"executable":"[^"]*/load-[^"]*"' | tail -1 | cut -d'"' -f4)
+LOAD=$(build_load)
 [ -x "$LOAD" ] && [ -x "$TARGET/release/stickylb" ] || { echo "compare.sh: build failed" >&2; exit 1; }
 # Run copies: target/ is shared, and a rebuild during the run must not change what is measured.
 mkdir -p "$OUT/bin"
@@ -221,6 +214,9 @@ case " $LABELS " in
         grep -q spent "$OUT/pipe-hog.log" || { echo "compare.sh: the pipe hog failed: $(cat "$OUT/pipe-hog.log")" >&2; exit 1; }
         ;;
 esac
+# The backends' processes, measured beside the balancer (`backend_cpu_*`: on loopback the
+# balancer's own CPU holds a share of its backends' TCP work that moves with the scheduler).
+IPERF_PIDS=""
 case " $SCENARIOS " in
     *" iperf"*)
         command -v iperf3 >/dev/null 2>&1 \
@@ -229,6 +225,7 @@ case " $SCENARIOS " in
             # --idle-timeout: a server left in a broken test resets itself within 30 s.
             iperf3 -s -B 127.0.0.1 -p "$p" --idle-timeout 30 >>"$OUT/iperf3-server-$p.log" 2>&1 &
             STARTED+=("$!")
+            IPERF_PIDS="$IPERF_PIDS${IPERF_PIDS:+,}$!"
         done
         for p in $IPERF_PORTS; do
             "$LOAD" wait-port "127.0.0.1:$p" --timeout 10 || { echo "iperf3 -s did not start" >&2; exit 1; }
@@ -280,10 +277,12 @@ for rep in $(seq 1 "$REPS"); do
                 start_lb "$label" "$group" || continue
                 pids=$LB_PID
             fi
+            backends=$BACKEND_PID
+            [ "$group" = iperf ] && backends=$IPERF_PIDS
             log "rep $rep: $scenario via $label"
             # shellcheck disable=SC2046
             timeout 180 "$LOAD" run $(args_of "$scenario") $victim --label "$label" --rep "$rep" \
-                --target "$target" --pids "$pids" --out "$RESULTS" >/dev/null \
+                --target "$target" --pids "$pids" --backend-pids "$backends" --out "$RESULTS" >/dev/null \
                 || log "run failed: $scenario via $label"
             tail -1 "$RESULTS" 2>/dev/null | cut -c1-400 >&2 || true
             [ "$label" != direct ] && stop_lb

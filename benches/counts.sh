@@ -62,19 +62,14 @@ done
 
 cd "$ROOT"
 cargo build --release --bin stickylb 2>&1 | tail -1 >&2
-LOAD=$(cargo bench --bench load --no-run --message-format=json 2>/dev/null \
-    | grep -o '"executable":"[^"]*/load-[^"]*"' | tail -1 | cut -d'"' -f4)
+LOAD=$(build_load)
 cp "$TARGET/release/stickylb" "$OUT/bin/stickylb"
 cp "${ALT:-$TARGET/release/stickylb}" "$OUT/bin/stickylb-alt"
 cp "$LOAD" "$OUT/bin/load"
 LOAD=$OUT/bin/load
 
 # Processes we start (STARTED, stop_pid: benches/lib.sh), all ended on exit.
-cleanup() {
-    local pid
-    for pid in "${STARTED[@]}"; do stop_pid "$pid"; done
-}
-trap cleanup EXIT
+trap stop_started EXIT
 trap 'exit 130' INT TERM
 
 SINK="27011 27012 27013 27014"

@@ -9,6 +9,8 @@
 #                                                         off: proxy_half_close off)
 #   nginx_has_stream                                      (nginx with its stream module?)
 #   STARTED+=("$pid"); stop_pid PID [SIGNAL]             (the processes a script started)
+#   trap stop_started EXIT                                (ends them all, newest first)
+#   LOAD=$(build_load)                                    (builds benches/load; its path)
 #
 # Every address is 127.0.0.1.
 
@@ -33,6 +35,22 @@ stop_pid() {
         [ "$p" = "$pid" ] || keep+=("$p")
     done
     STARTED=("${keep[@]}")
+}
+
+# Ends every process in STARTED, newest first (a tracer is detached before the process it
+# traces is stopped): a script's `trap stop_started EXIT`.
+stop_started() {
+    local i
+    for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do
+        stop_pid "${STARTED[i]}"
+    done
+}
+
+# Builds the load tool (benches/load, bench profile) from the current directory (the
+# repository's root) and prints the path of its executable; empty when the build failed.
+build_load() {
+    cargo bench --bench load --no-run --message-format=json 2>/dev/null \
+        | grep -o '"executable":"[^"]*/load-[^"]*"' | tail -1 | cut -d'"' -f4
 }
 
 # nginx's stream module, when Debian ships it as a module (nginx-light + libnginx-mod-stream).

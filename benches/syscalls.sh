@@ -113,23 +113,14 @@ if has_label stickylb && [ -n "$STICKYLB_GIVEN" ]; then
     cp "$STICKYLB_GIVEN" "$OUT/bin/stickylb"
     STICKYLB_FROM="$STICKYLB_GIVEN (sha256 $(sha256sum "$STICKYLB_GIVEN" | cut -c1-12))"
 fi
-LOAD=$(cargo bench --bench load --no-run --message-format=json 2>/dev/null \
-    | grep -o '"executable":"[^"]*/load-[^"]*"' | tail -1 | cut -d'"' -f4)
+LOAD=$(build_load)
 [ -x "$LOAD" ] || { echo "syscalls.sh: building the load tool failed" >&2; exit 1; }
 cp "$LOAD" "$OUT/bin/load"
 LOAD=$OUT/bin/load
 STICKYLB=$OUT/bin/stickylb
 
 # Processes we start (STARTED, stop_pid: benches/lib.sh), all ended on exit.
-cleanup() {
-    local pid i
-    # Newest first: a strace is detached before the balancer it traces is stopped.
-    for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do
-        pid=${STARTED[i]}
-        stop_pid "$pid"
-    done
-}
-trap cleanup EXIT
+trap stop_started EXIT
 trap 'exit 130' INT TERM
 
 # A port someone else listens on would be measured instead of ours.

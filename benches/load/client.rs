@@ -57,6 +57,12 @@ pub struct RunArgs {
     /// Root PIDs of the balancer (comma-separated); its process tree is measured.
     #[arg(long, default_value = "")]
     pids: String,
+    /// Root PIDs of the backends (comma-separated), measured the same way as `backend_cpu_*`.
+    /// On loopback a sender's transmit runs the receiver's TCP work in whichever process is on
+    /// the core, so the balancer's own figure holds a share of its backends' work that moves
+    /// with the scheduler; the balancer plus its backends does not (docs/benchmarks.md).
+    #[arg(long, default_value = "")]
+    backend_pids: String,
     /// Measured seconds (bulk, shortconn, keepalive; failover: total after the warm-up).
     #[arg(long, default_value_t = 10.0)]
     pub(crate) duration: f64,
@@ -136,6 +142,7 @@ pub(crate) struct Ctx {
     pub(crate) args: RunArgs,
     targets: Vec<SocketAddr>,
     pids: Vec<u32>,
+    backend_pids: Vec<u32>,
     request: Vec<u8>,
     /// The port each client address was last served by (0: none yet), for stickiness.
     seen: Vec<AtomicU16>,
@@ -180,11 +187,13 @@ pub fn run(args: RunArgs) -> i32 {
             return 2;
         }
     };
-    let pids: Vec<u32> = args
-        .pids
-        .split(',')
-        .filter_map(|p| p.trim().parse().ok())
-        .collect();
+    let pid_list = |list: &str| -> Vec<u32> {
+        list.split(',')
+            .filter_map(|p| p.trim().parse().ok())
+            .collect()
+    };
+    let pids = pid_list(&args.pids);
+    let backend_pids = pid_list(&args.backend_pids);
     let ctx = Arc::new(Ctx {
         request: vec![b'r'; args.request_size.max(1)],
         seen: (0..args.ips.max(1)).map(|_| AtomicU16::new(0)).collect(),
@@ -192,6 +201,7 @@ pub fn run(args: RunArgs) -> i32 {
         next_ip: AtomicUsize::new(0),
         targets,
         pids,
+        backend_pids,
         args: args.clone(),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -263,9 +273,11 @@ pub fn run(args: RunArgs) -> i32 {
     0
 }
 
-/// CPU of the balancer and of the machine over a window: start with `begin`, end with `end`.
+/// CPU of the balancer, of its backends and of the machine over a window: start with `begin`,
+/// end with `end`.
 pub(crate) struct Window {
     tree: procfs::TreeSample,
+    backends: procfs::TreeSample,
     machine: procfs::MachineSample,
     at: Instant,
 }
@@ -274,6 +286,7 @@ impl Window {
     pub(crate) fn begin(ctx: &Ctx) -> Window {
         Window {
             tree: procfs::sample(&ctx.pids, false),
+            backends: procfs::sample(&ctx.backend_pids, false),
             machine: procfs::machine(),
             at: Instant::now(),
         }
@@ -281,10 +294,13 @@ impl Window {
 
     pub(crate) fn end(self, ctx: &Ctx) -> Measured {
         let tree = procfs::sample(&ctx.pids, false);
+        let backends = procfs::sample(&ctx.backend_pids, false);
         let machine = procfs::machine();
         Measured {
             secs: self.at.elapsed().as_secs_f64(),
             cpu: (!ctx.pids.is_empty()).then_some(tree.cpu_s - self.tree.cpu_s),
+            backend_cpu: (!ctx.backend_pids.is_empty())
+                .then_some(backends.cpu_s - self.backends.cpu_s),
             busy: procfs::busy_fraction(self.machine, machine),
             machine_cpu: procfs::machine_cpu_s(self.machine, machine),
         }
@@ -296,6 +312,8 @@ pub(crate) struct Measured {
     pub(crate) secs: f64,
     /// Balancer CPU seconds (None for direct).
     cpu: Option<f64>,
+    /// The backends' CPU seconds (None unless `--backend-pids`).
+    backend_cpu: Option<f64>,
     /// Fraction of the machine busy.
     busy: f64,
     /// CPU seconds the whole machine worked (user + nice + system + irq + softirq).
@@ -304,7 +322,8 @@ pub(crate) struct Measured {
 
 impl Measured {
     /// The cost figures, per `units / scale` units of work: `lb_cpu_<per>` and
-    /// `machine_cpu_<per>` (e.g. `per_gb`), the raw CPU seconds, and the busy fraction.
+    /// `machine_cpu_<per>` (e.g. `per_gb`), `backend_cpu_<per>` when the backends are measured,
+    /// the raw CPU seconds, and the busy fraction.
     pub(crate) fn insert_costs(
         &self,
         m: &mut Map<String, Value>,
@@ -314,6 +333,18 @@ impl Measured {
     ) {
         m.insert("lb_cpu_s".into(), json!(self.cpu.map(|c| round(c, 3))));
         m.insert(format!("lb_cpu_{per_key}"), per(self.cpu, units, scale));
+        if self.backend_cpu.is_some() {
+            m.insert(
+                "backend_cpu_s".into(),
+                json!(self.backend_cpu.map(|c| round(c, 3))),
+            );
+            m.insert(
+                format!("backend_cpu_{per_key}"),
+                per(self.backend_cpu, units, scale),
+            );
+            let both = self.cpu.zip(self.backend_cpu).map(|(a, b)| a + b);
+            m.insert(format!("lb_backend_cpu_{per_key}"), per(both, units, scale));
+        }
         m.insert("machine_cpu_s".into(), json!(round(self.machine_cpu, 3)));
         m.insert(
             format!("machine_cpu_{per_key}"),

@@ -21,6 +21,8 @@ fn figures(scenario: &str) -> &'static [Figure] {
     const BULK: &[Figure] = &[
         f("gbit_s", "Gbit/s"),
         f("lb_cpu_per_gb", "balancer CPU s per GB"),
+        f("backend_cpu_per_gb", "backends' CPU s per GB"),
+        f("lb_backend_cpu_per_gb", "balancer + backends CPU s per GB"),
         f("machine_cpu_per_gb", "machine CPU s per GB"),
         f("machine_busy", "machine busy (of 2 cores)"),
     ];
@@ -75,6 +77,8 @@ fn figures(scenario: &str) -> &'static [Figure] {
     const IPERF: &[Figure] = &[
         f("gbit_s", "Gbit/s (iperf3's)"),
         f("lb_cpu_per_gb", "balancer CPU s per GB"),
+        f("backend_cpu_per_gb", "backends' CPU s per GB"),
+        f("lb_backend_cpu_per_gb", "balancer + backends CPU s per GB"),
         f("machine_cpu_per_gb", "machine CPU s per GB"),
         f("retransmits", "retransmits"),
         f("errors", "errors"),
