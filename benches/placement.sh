@@ -130,8 +130,6 @@ for pid in "${SERVERS[@]}"; do taskset -a -p -c "$ALL" "$pid" >/dev/null; done
 python3 - "$RESULTS" >"$OUT/placement.md" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-for r in rows:
-    r["lb_backend_cpu_per_gb"] = r["lb_cpu_per_gb"] + r["backend_cpu_per_gb"]
 cols = [("gbit_s", "Gbit/s"), ("lb_cpu_per_gb", "balancer CPU s/GB"),
         ("backend_cpu_per_gb", "iperf3 servers CPU s/GB"),
         ("lb_backend_cpu_per_gb", "balancer + servers"), ("machine_cpu_per_gb", "machine CPU s/GB")]

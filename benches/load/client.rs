@@ -22,6 +22,12 @@
 //! work it caused in other contexts (softirq on another core, ksoftirqd) that its own CPU
 //! figure does not show. It also includes whatever else runs on the machine: compare it within
 //! one interleaved run, with the load average beside it.
+//!
+//! With `--backend-pids`, the backends' processes are measured the same way (`backend_cpu_*`)
+//! and added to the balancer's (`lb_backend_cpu_*`): on loopback whether the balancer or its
+//! backend runs the backend's TCP receive work depends on which process the scheduler has on
+//! the core at that moment, so the balancer's own figure moves with the placement and the sum
+//! does not (docs/benchmarks.md, "Which core the balancer shares").
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};

@@ -17,9 +17,9 @@
 //!   run as that user then gets only 2-page pipes (the `stickylb-nobudget` label of compare.sh).
 //!
 //! The balancer's cost is read from `/proc` for its whole process tree (`--pids`): CPU seconds
-//! (utime + stime) over the measured window, RSS, open fds and pipe fds. On a 2-core machine
-//! shared by client, balancer and backends, CPU per unit of work is the stable figure;
-//! throughput depends on how the cores are divided.
+//! (utime + stime) over the measured window, RSS, open fds and pipe fds; the backends' CPU the
+//! same way (`--backend-pids`). On a 2-core machine shared by client, balancer and backends, CPU
+//! per unit of work is the stable figure; throughput depends on how the cores are divided.
 //!
 //! Every loop here is bounded in count or time: scenarios end at their deadline, connects and
 //! reads have timeouts, and the backend exits after `--max-seconds`.
