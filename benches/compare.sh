@@ -214,22 +214,11 @@ case " $LABELS " in
         grep -q spent "$OUT/pipe-hog.log" || { echo "compare.sh: the pipe hog failed: $(cat "$OUT/pipe-hog.log")" >&2; exit 1; }
         ;;
 esac
-# The backends' processes, measured beside the balancer (`backend_cpu_*`: on loopback the
-# balancer's own CPU holds a share of its backends' TCP work that moves with the scheduler).
-IPERF_PIDS=""
 case " $SCENARIOS " in
     *" iperf"*)
         command -v iperf3 >/dev/null 2>&1 \
             || { echo "compare.sh: the iperf scenarios need iperf3 (apt-get install iperf3)" >&2; exit 1; }
-        for p in $IPERF_PORTS; do
-            # --idle-timeout: a server left in a broken test resets itself within 30 s.
-            iperf3 -s -B 127.0.0.1 -p "$p" --idle-timeout 30 >>"$OUT/iperf3-server-$p.log" 2>&1 &
-            STARTED+=("$!")
-            IPERF_PIDS="$IPERF_PIDS${IPERF_PIDS:+,}$!"
-        done
-        for p in $IPERF_PORTS; do
-            "$LOAD" wait-port "127.0.0.1:$p" --timeout 10 || { echo "iperf3 -s did not start" >&2; exit 1; }
-        done
+        start_iperf_servers "$IPERF_PORTS" "$OUT" || exit 1
         ;;
 esac
 
@@ -277,8 +266,11 @@ for rep in $(seq 1 "$REPS"); do
                 start_lb "$label" "$group" || continue
                 pids=$LB_PID
             fi
+            # The backends' processes, measured beside the balancer (`backend_cpu_*`: on
+            # loopback the balancer's own CPU holds a share of its backends' TCP work that
+            # moves with the scheduler).
             backends=$BACKEND_PID
-            [ "$group" = iperf ] && backends=$IPERF_PIDS
+            [ "$group" = iperf ] && backends=$(IFS=,; echo "${IPERF_PIDS[*]}")
             log "rep $rep: $scenario via $label"
             # shellcheck disable=SC2046
             timeout 180 "$LOAD" run $(args_of "$scenario") $victim --label "$label" --rep "$rep" \

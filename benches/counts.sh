@@ -76,11 +76,8 @@ SINK="27011 27012 27013 27014"
 IPERF="27061 27062 27063 27064"
 "$LOAD" backend --sink "${SINK// /,}" --max-seconds 7200 >"$OUT/logs/backend.log" 2>&1 &
 STARTED+=("$!")
-for p in $IPERF; do
-    iperf3 -s -B 127.0.0.1 -p "$p" --idle-timeout 30 >>"$OUT/logs/iperf3-$p.log" 2>&1 &
-    STARTED+=("$!")
-done
-for p in $SINK $IPERF; do "$LOAD" wait-port "127.0.0.1:$p" --timeout 10; done
+for p in $SINK; do "$LOAD" wait-port "127.0.0.1:$p" --timeout 10; done
+start_iperf_servers "$IPERF" "$OUT/logs"
 
 for group in sink iperf; do
     ports=$SINK

@@ -11,6 +11,7 @@
 #   STARTED+=("$pid"); stop_pid PID [SIGNAL]             (the processes a script started)
 #   trap stop_started EXIT                                (ends them all, newest first)
 #   LOAD=$(build_load)                                    (builds benches/load; its path)
+#   start_iperf_servers "PORTS" LOGDIR                    (an `iperf3 -s` per port: IPERF_PIDS)
 #
 # Every address is 127.0.0.1.
 
@@ -51,6 +52,23 @@ stop_started() {
 build_load() {
     cargo bench --bench load --no-run --message-format=json 2>/dev/null \
         | grep -o '"executable":"[^"]*/load-[^"]*"' | tail -1 | cut -d'"' -f4
+}
+
+# Starts an `iperf3 -s` on each of PORTS (on 127.0.0.1; logs in LOGDIR/iperf3-PORT.log) and waits
+# until each listens (needs $LOAD). Their PIDs go to STARTED and to the array IPERF_PIDS.
+IPERF_PIDS=()
+start_iperf_servers() {
+    local ports=$1 logdir=$2 p
+    for p in $ports; do
+        # --idle-timeout: a server left in a broken test resets itself within 30 s.
+        iperf3 -s -B 127.0.0.1 -p "$p" --idle-timeout 30 >>"$logdir/iperf3-$p.log" 2>&1 &
+        STARTED+=("$!")
+        IPERF_PIDS+=("$!")
+    done
+    for p in $ports; do
+        "$LOAD" wait-port "127.0.0.1:$p" --timeout 10 \
+            || { echo "iperf3 -s did not start on port $p" >&2; return 1; }
+    done
 }
 
 # nginx's stream module, when Debian ships it as a module (nginx-light + libnginx-mod-stream).

@@ -74,13 +74,7 @@ trap stop_started EXIT
 trap 'exit 130' INT TERM
 
 IPERF="27061 27062 27063 27064"
-SERVERS=()
-for p in $IPERF; do
-    iperf3 -s -B 127.0.0.1 -p "$p" --idle-timeout 30 >>"$OUT/logs/iperf3-$p.log" 2>&1 &
-    STARTED+=("$!")
-    SERVERS+=("$!")
-done
-for p in $IPERF; do "$LOAD" wait-port "127.0.0.1:$p" --timeout 10; done
+start_iperf_servers "$IPERF" "$OUT/logs"
 # The same configs as compare.sh's (benches/lib.sh).
 stickylb_conf 27000 "$IPERF" >"$OUT/conf/stickylb.json"
 haproxy_conf 27000 "$IPERF" haproxy >"$OUT/conf/haproxy.cfg"
@@ -96,7 +90,7 @@ for rep in $(seq 1 "$REPS"); do
                 lb+client) lb_cpus=$A server_cpus=$B client_cpus=$A ;;
                 *) echo "placement.sh: unknown placement $placement" >&2; exit 2 ;;
             esac
-            for pid in "${SERVERS[@]}"; do taskset -a -p -c "$server_cpus" "$pid" >/dev/null; done
+            for pid in "${IPERF_PIDS[@]}"; do taskset -a -p -c "$server_cpus" "$pid" >/dev/null; done
             for label in $LABELS; do
                 logf=$OUT/logs/$label.log
                 case $label in
@@ -109,7 +103,7 @@ for rep in $(seq 1 "$REPS"); do
                 LB=$!
                 STARTED+=("$LB")
                 "$LOAD" wait-port 127.0.0.1:27000 --timeout 10
-                servers=$(IFS=,; echo "${SERVERS[*]}")
+                servers=$(IFS=,; echo "${IPERF_PIDS[*]}")
                 if taskset -c "$client_cpus" "$LOAD" run --scenario "$scenario" --label "$label" \
                     --rep "$rep" --target 127.0.0.1:27000 --pids "$LB" --backend-pids "$servers" \
                     --duration "$SECS" >"$OUT/run.json" 2>>"$OUT/logs/client.log"; then
@@ -124,7 +118,7 @@ for rep in $(seq 1 "$REPS"); do
         done
     done
 done
-for pid in "${SERVERS[@]}"; do taskset -a -p -c "$ALL" "$pid" >/dev/null; done
+for pid in "${IPERF_PIDS[@]}"; do taskset -a -p -c "$ALL" "$pid" >/dev/null; done
 
 # Medians per scenario, placement and label; ratios to haproxy-splice in the same placement.
 python3 - "$RESULTS" >"$OUT/placement.md" <<'PY'

@@ -63,7 +63,7 @@ pub struct RunArgs {
     /// Root PIDs of the balancer (comma-separated); its process tree is measured.
     #[arg(long, default_value = "")]
     pids: String,
-    /// Root PIDs of the backends (comma-separated), measured the same way as `backend_cpu_*`.
+    /// Root PIDs of the backends (comma-separated), measured the same way, as `backend_cpu_*`.
     /// On loopback a sender's transmit runs the receiver's TCP work in whichever process is on
     /// the core, so the balancer's own figure holds a share of its backends' work that moves
     /// with the scheduler; the balancer plus its backends does not (docs/benchmarks.md).
