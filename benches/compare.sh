@@ -39,20 +39,12 @@ SCENARIOS="bulk1 bulk4 iperf1 iperf4 iperf1-16k iperf4-16k shortconn keepalive i
 LABELS="direct stickylb stickylb-pp haproxy haproxy-splice nginx"
 OUT=""
 ALT=""
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --quick) REPS=1; DURATION=3 ;;
-        --reps) REPS=$2; shift ;;
-        --duration) DURATION=$2; shift ;;
-        --scenarios) SCENARIOS=$2; shift ;;
-        --labels) LABELS=$2; shift ;;
-        --out) OUT=$2; shift ;;
-        --alt) ALT=$2; shift ;;
-        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
-        *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
-    esac
-    shift
+# --quick: 1 repetition of 3 s windows, unless --reps or --duration says otherwise.
+ARGS=()
+for arg in "$@"; do
+    if [ "$arg" = --quick ]; then REPS=1; DURATION=3; else ARGS+=("$arg"); fi
 done
+parse_options 2,28 "--reps REPS --duration DURATION --scenarios SCENARIOS --labels LABELS --out OUT --alt ALT" ${ARGS[@]+"${ARGS[@]}"}
 OUT=${OUT:-$TARGET/bench-compare/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT/conf"
 RESULTS=$OUT/results.jsonl

@@ -40,20 +40,7 @@ LABELS="stickylb haproxy-splice"
 OUT=""
 ALT=""
 ALT_KEY=""
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --seconds) SECS=$2; shift ;;
-        --reps) REPS=$2; shift ;;
-        --scenarios) SCENARIOS=$2; shift ;;
-        --labels) LABELS=$2; shift ;;
-        --out) OUT=$2; shift ;;
-        --alt) ALT=$2; shift ;;
-        --alt-key) ALT_KEY=$2; shift ;;
-        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
-        *) echo "counts.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
-    esac
-    shift
-done
+parse_options 2,27 "--seconds SECS --reps REPS --scenarios SCENARIOS --labels LABELS --out OUT --alt ALT --alt-key ALT_KEY" "$@"
 OUT=${OUT:-$TARGET/bench-counts/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT/bin" "$OUT/conf" "$OUT/logs"
 for tool in perf iperf3; do

@@ -12,6 +12,7 @@
 #   trap stop_started EXIT                                (ends them all, newest first)
 #   LOAD=$(build_load)                                    (builds benches/load; its path)
 #   start_iperf_servers "PORTS" LOGDIR                    (an `iperf3 -s` per port: IPERF_PIDS)
+#   parse_options 2,27 "--reps REPS --out OUT" "$@"       (a script's options; see below)
 #
 # Every address is 127.0.0.1.
 
@@ -36,6 +37,30 @@ stop_pid() {
         [ "$p" = "$pid" ] || keep+=("$p")
     done
     STARTED=("${keep[@]}")
+}
+
+# A script's options: SPEC pairs each option with the variable it sets ("--reps REPS --out
+# OUT"; every option takes a value). -h/--help prints the script's header comment (its lines
+# HELP, e.g. 2,27) and exits 0; an unknown option, or one without its value, exits 2 naming it.
+parse_options() {
+    local help=$1 spec=$2 var i
+    local -a words
+    local -A vars=()
+    shift 2
+    read -ra words <<<"$spec"
+    for ((i = 0; i + 1 < ${#words[@]}; i += 2)); do
+        vars[${words[i]}]=${words[i + 1]}
+    done
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            -h|--help) sed -n "${help}p" "$0"; exit 0 ;;
+        esac
+        var=${vars[$1]:-}
+        [ -n "$var" ] || { echo "${0##*/}: unknown option $1 (see --help)" >&2; exit 2; }
+        [ $# -ge 2 ] || { echo "${0##*/}: $1 needs a value" >&2; exit 2; }
+        printf -v "$var" '%s' "$2"
+        shift 2
+    done
 }
 
 # Ends every process in STARTED, newest first (a tracer is detached before the process it

@@ -36,19 +36,7 @@ SCENARIOS="iperf4 iperf4-16k"
 LABELS="stickylb haproxy-splice"
 PLACEMENTS="free lb+server lb+client"
 OUT=""
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --seconds) SECS=$2; shift ;;
-        --reps) REPS=$2; shift ;;
-        --scenarios) SCENARIOS=$2; shift ;;
-        --labels) LABELS=$2; shift ;;
-        --placements) PLACEMENTS=$2; shift ;;
-        --out) OUT=$2; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
-        *) echo "placement.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
-    esac
-    shift
-done
+parse_options 2,26 "--seconds SECS --reps REPS --scenarios SCENARIOS --labels LABELS --placements PLACEMENTS --out OUT" "$@"
 OUT=${OUT:-$TARGET/bench-placement/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT/bin" "$OUT/conf" "$OUT/logs"
 for tool in iperf3 taskset python3; do

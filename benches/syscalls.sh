@@ -43,18 +43,7 @@ LABELS="stickylb haproxy nginx"
 SCENARIOS="shortconn keepalive"
 STICKYLB_GIVEN=""
 OUT=""
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --seconds) SECS=$2; shift ;;
-        --labels) LABELS=$2; shift ;;
-        --scenarios) SCENARIOS=$2; shift ;;
-        --stickylb) STICKYLB_GIVEN=$2; shift ;;
-        --out) OUT=$2; shift ;;
-        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
-        *) echo "syscalls.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
-    esac
-    shift
-done
+parse_options 2,28 "--seconds SECS --labels LABELS --scenarios SCENARIOS --stickylb STICKYLB_GIVEN --out OUT" "$@"
 [[ $SECS =~ ^[1-9][0-9]*$ ]] || { echo "syscalls.sh: --seconds takes whole seconds, not $SECS" >&2; exit 2; }
 for label in $LABELS; do
     case "$label" in
