@@ -206,7 +206,7 @@ impl Proxy {
             _ = self.cut.wait() => return,
             connected = self.connect(&mut route, config) => connected,
         };
-        let (server, _own) = match connected {
+        let (server, own) = match connected {
             Ok(connected) => connected,
             Err(reason) => return self.refuse(reason, "", client_ip),
         };
@@ -214,6 +214,7 @@ impl Proxy {
         if let Some(version) = route.target().proxy_protocol {
             if let Err(error) = self.send_header(&client, &server, version, &who).await {
                 tracing::debug!(client = %who.client, %error, "cannot send the PROXY header");
+                self.after_a_loop(&own, route.state(), config);
                 return;
             }
         }
@@ -251,6 +252,28 @@ impl Proxy {
         let relayed = self.relay_stage(&mut relay, &proxied).await;
         let meters = [&to_target, &to_client];
         self.relayed(relayed, &mut relay, on_target, meters, &proxied, config);
+        self.after_a_loop(&own, target, config);
+    }
+
+    /// After a connection to `target` ended: if our own listener refused it as a loop (the
+    /// target leads back into stickylb through a name or a NAT rule the config check cannot
+    /// see; `own_sockets.rs`), the target goes out of rotation for `targetDeactivationDuration`
+    /// as one that refuses connects does, recorded as a reset (what the looped connection
+    /// got), so that its clients move to the other targets instead of being reset one after
+    /// another. The next pick after the window probes it again.
+    fn after_a_loop(&self, own: &Held<'_>, target: &TargetState, config: &Config) {
+        if !own.looped() {
+            return;
+        }
+        let now = self.shared.clock.now_ms();
+        if target.deactivate(now, config.target_deactivation, sockets::Fault::Reset) {
+            tracing::warn!(
+                target = %target.id,
+                window = ?config.target_deactivation,
+                "the target leads back into this listener (a loop through a name or a NAT \
+                 rule): out of rotation for the deactivation window"
+            );
+        }
     }
 
     /// Serves a connection an older process handed over in an upgrade (see [`handoff`]) to

@@ -26,6 +26,11 @@
 //! the set (but for the microseconds between connect(2) returning and the insert: a loop that
 //! wins that race once is caught at its next turn).
 //!
+//! A refused loop is also remembered for the socket it came from (a mark under the socket's
+//! key, in a small table of its own): the handler that opened that socket reads it
+//! ([`Held::looped`]) when its connection ends, and takes its target out of rotation, so that
+//! the target's clients move to the others instead of being reset one after another.
+//!
 //! Cost on the data path: no lock and no allocation. The set is a fixed table of atomic slots
 //! (sized once from the fd limit, which bounds the number of live sockets); an address is
 //! stored in the first free slot of a window of [`WINDOW`] slots from its hash, and a lookup
@@ -45,6 +50,11 @@ const WINDOW: usize = 16;
 /// Listening ports remembered; past that many, every connection is recorded.
 const PORTS: usize = 8;
 
+/// Slots of the table of refused loops: a loop is refused at its first turn and the mark
+/// lives only until its socket closes, so a few are ever there at once. A full window drops
+/// the mark (the target is then not taken out of rotation by that turn).
+const LOOP_MARKS: usize = 256;
+
 /// The local addresses of live outgoing connections to targets (a multiset: two sockets to
 /// two different targets may share a local address and port).
 #[derive(Debug)]
@@ -57,6 +67,9 @@ pub struct OwnSockets {
     ports: [AtomicU16; PORTS],
     /// More listening ports than [`PORTS`]: every connection is recorded.
     all_ports: AtomicBool,
+    /// The keys of outgoing connections our listener refused as loops, until their sockets
+    /// close (see [`Held::looped`]).
+    loops: Box<[AtomicU64]>,
 }
 
 impl OwnSockets {
@@ -81,6 +94,7 @@ impl OwnSockets {
             mask: len - 1,
             ports: Default::default(),
             all_ports: AtomicBool::new(false),
+            loops: (0..LOOP_MARKS).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -143,13 +157,40 @@ impl OwnSockets {
     /// `local` is read only when `peer` matches (rare): the source alone is not enough, since
     /// Linux gives a new connection a local port that another connection from the same
     /// address already uses when their destinations differ, so a client on this host may
-    /// connect from the very port of one of our connections to a target.
+    /// connect from the very port of one of our connections to a target. A match is marked
+    /// for the outgoing socket's handler to find ([`Held::looped`]): the caller refuses it.
     pub fn is_own_connection(
         &self,
         peer: SocketAddr,
         local: impl FnOnce() -> Option<SocketAddr>,
     ) -> bool {
-        self.contains(peer) && local().is_some_and(|local| self.contains_key(pair_key(peer, local)))
+        if !self.contains(peer) {
+            return false;
+        }
+        let Some(pair) = local().map(|local| pair_key(peer, local)) else {
+            return false;
+        };
+        if !self.contains_key(pair) {
+            return false;
+        }
+        self.loop_window(pair).any(|slot| {
+            slot.compare_exchange(0, pair, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        });
+        true
+    }
+
+    /// Takes the mark of a refused loop under `pair`, if there is one.
+    fn take_loop(&self, pair: u64) -> bool {
+        self.loop_window(pair).any(|slot| {
+            slot.compare_exchange(pair, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        })
+    }
+
+    fn loop_window(&self, key: u64) -> impl Iterator<Item = &AtomicU64> {
+        let start = mix(key) as usize;
+        (0..WINDOW).map(move |i| &self.loops[start.wrapping_add(i) % LOOP_MARKS])
     }
 
     /// For `socket`, which has just started connecting to `remote`: records its local address
@@ -184,6 +225,15 @@ impl OwnSockets {
 #[derive(Debug)]
 pub struct Held<'a>(Option<(&'a OwnSockets, [u64; 2], [bool; 2])>);
 
+impl Held<'_> {
+    /// Whether our own listener refused this socket's connection as a loop: its target leads
+    /// back into stickylb. Takes the mark (true once). False for a socket not recorded.
+    pub fn looped(&self) -> bool {
+        self.0
+            .is_some_and(|(set, [_, pair], _)| set.take_loop(pair))
+    }
+}
+
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         if let Some((set, keys, taken)) = self.0 {
@@ -192,6 +242,9 @@ impl Drop for Held<'_> {
                     set.remove_key(key);
                 }
             }
+            // A mark nobody read goes with its socket: a later socket with the same pair of
+            // addresses must not find it.
+            set.take_loop(keys[1]);
         }
     }
 }
@@ -298,6 +351,30 @@ mod tests {
             set.is_own_connection(unspecified, || Some(listener)),
             "0.0.0.0 as a destination is loopback"
         );
+    }
+
+    #[test]
+    fn a_refused_loop_is_found_once_by_its_socket_and_goes_with_it() {
+        let set = OwnSockets::new(100);
+        let listener = at("127.0.0.1:8080");
+        let (a, b) = (at("127.0.0.1:40000"), at("127.0.0.1:40001"));
+        let looped = set.hold(a, listener);
+        let other = set.hold(b, listener);
+        assert!(!looped.looped(), "nothing refused yet");
+        assert!(set.is_own_connection(a, || Some(listener)));
+        assert!(
+            !other.looped(),
+            "only the socket whose connection was refused"
+        );
+        assert!(looped.looped());
+        assert!(!looped.looped(), "the mark is taken once");
+        assert!(set.is_own_connection(b, || Some(listener)));
+        drop(other);
+        assert!(
+            set.loops.iter().all(|s| s.load(Ordering::Relaxed) == 0),
+            "an unread mark goes with its socket"
+        );
+        assert!(!Held(None).looped());
     }
 
     #[test]
