@@ -82,15 +82,7 @@ async fn a_loop_the_config_cannot_see_costs_one_connection_per_client() {
             Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
             Ok(n) => panic!("client {i}: a clean end after {n} bytes, not a reset"),
         }
-        // Bounded wait until the handlers of this client are gone.
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        while server.active() > 0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "connections left open"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        settled(&server).await;
         looped.push(server.snapshot().accepted - accepted - 1);
     }
     eprintln!("looped connections per client: {looped:?}");
