@@ -59,8 +59,7 @@ const LOOP_MARKS: usize = 256;
 /// two different targets may share a local address and port).
 #[derive(Debug)]
 pub struct OwnSockets {
-    slots: Box<[AtomicU64]>,
-    mask: usize,
+    slots: Table,
     /// The ports this process listens on or has listened on (0: a free slot). A reload that
     /// moves the listener adds its new port; the old one stays (its last accepted clients may
     /// still be served), which costs only a getsockname per connection to that port.
@@ -69,7 +68,63 @@ pub struct OwnSockets {
     all_ports: AtomicBool,
     /// The keys of outgoing connections our listener refused as loops, until their sockets
     /// close (see [`Held::looped`]).
-    loops: Box<[AtomicU64]>,
+    loops: Table,
+}
+
+/// A fixed, lock-free table of non-zero keys (0: a free slot): a key goes in the first free
+/// slot of a window of [`WINDOW`] slots from its hash. Its length is a power of two.
+#[derive(Debug)]
+struct Table(Box<[AtomicU64]>);
+
+impl Table {
+    /// `len` free slots (a power of two), from a zeroed allocation: pages never touched stay
+    /// unbacked (calloc → mmap for a large table).
+    fn new(len: usize) -> Table {
+        debug_assert!(len.is_power_of_two());
+        let layout = Layout::array::<AtomicU64>(len).unwrap_or_else(|_| Layout::new::<u64>());
+        // SAFETY: a zeroed AtomicU64 is a valid 0; the allocation has the layout of
+        // `[AtomicU64; len]`, which is what the Box frees it with.
+        let slots = unsafe {
+            let ptr = alloc_zeroed(layout).cast::<AtomicU64>();
+            if ptr.is_null() {
+                handle_alloc_error(layout);
+            }
+            Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len))
+        };
+        Table(slots)
+    }
+
+    fn window(&self, key: u64) -> impl Iterator<Item = &AtomicU64> {
+        let start = mix(key) as usize;
+        let mask = self.0.len() - 1;
+        (0..WINDOW).map(move |i| &self.0[start.wrapping_add(i) & mask])
+    }
+
+    /// Stores `key`. False if its window was full.
+    fn insert(&self, key: u64) -> bool {
+        self.window(key).any(|slot| {
+            slot.compare_exchange(0, key, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        })
+    }
+
+    /// Takes one copy of `key` out. False if there was none.
+    fn remove(&self, key: u64) -> bool {
+        self.window(key).any(|slot| {
+            slot.compare_exchange(key, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        })
+    }
+
+    fn contains(&self, key: u64) -> bool {
+        self.window(key)
+            .any(|slot| slot.load(Ordering::Acquire) == key)
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.0.iter().all(|s| s.load(Ordering::Relaxed) == 0)
+    }
 }
 
 impl OwnSockets {
@@ -78,23 +133,11 @@ impl OwnSockets {
     pub fn new(sockets: u64) -> OwnSockets {
         let want = usize::try_from(sockets.saturating_mul(2)).unwrap_or(usize::MAX);
         let len = want.clamp(1024, 1 << 21).next_power_of_two();
-        let layout = Layout::array::<AtomicU64>(len).unwrap_or_else(|_| Layout::new::<u64>());
-        // SAFETY: a zeroed AtomicU64 is a valid 0; the allocation has the layout of
-        // `[AtomicU64; len]`, which is what the Box frees it with. Zeroed allocation leaves
-        // untouched pages unbacked (calloc → mmap for a large table).
-        let slots = unsafe {
-            let ptr = alloc_zeroed(layout).cast::<AtomicU64>();
-            if ptr.is_null() {
-                handle_alloc_error(layout);
-            }
-            Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len))
-        };
         OwnSockets {
-            slots,
-            mask: len - 1,
+            slots: Table::new(len),
             ports: Default::default(),
             all_ports: AtomicBool::new(false),
-            loops: (0..LOOP_MARKS).map(|_| AtomicU64::new(0)).collect(),
+            loops: Table::new(LOOP_MARKS),
         }
     }
 
@@ -125,31 +168,10 @@ impl OwnSockets {
             || self.ports.iter().any(|p| p.load(Ordering::Acquire) == port)
     }
 
-    /// Records `key`. False if its window was full (the socket then goes untracked).
-    fn insert_key(&self, key: u64) -> bool {
-        self.window(key).any(|slot| {
-            slot.compare_exchange(0, key, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        })
-    }
-
-    /// Forgets one record of `key` (its socket closed).
-    fn remove_key(&self, key: u64) {
-        self.window(key).any(|slot| {
-            slot.compare_exchange(key, 0, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        });
-    }
-
     /// Whether `addr` is the local address of a live outgoing socket: a client connecting from
     /// it is stickylb itself.
     pub fn contains(&self, addr: SocketAddr) -> bool {
-        self.contains_key(key(addr))
-    }
-
-    fn contains_key(&self, key: u64) -> bool {
-        self.window(key)
-            .any(|slot| slot.load(Ordering::Acquire) == key)
+        self.slots.contains(key(addr))
     }
 
     /// Whether a connection from `peer` to our `local` address is one of our own outgoing
@@ -170,27 +192,12 @@ impl OwnSockets {
         let Some(pair) = local().map(|local| pair_key(peer, local)) else {
             return false;
         };
-        if !self.contains_key(pair) {
+        if !self.slots.contains(pair) {
             return false;
         }
-        self.loop_window(pair).any(|slot| {
-            slot.compare_exchange(0, pair, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        });
+        // A full window drops the mark (see LOOP_MARKS).
+        self.loops.insert(pair);
         true
-    }
-
-    /// Takes the mark of a refused loop under `pair`, if there is one.
-    fn take_loop(&self, pair: u64) -> bool {
-        self.loop_window(pair).any(|slot| {
-            slot.compare_exchange(pair, 0, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        })
-    }
-
-    fn loop_window(&self, key: u64) -> impl Iterator<Item = &AtomicU64> {
-        let start = mix(key) as usize;
-        (0..WINDOW).map(move |i| &self.loops[start.wrapping_add(i) % LOOP_MARKS])
     }
 
     /// For `socket`, which has just started connecting to `remote`: records its local address
@@ -210,13 +217,9 @@ impl OwnSockets {
     /// until the returned guard is dropped.
     fn hold(&self, local: SocketAddr, remote: SocketAddr) -> Held<'_> {
         let keys = [key(local), pair_key(local, remote)];
-        let taken = keys.map(|k| self.insert_key(k));
+        // A full window leaves the socket untracked (see the module comment).
+        let taken = keys.map(|k| self.slots.insert(k));
         Held(Some((self, keys, taken)))
-    }
-
-    fn window(&self, key: u64) -> impl Iterator<Item = &AtomicU64> {
-        let start = mix(key) as usize;
-        (0..WINDOW).map(move |i| &self.slots[(start.wrapping_add(i)) & self.mask])
     }
 }
 
@@ -230,7 +233,7 @@ impl Held<'_> {
     /// back into stickylb. Takes the mark (true once). False for a socket not recorded.
     pub fn looped(&self) -> bool {
         self.0
-            .is_some_and(|(set, [_, pair], _)| set.take_loop(pair))
+            .is_some_and(|(set, [_, pair], _)| set.loops.remove(pair))
     }
 }
 
@@ -239,12 +242,12 @@ impl Drop for Held<'_> {
         if let Some((set, keys, taken)) = self.0 {
             for (key, taken) in keys.into_iter().zip(taken) {
                 if taken {
-                    set.remove_key(key);
+                    set.slots.remove(key);
                 }
             }
             // A mark nobody read goes with its socket: a later socket with the same pair of
             // addresses must not find it.
-            set.take_loop(keys[1]);
+            set.loops.remove(keys[1]);
         }
     }
 }
@@ -370,10 +373,7 @@ mod tests {
         assert!(!looped.looped(), "the mark is taken once");
         assert!(set.is_own_connection(b, || Some(listener)));
         drop(other);
-        assert!(
-            set.loops.iter().all(|s| s.load(Ordering::Relaxed) == 0),
-            "an unread mark goes with its socket"
-        );
+        assert!(set.loops.is_empty(), "an unread mark goes with its socket");
         assert!(!Held(None).looped());
     }
 
@@ -404,7 +404,7 @@ mod tests {
         let addrs: Vec<SocketAddr> = (0..1024u32)
             .map(|i| SocketAddr::new(IpAddr::V4((0x7f00_0001 + (i >> 8)).into()), 1 + i as u16))
             .collect();
-        let taken: Vec<bool> = addrs.iter().map(|&a| set.insert_key(key(a))).collect();
+        let taken: Vec<bool> = addrs.iter().map(|&a| set.slots.insert(key(a))).collect();
         let kept = taken.iter().filter(|&&t| t).count();
         assert!(kept > 900, "a full table still takes most: {kept}");
         for (a, t) in addrs.iter().zip(&taken) {
@@ -412,9 +412,9 @@ mod tests {
         }
         for (a, t) in addrs.iter().zip(&taken) {
             if *t {
-                set.remove_key(key(*a));
+                set.slots.remove(key(*a));
             }
         }
-        assert!(set.slots.iter().all(|s| s.load(Ordering::Relaxed) == 0));
+        assert!(set.slots.is_empty());
     }
 }
