@@ -915,7 +915,7 @@ fn half_close(stream: &RelaySocket) -> io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpSocket};
@@ -928,7 +928,7 @@ mod tests {
 
     /// A connected pair on loopback: (the side the relay owns, the far side), with `rcvbuf`
     /// set on the far side before it connects (which caps the window it advertises).
-    async fn pair(far_rcvbuf: Option<u32>) -> (TcpStream, TcpStream) {
+    pub(in crate::proxy) async fn pair(far_rcvbuf: Option<u32>) -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let socket = TcpSocket::new_v4().unwrap();
         if let Some(size) = far_rcvbuf {
@@ -968,22 +968,17 @@ mod tests {
         let total_to_server = AtomicU64::new(0);
         let to_client = Meter::new(&total_to_client);
         let to_server = Meter::new(&total_to_server);
-        // Both sockets close when the relay ends, as in the handler (the last FIN comes with
-        // the close when the other direction had already ended).
-        let relay = async {
-            let fresh = UNTUNED;
-            // The relay owns both sockets: they close as it completes.
-            relay(
-                client,
-                server,
-                true,
-                Some(IDLE),
-                fresh,
-                &to_server,
-                &to_client,
-            )
-            .await
-        };
+        // The relay owns both sockets: they close when it ends, as in the handler (the last
+        // FIN comes with the close when the other direction had already ended).
+        let relay = relay(
+            client,
+            server,
+            true,
+            Some(IDLE),
+            UNTUNED,
+            &to_server,
+            &to_client,
+        );
         // Reads 4 KiB every 40 ms (about 100 KB/s): one 256 KiB chunk takes ~2.5 s, five
         // times the idle timeout. After each read, the counter must already hold what arrived.
         let read = async {
@@ -1300,9 +1295,8 @@ mod tests {
         });
         let (total_up, total_down) = (AtomicU64::new(0), AtomicU64::new(0));
         let (to_server, to_client) = (Meter::new(&total_up), Meter::new(&total_down));
-        let fresh = UNTUNED;
         assert!(reads_until(client_fd, true).await, "registered for reads");
-        let relay = relay(client, server, true, None, fresh, &to_server, &to_client);
+        let relay = relay(client, server, true, None, UNTUNED, &to_server, &to_client);
         let far = async {
             // The first MiB at once (a read that fills the copy buffer turns the direction to
             // splicing); then nothing until the relay has taken the client off the reactor.
@@ -1361,8 +1355,7 @@ mod tests {
         });
         let (total_up, total_down) = (AtomicU64::new(0), AtomicU64::new(0));
         let (to_server, to_client) = (Meter::new(&total_up), Meter::new(&total_down));
-        let fresh = UNTUNED;
-        let relay = relay(client, server, true, None, fresh, &to_server, &to_client);
+        let relay = relay(client, server, true, None, UNTUNED, &to_server, &to_client);
         let far = async {
             let mut first = vec![0u8; 1 << 20];
             target_far.read_exact(&mut first).await.unwrap();

@@ -172,20 +172,11 @@ impl AsRawFd for RelaySocket {
 mod tests {
     use super::*;
     use crate::proxy::copy;
+    use crate::proxy::relay::tests::pair;
     use std::future::poll_fn;
     use std::task::ready;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let far = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (near, _) = listener.accept().await.unwrap();
-        (near, far)
-    }
 
     /// Bytes now readable on `fd`, as poll(2) sees them (outside any epoll registration):
     /// waits up to 10 s for them.
@@ -231,7 +222,7 @@ mod tests {
     /// arrived meanwhile at once (ADD reports the state as it is), so none is missed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reads_off_wake_nobody_and_reads_on_finds_what_arrived() {
-        let (near, mut far) = pair().await;
+        let (near, mut far) = pair(None).await;
         let mut socket = RelaySocket::new(near);
         assert!(socket.reads());
         let changed = poll_fn(|cx| Poll::Ready(socket.set_reads(false, cx).unwrap())).await;
