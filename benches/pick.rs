@@ -1,5 +1,5 @@
-//! The cost of choosing a target: `Table::pick` over 2, 8, 64 and 1,024 equal-weight targets and
-//! 64 weighted ones (the design's bound: ≤ 100 ns at 64 targets), `Table::pick_bounded`
+//! The cost of choosing a target: `Table::pick` over 2, 8, 16, 64 and 1,024 equal-weight targets and
+//! 8 and 64 weighted ones (the design's bound: ≤ 100 ns at 64 targets), `Table::pick_bounded`
 //! (`hashBalanceFactor` 125) over 64 targets, plus the client hash, the fail-over order and the
 //! non-sticky two-choices pick for context.
 //!
@@ -46,8 +46,10 @@ fn bench_pick(c: &mut Criterion) {
     let cases: Vec<(String, Table)> = vec![
         ("equal/2".into(), table(2, |_| 1)),
         ("equal/8".into(), table(8, |_| 1)),
+        ("equal/16".into(), table(16, |_| 1)),
         ("equal/64".into(), table(64, |_| 1)),
         ("equal/1024".into(), table(1024, |_| 1)),
+        ("weighted_1_to_8/8".into(), table(8, |i| 1 + i as u32)),
         (
             "weighted_1_to_8/64".into(),
             table(64, |i| 1 + (i % 8) as u32),

@@ -223,6 +223,16 @@ fn ln_unit(x: f64) -> f64 {
 /// `1 - 1e-9`: the margin of the cheap bound `ln(u) ≤ u - 1` used to skip most `ln`s.
 const PRUNE_MARGIN: f64 = 1.0 - 1e-9;
 
+/// The threshold `T ≥ R·2^32·(1 + 1e-6)` of `scan::survivors` for the rank `bar = -R` (≤ 0):
+/// `None` when it rules nothing out this way (`bar` is `-∞`, or `T` would not fit in 32 bits,
+/// which takes a rank below about -1: only with very few targets). See `Table::pick_weighted`.
+/// (The integer part plus one rather than `ceil`, which is a libm call on baseline x86-64: a
+/// larger threshold only rules out less.)
+fn threshold(bar: f64) -> Option<u64> {
+    let t = -bar * 4_294_967_296.0 * (1.0 + 1e-6);
+    (t < 4_294_967_294.0).then(|| t as u64 + 1)
+}
+
 /// The weighted rank `ln(u) / w`; `-∞` for weight 0. (This and the next three items spell out
 /// the full order as a reference; the picks compute it incrementally, and the tests check that
 /// they agree.)
@@ -267,21 +277,33 @@ pub struct Table {
     /// `premix(seed)` of each target (see [`premix`]; [`seed_of`] gives the seed back).
     mixed: Vec<u64>,
     weights: Vec<u32>,
-    /// The weights as `f64`, and their inverses (the weighted pick's cheap estimate; `+∞` for
-    /// a weight of 0, which no estimate then prefers).
-    weights_f64: Vec<f64>,
-    inverse_weights: Vec<f64>,
+    /// The weights again as `u64`, for `scan::survivors`.
+    weights_u64: Vec<u64>,
+    /// `2^32 / w` per target, at most `2^32 - 1` (and that for a weight of 0): the factor of
+    /// `scan::scores`'s estimate, which only picks which target to bound first.
+    factors: Vec<u64>,
     /// All weights are equal: rank by raw score and skip the float math (same order, since
     /// `ln` is monotone and dividing by one common weight keeps the order).
     equal_weights: bool,
 }
 
-/// The best target of a weighted pick so far: its index, exact rank and raw score.
+/// The best target of a weighted pick so far: its index, raw score and exact rank, computed
+/// only when something is compared with it (a pick that rules every other target out by bounds
+/// never computes it).
 #[derive(Debug, Clone, Copy)]
 struct Best {
     index: usize,
-    rank: f64,
     score: u64,
+    rank: Option<f64>,
+}
+
+impl Best {
+    /// The exact rank, computed at the first call.
+    fn rank(&mut self, table: &Table) -> f64 {
+        *self
+            .rank
+            .get_or_insert_with(|| table.rank_of(self.index, self.score))
+    }
 }
 
 impl Table {
@@ -289,12 +311,16 @@ impl Table {
     /// `targets`. O(n). A valid config has weights ≥ 1; a weight of 0 ranks last in `pick`.
     pub fn new(targets: &[(u64, u32)]) -> Table {
         let weights: Vec<u32> = targets.iter().map(|&(_, weight)| weight).collect();
-        let weights_f64: Vec<f64> = weights.iter().map(|&w| f64::from(w)).collect();
+        let weights_u64: Vec<u64> = weights.iter().map(|&w| u64::from(w)).collect();
+        let most = u64::from(u32::MAX);
         Table {
             mixed: targets.iter().map(|&(seed, _)| premix(seed)).collect(),
             equal_weights: weights.windows(2).all(|w| w[0] == w[1]),
-            inverse_weights: weights_f64.iter().map(|w| 1.0 / w).collect(),
-            weights_f64,
+            factors: weights_u64
+                .iter()
+                .map(|&w| (1u64 << 32).checked_div(w).map_or(most, |f| f.min(most)))
+                .collect(),
+            weights_u64,
             weights,
         }
     }
@@ -411,71 +437,104 @@ impl Table {
         best
     }
 
-    /// The weighted pick, a chunk of up to [`scan::CHUNK`] targets at a time: [`scan::units`]
-    /// computes every target's `u` and names the one whose cheap estimate `(u - 1)/w` is
-    /// best; its exact rank (if it is usable) then lets [`scan::survivors`] rule out every
-    /// target whose upper bound loses to it, and only the rest get an exact rank. Typically
-    /// two `ln`s per pick, against one per record in a plain loop.
+    /// The weighted pick, a chunk of up to [`scan::CHUNK`] targets at a time. [`scan::scores`]
+    /// scores every target and names the one whose estimate is best; a lower bound of that
+    /// one's rank, without a logarithm ([`Table::rank_floor`]), then lets [`scan::survivors`]
+    /// rule out every target whose rank is certainly below it. When none survives, that
+    /// target wins without any logarithm (almost every pick: 64 targets, weights 1–8). The
+    /// survivors, if any, get exact ranks and are compared in the full order (rank, score,
+    /// seed, then the earlier index), so the result never depends on the order of the visit.
     ///
-    /// Why ruling out never changes the result: `ln(u) ≤ u - 1 < 0`, and our `ln` is within
-    /// 1e-15 relative of the true one, so `ln(u) < (u - 1)·(1 - 1e-9)`; the 1e-9 margin
-    /// ([`PRUNE_MARGIN`]) also absorbs the rounding of the test. So when
-    /// `(u - 1)·PRUNE_MARGIN < best_rank·w`, `ln(u)/w < best_rank` strictly, and `best_rank`
-    /// is a usable target's. What is left is compared in the full order (rank, score, seed,
-    /// then the earlier index), so the result is the same in whatever order it is visited.
+    /// Why ruling out is exact. Write `x = 1 - u` for a target's `u = unit(s)`. `unit` rounds
+    /// `(s >> 11) + 0.5` up by at most 0.5, so `x ≥ (!s >> 11)·2^-53 ≥ (!s >> 32)·2^-32`.
+    /// `survivors` rules a target out when `(!s >> 32) > T·w` with `T ≥ R·2^32·(1 + 1e-6)`
+    /// for the rank `-R` to beat, so `x > R·(1 + 1e-6)·w` (up to a rounding of 1e-16), and its
+    /// true rank `ln(u)/w ≤ -x/w < -R·(1 + 1e-6)`. Our `ln` is within 1e-15 relative of the
+    /// true one and the division rounds by 1e-16, so its computed rank is below `-R` strictly.
+    /// The rank to beat is a usable target's computed rank or a lower bound of it, so a target
+    /// ruled out can never be the answer.
     fn pick_weighted(&self, key: u64, usable: impl Fn(usize) -> bool) -> Option<usize> {
         let kp = premix(key);
         let mut best: Option<Best> = None;
-        let mut units = [0f64; scan::CHUNK];
+        let mut scores = [0u64; scan::CHUNK];
         for start in (0..self.len()).step_by(scan::CHUNK) {
             let end = (start + scan::CHUNK).min(self.len());
-            let units = &mut units[..end - start];
-            let first = scan::units(
+            let scores = &mut scores[..end - start];
+            let first = scan::scores(
                 kp,
                 &self.mixed[start..end],
-                &self.inverse_weights[start..end],
-                units,
+                &self.factors[start..end],
+                scores,
             );
-            self.consider(kp, start + first, units[first], &mut best, &usable);
-            let rank = best.map_or(f64::NEG_INFINITY, |b| b.rank);
-            let mut left =
-                scan::survivors(units, &self.weights_f64[start..end], rank) & !(1u64 << first);
+            let candidate = start + first;
+            // What this chunk's targets must beat: the best of the earlier chunks (exact), or
+            // the candidate's floor where that is higher. A candidate that is down, or of
+            // weight 0, bounds nothing and is visited like the others.
+            let known = best.as_mut().map_or(f64::NEG_INFINITY, |b| b.rank(self));
+            let floor = (self.weights[candidate] > 0 && usable(candidate))
+                .then(|| self.rank_floor(candidate, scores[first]));
+            let bar = floor.map_or(known, |f| f.max(known));
+            let everyone = u64::MAX >> (scan::CHUNK - scores.len());
+            let mut left = match threshold(bar) {
+                Some(t) => scan::survivors(scores, &self.weights_u64[start..end], t),
+                None => everyone,
+            };
+            match floor {
+                Some(f) if left & !(1 << first) == 0 && f > known => {
+                    best = Some(Best {
+                        index: candidate,
+                        score: scores[first],
+                        rank: None,
+                    });
+                    continue;
+                }
+                Some(_) => {
+                    left &= !(1 << first);
+                    self.consider(kp, candidate, scores[first], &mut best, |_| true);
+                }
+                None => {}
+            }
             while left != 0 {
                 let j = left.trailing_zeros() as usize;
                 left &= left - 1;
-                self.consider(kp, start + j, units[j], &mut best, &usable);
+                self.consider(kp, start + j, scores[j], &mut best, &usable);
             }
         }
         best.map(|b| b.index)
     }
 
-    /// Target `i` (whose `u` is `u`) against the weighted pick's best so far: ruled out by
-    /// the cheap bound against the current best if it can be, else ranked exactly and kept if
-    /// it comes first in the full order and is usable.
+    /// Target `i` (of score `score`) against the weighted pick's best so far: ruled out by
+    /// the bound `ln(u) ≤ u - 1` against the best's exact rank if it can be, else ranked
+    /// exactly and kept if it comes first in the full order and is usable. (The bound matters
+    /// when the candidate of a chunk is down: then nothing was ruled out in advance.)
+    ///
+    /// Why that bound is exact: `ln(u) ≤ u - 1 < 0`, and our `ln` is within 1e-15 relative of
+    /// the true one, so `ln(u) < (u - 1)·(1 - 1e-9)`; the 1e-9 margin ([`PRUNE_MARGIN`]) also
+    /// absorbs the rounding of the test. So when `(u - 1)·PRUNE_MARGIN < best_rank·w`,
+    /// `ln(u)/w < best_rank` strictly.
     #[inline]
     fn consider(
         &self,
         kp: u64,
         i: usize,
-        u: f64,
+        score: u64,
         best: &mut Option<Best>,
         usable: impl Fn(usize) -> bool,
     ) {
-        let w = self.weights_f64[i];
-        let rank = if self.weights[i] == 0 {
-            f64::NEG_INFINITY
-        } else {
-            if let Some(b) = best {
-                if (u - 1.0) * PRUNE_MARGIN < b.rank * w {
+        debug_assert_eq!(score, score_premixed(kp, self.mixed[i]));
+        let rank = match best.as_mut() {
+            Some(b) if self.weights[i] > 0 => {
+                let u = unit(score);
+                if (u - 1.0) * PRUNE_MARGIN < b.rank(self) * f64::from(self.weights[i]) {
                     return;
                 }
+                self.rank_of(i, score)
             }
-            ln_unit(u) / w
+            _ => self.rank_of(i, score),
         };
-        let score = score_premixed(kp, self.mixed[i]);
-        let better = match best {
+        let better = match best.as_mut() {
             None => true,
-            Some(b) => match rank.total_cmp(&b.rank) {
+            Some(b) => match rank.total_cmp(&b.rank(self)) {
                 std::cmp::Ordering::Greater => true,
                 std::cmp::Ordering::Less => false,
                 std::cmp::Ordering::Equal => {
@@ -492,10 +551,32 @@ impl Table {
         if better && usable(i) {
             *best = Some(Best {
                 index: i,
-                rank,
                 score,
+                rank: Some(rank),
             });
         }
+    }
+
+    /// The exact weighted rank of target `i` with score `score`: `ln(u)/w`, `-∞` for weight 0.
+    fn rank_of(&self, i: usize, score: u64) -> f64 {
+        match self.weights[i] {
+            0 => f64::NEG_INFINITY,
+            w => ln_unit(unit(score)) / f64::from(w),
+        }
+    }
+
+    /// A lower bound of target `i`'s computed rank (weight ≥ 1), without a logarithm where `u`
+    /// is at least ½ (the targets that win any pick of more than a few targets): with
+    /// `x = 1 - u` (exact there), `-ln(1 - x) = x + x²/2 + x³/3 + … ≤ x + x²/2 + x³/(3u)`, the
+    /// tail bounded by a geometric series. The factor `1 + 1e-9` covers our `ln`'s 1e-15
+    /// relative error and this expression's own roundings. Below ½ the exact rank.
+    fn rank_floor(&self, i: usize, score: u64) -> f64 {
+        let u = unit(score);
+        if u < 0.5 {
+            return self.rank_of(i, score);
+        }
+        let x = 1.0 - u;
+        -((x + x * x * 0.5 + x * x * x / (3.0 * u)) / f64::from(self.weights[i])) * (1.0 + 1e-9)
     }
 
     /// The full order of target `i` for `key` (see [`RankKey`]).
@@ -970,7 +1051,7 @@ mod tests {
         // a random half, or only the worst-ranked one (nothing rules anything out then); plus a
         // weight of 0 and a duplicated seed in the larger tables.
         let mut rng = TestRng(19);
-        for n in [40, 64, 65, 150] {
+        for n in [2, 3, 5, 40, 64, 65, 150] {
             let mut targets: Vec<(u64, u32)> = (0..n)
                 .map(|i| (target_seed(&format!("t{i}")), 1 + rng.below(10) as u32))
                 .collect();

@@ -5,70 +5,81 @@
 //! baseline (SSE2) cannot do side by side and AVX2 can, as three 32-bit multiplies each. So each
 //! pass is written twice: with AVX2 intrinsics, taken at run time when the CPU has AVX2 (std
 //! detects it once per process), and in plain Rust, for every other CPU and as the reference the
-//! tests hold the AVX2 passes to. Both do the same integer and IEEE-754 operations in the same
-//! order (no FMA, no reassociation), so they return the same thing bit for bit: which one runs
-//! never changes a client's target.
+//! tests hold the AVX2 passes to. Both are the same integer arithmetic (no float is involved:
+//! the weighted pick's logarithms stay in `hash.rs`, computed once per candidate), so they
+//! return the same thing bit for bit: which one runs never changes a client's target.
 //!
 //! The passes:
 //! - [`best_equal`]: the target with the highest raw score (equal weights: that is the pick).
-//! - [`units`] and [`survivors`]: a weighted pick over a chunk of at most 64 targets. The exact
+//! - [`scores`] and [`survivors`]: a weighted pick over a chunk of at most 64 targets. The exact
 //!   weighted rank needs a logarithm (`ln(u)/w`); these two find the few targets for which it
-//!   must be computed. `units` computes every target's `u` and the one with the best cheap
-//!   estimate `(u - 1)/w` (an upper bound of the rank, tight for the `u` near 1 that win);
-//!   once the caller knows that target's exact rank, `survivors` marks the targets whose upper
-//!   bound does not lose to it: typically that target alone.
+//!   must be computed, in integers. `scores` computes every target's score and the one with
+//!   the best cheap estimate (the smallest `(1 - u)/w`, from the score's top 32 bits); once the
+//!   caller has a bound on that target's rank, `survivors` marks the targets whose own bound
+//!   does not lose to it: typically none, and the pick needs no logarithm at all.
 
-use super::{score_premixed, unit, PRUNE_MARGIN};
+use super::score_premixed;
 
-/// The most targets [`units`] and [`survivors`] take at once (one bit each in a `u64`).
+/// The most targets [`scores`] and [`survivors`] take at once (one bit each in a `u64`).
 pub(super) const CHUNK: usize = 64;
+
+/// From this many targets on, [`best_equal`] takes the AVX2 pass: below it, setting up the
+/// registers and reducing the four lanes cost about what the plain loop saves
+/// (`benches/pick.rs`: at 16 targets the two measured alike, 31–34 ns; at 64 the AVX2 pass
+/// takes about 0.7 of the time).
+const AVX2_FROM: usize = 32;
 
 /// The index of the highest `score_premixed(kp, m)` over `mixed` (non-empty), the earlier index
 /// on a tie.
 #[inline]
 pub(super) fn best_equal(kp: u64, mixed: &[u64]) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if mixed.len() >= 8 && std::is_x86_feature_detected!("avx2") {
+    if mixed.len() >= AVX2_FROM && std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked just above).
         return unsafe { avx2::best_equal(kp, mixed) };
     }
     portable::best_equal(kp, mixed)
 }
 
-/// Writes `unit(score_premixed(kp, mixed[i]))` into `units[i]` for every target of the chunk
-/// (`mixed`, `inverse_weight` and `units` of one length, at most [`CHUNK`], not empty) and
-/// returns the index of the highest `(units[i] - 1) · inverse_weight[i]`, the earlier on a tie.
+/// Writes `score_premixed(kp, mixed[i])` into `scores[i]` for every target of the chunk
+/// (`mixed`, `factor` and `scores` of one length, at most [`CHUNK`], not empty; each factor
+/// below 2^32, so that the estimate fits in 64 bits) and returns the index of the smallest
+/// `(!score >> 32) · factor[i]` (the earlier on a tie): with `factor[i]` about `2^32 / w_i`,
+/// the target whose `(1 - u)/w` is smallest, i.e. whose rank `ln(u)/w` is likely the best.
 #[inline]
-pub(super) fn units(kp: u64, mixed: &[u64], inverse_weight: &[f64], units: &mut [f64]) -> usize {
+pub(super) fn scores(kp: u64, mixed: &[u64], factor: &[u64], scores: &mut [u64]) -> usize {
     debug_assert!(!mixed.is_empty() && mixed.len() <= CHUNK);
-    debug_assert!(mixed.len() == inverse_weight.len() && mixed.len() == units.len());
+    debug_assert!(mixed.len() == factor.len() && mixed.len() == scores.len());
+    debug_assert!(factor.iter().all(|&f| f <= u64::from(u32::MAX)));
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked just above).
-        return unsafe { avx2::units(kp, mixed, inverse_weight, units) };
+        return unsafe { avx2::scores(kp, mixed, factor, scores) };
     }
-    portable::units(kp, mixed, inverse_weight, units)
+    portable::scores(kp, mixed, factor, scores)
 }
 
-/// Bit `i` set for each target of the chunk that the cheap bound does not rule out:
-/// not `(units[i] - 1) · PRUNE_MARGIN < best_rank · weight[i]` (see `Table::pick`'s weighted
-/// pass for why a target so ruled out ranks strictly below `best_rank`). `best_rank = -∞`
-/// rules out nothing.
+/// Bit `i` set for each target of the chunk that the bound does not rule out: not
+/// `(!scores[i] >> 32) > threshold · weight[i]` (`threshold` and the weights below 2^32, so the
+/// product fits). Where that holds, `1 - u_i > threshold · w_i / 2^32`: see
+/// `Table::pick_weighted` for why such a target ranks strictly below the threshold's rank.
 #[inline]
-pub(super) fn survivors(units: &[f64], weight: &[f64], best_rank: f64) -> u64 {
-    debug_assert!(units.len() <= CHUNK && units.len() == weight.len());
+pub(super) fn survivors(scores: &[u64], weight: &[u64], threshold: u64) -> u64 {
+    debug_assert!(scores.len() <= CHUNK && scores.len() == weight.len());
+    debug_assert!(threshold <= u64::from(u32::MAX));
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked just above).
-        return unsafe { avx2::survivors(units, weight, best_rank) };
+        return unsafe { avx2::survivors(scores, weight, threshold) };
     }
-    portable::survivors(units, weight, best_rank)
+    portable::survivors(scores, weight, threshold)
 }
 
 /// The passes in plain Rust.
 pub(super) mod portable {
-    use super::{score_premixed, unit, PRUNE_MARGIN};
+    use super::score_premixed;
 
+    #[inline]
     pub(in crate::balance::hash) fn best_equal(kp: u64, mixed: &[u64]) -> usize {
         if mixed.len() < 2 {
             return 0;
@@ -105,17 +116,17 @@ pub(super) mod portable {
         }
     }
 
-    pub(in crate::balance::hash) fn units(
+    pub(in crate::balance::hash) fn scores(
         kp: u64,
         mixed: &[u64],
-        inverse_weight: &[f64],
-        units: &mut [f64],
+        factor: &[u64],
+        scores: &mut [u64],
     ) -> usize {
-        let (mut best, mut index) = (f64::NEG_INFINITY, 0);
-        for (i, ((&m, &inverse), u)) in mixed.iter().zip(inverse_weight).zip(units).enumerate() {
-            *u = unit(score_premixed(kp, m));
-            let estimate = (*u - 1.0) * inverse;
-            if estimate > best {
+        let (mut best, mut index) = (u64::MAX, 0);
+        for (i, ((&m, &f), s)) in mixed.iter().zip(factor).zip(scores).enumerate() {
+            *s = score_premixed(kp, m);
+            let estimate = (!*s >> 32) * f;
+            if estimate < best || i == 0 {
                 best = estimate;
                 index = i;
             }
@@ -124,13 +135,13 @@ pub(super) mod portable {
     }
 
     pub(in crate::balance::hash) fn survivors(
-        units: &[f64],
-        weight: &[f64],
-        best_rank: f64,
+        scores: &[u64],
+        weight: &[u64],
+        threshold: u64,
     ) -> u64 {
         let mut bits = 0u64;
-        for (i, (&u, &w)) in units.iter().zip(weight).enumerate() {
-            let ruled_out = (u - 1.0) * PRUNE_MARGIN < best_rank * w;
+        for (i, (&s, &w)) in scores.iter().zip(weight).enumerate() {
+            let ruled_out = (!s >> 32) > threshold * w;
             bits |= u64::from(!ruled_out) << i;
         }
         bits
@@ -142,8 +153,8 @@ pub(super) mod portable {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::super::{FMIX_C1, FMIX_C2, TWO_POW_MINUS_53};
-    use super::{portable, PRUNE_MARGIN};
+    use super::super::{FMIX_C1, FMIX_C2};
+    use super::portable;
 
     /// `a · c` (wrapping) in each 64-bit lane, `c` given as its low and high 32 bits broadcast:
     /// `a_lo·c_lo + ((a_lo·c_hi + a_hi·c_lo) << 32)`, the part of the full product that fits.
@@ -241,100 +252,82 @@ mod avx2 {
         winner.1
     }
 
-    /// `unit(s)` of four scores, exactly as the scalar `unit`: `(s >> 11)` is below 2^53, so
-    /// it is converted as two exact halves (`hi · 2^32 + lo`, each through the 2^52 trick, and
-    /// their sum is exact), then `(x + 0.5) · 2^-53`, the same two roundings as the scalar.
+    /// `!s >> 32` of four scores: the top half of `2^64 - 1 - s`.
     #[target_feature(enable = "avx2")]
-    fn unit4(s: __m256i) -> __m256d {
-        let two_52 = _mm256_set1_epi64x(0x4330_0000_0000_0000);
-        let two_52_f = _mm256_set1_pd(4_503_599_627_370_496.0);
-        let x = _mm256_srli_epi64::<11>(s);
-        let hi = _mm256_srli_epi64::<32>(x);
-        let lo = _mm256_and_si256(x, _mm256_set1_epi64x(0xffff_ffff));
-        let hi = _mm256_sub_pd(_mm256_castsi256_pd(_mm256_or_si256(hi, two_52)), two_52_f);
-        let lo = _mm256_sub_pd(_mm256_castsi256_pd(_mm256_or_si256(lo, two_52)), two_52_f);
-        let x = _mm256_add_pd(_mm256_mul_pd(hi, _mm256_set1_pd(4_294_967_296.0)), lo);
-        _mm256_mul_pd(
-            _mm256_add_pd(x, _mm256_set1_pd(0.5)),
-            _mm256_set1_pd(TWO_POW_MINUS_53),
-        )
+    fn complement_top(s: __m256i) -> __m256i {
+        _mm256_srli_epi64::<32>(_mm256_xor_si256(s, _mm256_set1_epi64x(-1)))
     }
 
     #[target_feature(enable = "avx2")]
-    pub(super) fn units(
-        kp: u64,
-        mixed: &[u64],
-        inverse_weight: &[f64],
-        units: &mut [f64],
-    ) -> usize {
+    pub(super) fn scores(kp: u64, mixed: &[u64], factor: &[u64], scores: &mut [u64]) -> usize {
         let mix = Mix::new(kp);
-        let one = _mm256_set1_pd(1.0);
-        let mut best = _mm256_set1_pd(f64::NEG_INFINITY);
+        // The smallest estimate, unsigned (top bits flipped for the signed compare); each lane
+        // starts on its first target with the largest estimate there is, so any target but
+        // one with exactly that estimate replaces it, and that one is the lane's first anyway.
+        let top = _mm256_set1_epi64x(i64::MIN);
+        let mut best = _mm256_set1_epi64x(i64::MAX);
         let mut best_index = _mm256_set_epi64x(3, 2, 1, 0);
         let mut index = best_index;
         let four = _mm256_set1_epi64x(4);
         let whole = mixed.len() / 4 * 4;
         for at in (0..whole).step_by(4) {
-            let u = unit4(mix.scores(mixed, at));
-            // SAFETY: `at + 4 <= whole <= len` for both slices (checked by the indexing).
-            let inverse = unsafe { _mm256_loadu_pd(inverse_weight[at..at + 4].as_ptr()) };
-            unsafe { _mm256_storeu_pd(units[at..at + 4].as_mut_ptr(), u) };
-            let estimate = _mm256_mul_pd(_mm256_sub_pd(u, one), inverse);
-            let wins = _mm256_castpd_si256(_mm256_cmp_pd::<_CMP_GT_OQ>(estimate, best));
-            best = _mm256_blendv_pd(best, estimate, _mm256_castsi256_pd(wins));
+            let s = mix.scores(mixed, at);
+            let f = &factor[at..at + 4];
+            let out = &mut scores[at..at + 4];
+            // SAFETY: `f` and `out` are four u64s, 32 bytes each; unaligned load and store.
+            let f = unsafe {
+                _mm256_storeu_si256(out.as_mut_ptr().cast(), s);
+                _mm256_loadu_si256(f.as_ptr().cast())
+            };
+            // Both factors below 2^32: `_mm256_mul_epu32` is the whole product.
+            let estimate = _mm256_xor_si256(_mm256_mul_epu32(complement_top(s), f), top);
+            let wins = _mm256_cmpgt_epi64(best, estimate);
+            best = _mm256_blendv_epi8(best, estimate, wins);
             best_index = _mm256_blendv_epi8(best_index, index, wins);
             index = _mm256_add_epi64(index, four);
         }
-        let mut estimates = [0f64; 4];
-        // SAFETY: `estimates` is 32 bytes; the store is unaligned.
-        unsafe { _mm256_storeu_pd(estimates.as_mut_ptr(), best) };
-        let indices = lanes(best_index);
-        // A lane that never won holds -∞ and its first index, which loses to any finite lane
-        // or (all -∞, impossible for weights ≥ 1) keeps the lowest index.
-        let mut winner = (f64::NEG_INFINITY, usize::MAX);
+        let (estimates, indices) = (lanes(_mm256_xor_si256(best, top)), lanes(best_index));
+        let mut winner: Option<(u64, usize)> = None;
         for lane in 0..4 {
             let (e, i) = (estimates[lane], indices[lane] as usize);
-            if i < whole && (e > winner.0 || (e == winner.0 && i < winner.1)) {
-                winner = (e, i);
+            if i < whole && winner.is_none_or(|(b, j)| e < b || (e == b && i < j)) {
+                winner = Some((e, i));
             }
         }
-        let tail = portable::units(
-            kp,
-            &mixed[whole..],
-            &inverse_weight[whole..],
-            &mut units[whole..],
-        );
         if whole < mixed.len() {
-            let e = (units[whole + tail] - 1.0) * inverse_weight[whole + tail];
-            if e > winner.0 || winner.1 == usize::MAX {
-                winner = (e, whole + tail);
+            let tail = whole
+                + portable::scores(kp, &mixed[whole..], &factor[whole..], &mut scores[whole..]);
+            let e = (!scores[tail] >> 32) * factor[tail];
+            if winner.is_none_or(|(b, _)| e < b) {
+                winner = Some((e, tail));
             }
         }
-        winner.1
+        winner.map_or(0, |(_, i)| i)
     }
 
     #[target_feature(enable = "avx2")]
-    pub(super) fn survivors(units: &[f64], weight: &[f64], best_rank: f64) -> u64 {
-        let one = _mm256_set1_pd(1.0);
-        let margin = _mm256_set1_pd(PRUNE_MARGIN);
-        let rank = _mm256_set1_pd(best_rank);
-        let whole = units.len() / 4 * 4;
+    pub(super) fn survivors(scores: &[u64], weight: &[u64], threshold: u64) -> u64 {
+        let top = _mm256_set1_epi64x(i64::MIN);
+        let t = _mm256_set1_epi64x(threshold as i64);
+        let whole = scores.len() / 4 * 4;
         let mut bits = 0u64;
         for at in (0..whole).step_by(4) {
-            // SAFETY: `at + 4 <= whole <= len` for both slices (checked by the indexing).
-            let (u, w) = unsafe {
+            let (s, w) = (&scores[at..at + 4], &weight[at..at + 4]);
+            // SAFETY: `s` and `w` are four u64s, 32 bytes each; unaligned loads.
+            let (s, w) = unsafe {
                 (
-                    _mm256_loadu_pd(units[at..at + 4].as_ptr()),
-                    _mm256_loadu_pd(weight[at..at + 4].as_ptr()),
+                    _mm256_loadu_si256(s.as_ptr().cast()),
+                    _mm256_loadu_si256(w.as_ptr().cast()),
                 )
             };
-            let bound = _mm256_mul_pd(_mm256_sub_pd(u, one), margin);
-            let ruled_out = _mm256_cmp_pd::<_CMP_LT_OQ>(bound, _mm256_mul_pd(rank, w));
-            let kept = !_mm256_movemask_pd(ruled_out) & 0b1111;
+            // Both factors below 2^32: `_mm256_mul_epu32` is the whole product.
+            let limit = _mm256_xor_si256(_mm256_mul_epu32(t, w), top);
+            let ruled_out = _mm256_cmpgt_epi64(_mm256_xor_si256(complement_top(s), top), limit);
+            let kept = !_mm256_movemask_pd(_mm256_castsi256_pd(ruled_out)) & 0b1111;
             bits |= (kept as u64) << at;
         }
         // (Nothing is left past a full chunk: `whole` is then 64, too far to shift by.)
-        let tail = portable::survivors(&units[whole..], &weight[whole..], best_rank);
+        let tail = portable::survivors(&scores[whole..], &weight[whole..], threshold);
         bits | tail.checked_shl(whole as u32).unwrap_or(0)
     }
 }
@@ -372,23 +365,28 @@ mod tests {
                     portable::best_equal(kp, &mixed),
                     "n = {n}"
                 );
-                let weight: Vec<f64> = (0..n)
-                    .map(|_| {
-                        (1 + rng.next() % if rng.next() % 2 == 0 { 8 } else { 1_000_000 }) as f64
-                    })
+                let weight: Vec<u64> = (0..n)
+                    .map(|_| 1 + rng.next() % if rng.next() % 2 == 0 { 8 } else { 1_000_000 })
                     .collect();
-                let inverse: Vec<f64> = weight.iter().map(|w| 1.0 / w).collect();
-                let (mut a, mut b) = (vec![0.0; n], vec![0.0; n]);
-                let best_a = units(kp, &mixed, &inverse, &mut a);
-                let best_b = portable::units(kp, &mixed, &inverse, &mut b);
+                let factor: Vec<u64> = weight
+                    .iter()
+                    .map(|w| ((1 << 32) / w).min(u64::from(u32::MAX)))
+                    .collect();
+                let (mut a, mut b) = (vec![0; n], vec![0; n]);
+                let best_a = scores(kp, &mixed, &factor, &mut a);
+                let best_b = portable::scores(kp, &mixed, &factor, &mut b);
                 assert_eq!(best_a, best_b, "n = {n}");
-                assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
-                for rank in [f64::NEG_INFINITY, -1e-9, -1e-3, -0.01, -1.0, -40.0] {
-                    let rank = rank * (1.0 + (rng.next() % 1000) as f64 / 1000.0);
+                assert_eq!(a, b);
+                assert!(mixed
+                    .iter()
+                    .zip(&a)
+                    .all(|(&m, &s)| s == score_premixed(kp, m)));
+                for threshold in [0, 1, 1 << 10, 1 << 22, 1 << 31, u64::from(u32::MAX)] {
+                    let threshold = threshold - threshold.min(rng.next() % 1000);
                     assert_eq!(
-                        survivors(&a, &weight, rank),
-                        portable::survivors(&a, &weight, rank),
-                        "n = {n}, rank {rank}"
+                        survivors(&a, &weight, threshold),
+                        portable::survivors(&a, &weight, threshold),
+                        "n = {n}, threshold {threshold}"
                     );
                 }
             }
@@ -400,7 +398,7 @@ mod tests {
         // Duplicate seeds (which a config forbids) tie on score: the earliest wins, wherever
         // the copies sit among the lanes and the tail.
         let mut rng = Rng(11);
-        for n in [8, 9, 13, 64] {
+        for n in [8, 13, 32, 33, 35, 64] {
             for _ in 0..100 {
                 let kp = rng.next();
                 let mut mixed: Vec<u64> = (0..n).map(|_| rng.next()).collect();
@@ -431,23 +429,47 @@ mod tests {
     }
 
     #[test]
-    fn units_are_the_scalar_unit_of_the_score_across_the_grid() {
-        // Both ends of the grid (where `+ 0.5` rounds to even, and `u` reaches 1.0), either
-        // side of 2^52 and 2^32 in `s >> 11` (the two halves of the conversion), and random.
+    fn estimates_and_bounds_hold_at_the_ends_of_the_score_range() {
+        // Scores at both ends (`!s >> 32` of 0 and of 2^32 - 1) and either side of the 32-bit
+        // split, plus random ones, so that equal estimates occur: the dispatched passes agree
+        // with the portable ones and with the definitions written out here.
         let mut rng = Rng(3);
-        let mut scores = vec![0, 2047, 2048, 4096, u64::MAX, u64::MAX - 2048, 1 << 63];
-        for bit in [32 + 11, 52 + 11] {
-            scores.extend([(1u64 << bit) - 2048, 1 << bit, (1 << bit) + 2048]);
+        let mut wanted = vec![
+            0,
+            1,
+            u64::MAX,
+            u64::MAX - 1,
+            1 << 32,
+            (1 << 32) - 1,
+            1 << 63,
+        ];
+        wanted.extend([u64::MAX << 32, !(u64::MAX << 32), (u64::MAX << 32) - 1]);
+        while wanted.len() < CHUNK {
+            wanted.push(rng.next());
         }
-        scores.extend((0..CHUNK - scores.len()).map(|_| rng.next()));
-        let mixed: Vec<u64> = scores.iter().map(|&s| seed_scoring(s)).collect();
-        for (m, &s) in mixed.iter().zip(&scores) {
-            assert_eq!(score_premixed(0, *m), s);
-        }
-        let mut out = vec![0.0; mixed.len()];
-        units(0, &mixed, &vec![1.0; mixed.len()], &mut out);
-        for (u, &s) in out.iter().zip(&scores) {
-            assert_eq!(u.to_bits(), unit(s).to_bits(), "score {s:#x}");
+        let mixed: Vec<u64> = wanted.iter().map(|&s| seed_scoring(s)).collect();
+        let weight: Vec<u64> = (0..CHUNK as u64).map(|i| 1 + i % 3).collect();
+        let factor: Vec<u64> = weight
+            .iter()
+            .map(|w| ((1 << 32) / w).min(u64::from(u32::MAX)))
+            .collect();
+        let mut out = vec![0; CHUNK];
+        let best = scores(0, &mixed, &factor, &mut out);
+        assert_eq!(out, wanted);
+        let estimate = |i: usize| (!wanted[i] >> 32) * factor[i];
+        let expected = (0..CHUNK).min_by_key(|&i| (estimate(i), i)).unwrap();
+        assert_eq!(best, expected);
+        for threshold in [0, 1, 7, 1 << 20, u64::from(u32::MAX)] {
+            let bits = survivors(&out, &weight, threshold);
+            assert_eq!(bits, portable::survivors(&out, &weight, threshold));
+            for (i, (&s, &w)) in wanted.iter().zip(&weight).enumerate() {
+                let kept = (!s >> 32) <= threshold * w;
+                assert_eq!(
+                    bits >> i & 1 == 1,
+                    kept,
+                    "score {s:#x}, threshold {threshold}"
+                );
+            }
         }
     }
 }
