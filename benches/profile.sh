@@ -17,19 +17,12 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/benches/lib.sh"
 # Where cargo builds: $CARGO_TARGET_DIR when set, as cargo itself does.
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 SECONDS_RUN=8
 OUT=""
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --seconds) SECONDS_RUN=$2; shift ;;
-        --out) OUT=$2; shift ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
-        *) echo "profile.sh: unknown option $1" >&2; exit 2 ;;
-    esac
-    shift
-done
+parse_options 2,16 "--seconds SECONDS_RUN --out OUT" "$@"
 OUT=${OUT:-$TARGET/bench-profile/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT/bin" "$OUT/conf"  # conf/: stickylb watches its config's directory
 command -v perf >/dev/null && command -v strace >/dev/null \
@@ -37,40 +30,18 @@ command -v perf >/dev/null && command -v strace >/dev/null \
 
 cd "$ROOT"
 cargo build --release --bin stickylb 2>&1 | tail -1 >&2
-LOAD=$(cargo bench --bench load --no-run --message-format=json 2>/dev/null \
-    | grep -o '"executable":"[^"]*/load-[^"]*"' | tail -1 | cut -d'"' -f4)
+LOAD=$(build_load)
+[ -n "$LOAD" ] || { echo "profile.sh: the load tool did not build" >&2; exit 1; }
 cp "$TARGET/release/stickylb" "$OUT/bin/stickylb"
 cp "$LOAD" "$OUT/bin/load"
 LOAD=$OUT/bin/load
 
-STARTED=()
-cleanup() {
-    local pid
-    for pid in "${STARTED[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-}
-trap cleanup EXIT
+trap stop_started EXIT
 
 "$LOAD" backend --fixed 27031-27034 --sink 27011-27014 --max-seconds 900 >"$OUT/backend.log" 2>&1 &
-BACKEND=$!
-STARTED=("$BACKEND")
-for group in fixed:2703 sink:2701; do
-    name=${group%%:*} p=${group##*:}
-    cat >"$OUT/conf/stickylb-$name.json" <<EOF
-{
-  "sourceHost": "127.0.0.1",
-  "sourcePort": 27000,
-  "targets": [
-    {"host": "127.0.0.1", "port": ${p}1}, {"host": "127.0.0.1", "port": ${p}2},
-    {"host": "127.0.0.1", "port": ${p}3}, {"host": "127.0.0.1", "port": ${p}4}
-  ]
-}
-EOF
-done
+STARTED+=("$!")
+stickylb_conf 27000 "27031 27032 27033 27034" >"$OUT/conf/stickylb-fixed.json"
+stickylb_conf 27000 "27011 27012 27013 27014" >"$OUT/conf/stickylb-sink.json"
 "$LOAD" wait-port 127.0.0.1:27031
 "$LOAD" wait-port 127.0.0.1:27011
 
@@ -79,7 +50,7 @@ for scenario in shortconn keepalive bulk4; do
     [ "$scenario" = bulk4 ] && group=sink
     "$OUT/bin/stickylb" --config "$OUT/conf/stickylb-$group.json" >>"$OUT/stickylb.log" 2>&1 &
     LB=$!
-    STARTED=("$BACKEND" "$LB")
+    STARTED+=("$LB")
     "$LOAD" wait-port 127.0.0.1:27000
     echo "== $scenario: perf (load average $(cut -d' ' -f1-3 /proc/loadavg))" >&2
     "$LOAD" run --scenario "$scenario" --label stickylb --target 127.0.0.1:27000 --pids "$LB" \
@@ -106,14 +77,13 @@ for scenario in shortconn keepalive bulk4; do
 
     echo "== $scenario: strace -c" >&2
     strace -c -f -p "$LB" -o "$OUT/strace-raw-$scenario.txt" 2>/dev/null &
-    # Not in STARTED: it is ended and reaped below (and ends with stickylb anyway).
     STRACE=$!
+    STARTED+=("$STRACE")
     sleep 1
     "$LOAD" run --scenario "$scenario" --label stickylb --target 127.0.0.1:27000 --pids "$LB" \
         --duration 5 --warmup 0 >"$OUT/run-strace-$scenario.json"
     sleep 0.5
-    kill -INT "$STRACE"
-    wait "$STRACE" 2>/dev/null || true
+    stop_pid "$STRACE" INT
     if [ "$scenario" = shortconn ]; then
         # Connections = successful accept4 calls.
         units=$(awk '$NF=="accept4" {print $4 - (NF == 6 ? $5 : 0)}' "$OUT/strace-raw-$scenario.txt")
@@ -132,8 +102,6 @@ for scenario in shortconn keepalive bulk4; do
             }' "$OUT/strace-raw-$scenario.txt"
     } >"$OUT/strace-$scenario.txt"
     cat "$OUT/strace-$scenario.txt"
-    kill -TERM "$LB"
-    wait "$LB" 2>/dev/null || true
-    STARTED=("$BACKEND")
+    stop_pid "$LB"
 done
 echo "profiles in $OUT" >&2

@@ -177,10 +177,7 @@ impl Proxy {
         // A connection from one of our own outgoing sockets: a target leads back into the
         // listener (through DNS or NAT, beyond what the config check can see). Refused at its
         // first turn, so a loop costs one connection, not thousands.
-        if self
-            .own
-            .is_own_connection(peer, || client.local_addr().ok())
-        {
+        if self.own.catch_loop(peer, || client.local_addr().ok()) {
             return self.refuse(Reject::Loop, "", peer.ip());
         }
         if self.active() > self.max_connections(config) {

@@ -174,18 +174,15 @@ impl OwnSockets {
         self.slots.contains(key(addr))
     }
 
-    /// Whether a connection from `peer` to our `local` address is one of our own outgoing
-    /// connections: its source is one of ours *and* that socket connected to `local`.
-    /// `local` is read only when `peer` matches (rare): the source alone is not enough, since
-    /// Linux gives a new connection a local port that another connection from the same
-    /// address already uses when their destinations differ, so a client on this host may
-    /// connect from the very port of one of our connections to a target. A match is marked
-    /// for the outgoing socket's handler to find ([`Held::looped`]): the caller refuses it.
-    pub fn is_own_connection(
-        &self,
-        peer: SocketAddr,
-        local: impl FnOnce() -> Option<SocketAddr>,
-    ) -> bool {
+    /// Catches a loop: whether a connection from `peer` to our `local` address is one of our
+    /// own outgoing connections, and if so marks it for the outgoing socket's handler to find
+    /// ([`Held::looped`]); the caller refuses the connection. Ours means its source is one of
+    /// ours *and* that socket connected to `local`. `local` is read only when `peer` matches
+    /// (rare): the source alone is not enough, since Linux gives a new connection a local port
+    /// that another connection from the same address already uses when their destinations
+    /// differ, so a client on this host may connect from the very port of one of our
+    /// connections to a target.
+    pub fn catch_loop(&self, peer: SocketAddr, local: impl FnOnce() -> Option<SocketAddr>) -> bool {
         if !self.contains(peer) {
             return false;
         }
@@ -338,20 +335,18 @@ mod tests {
         let _to_target = set.hold(port, at("127.0.0.1:9000"));
         assert!(set.contains(port));
         assert!(
-            !set.is_own_connection(port, || Some(listener)),
+            !set.catch_loop(port, || Some(listener)),
             "a client that shares the port of a target connection is a client"
         );
         let _looped = set.hold(port, listener);
-        assert!(set.is_own_connection(port, || Some(listener)));
-        assert!(
-            set.is_own_connection(at("[::ffff:127.0.0.1]:40000"), || Some(at(
-                "[::ffff:127.0.0.1]:8080"
-            )))
-        );
+        assert!(set.catch_loop(port, || Some(listener)));
+        assert!(set.catch_loop(at("[::ffff:127.0.0.1]:40000"), || Some(at(
+            "[::ffff:127.0.0.1]:8080"
+        ))));
         let unspecified = at("127.0.0.1:40001");
         let _spelled = set.hold(unspecified, at("0.0.0.0:8080"));
         assert!(
-            set.is_own_connection(unspecified, || Some(listener)),
+            set.catch_loop(unspecified, || Some(listener)),
             "0.0.0.0 as a destination is loopback"
         );
     }
@@ -364,14 +359,14 @@ mod tests {
         let looped = set.hold(a, listener);
         let other = set.hold(b, listener);
         assert!(!looped.looped(), "nothing refused yet");
-        assert!(set.is_own_connection(a, || Some(listener)));
+        assert!(set.catch_loop(a, || Some(listener)));
         assert!(
             !other.looped(),
             "only the socket whose connection was refused"
         );
         assert!(looped.looped());
         assert!(!looped.looped(), "the mark is taken once");
-        assert!(set.is_own_connection(b, || Some(listener)));
+        assert!(set.catch_loop(b, || Some(listener)));
         drop(other);
         assert!(set.loops.is_empty(), "an unread mark goes with its socket");
         assert!(!Held(None).looped());

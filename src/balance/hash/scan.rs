@@ -27,6 +27,7 @@ pub(super) const CHUNK: usize = 64;
 /// registers and reducing the four lanes cost about what the plain loop saves
 /// (`benches/pick.rs`: at 16 targets the two measured alike, 31–34 ns; at 64 the AVX2 pass
 /// takes about 0.7 of the time).
+#[cfg(target_arch = "x86_64")]
 const AVX2_FROM: usize = 32;
 
 /// The index of the highest `score_premixed(kp, m)` over `mixed` (non-empty), the earlier index
