@@ -718,10 +718,11 @@ mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     /// splitmix64: a fixed-seed generator, so every statistical figure is reproducible.
-    struct TestRng(u64);
+    /// (`scan`'s tests use it too.)
+    pub(super) struct TestRng(pub(super) u64);
 
     impl TestRng {
-        fn next(&mut self) -> u64 {
+        pub(super) fn next(&mut self) -> u64 {
             self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
             let mut z = self.0;
             z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -335,21 +335,9 @@ mod avx2 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::TestRng as Rng;
     use super::super::{FMIX_C1, FMIX_C2};
     use super::*;
-
-    /// A small deterministic generator (splitmix64).
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-    }
 
     #[test]
     fn the_dispatched_passes_match_the_portable_ones() {
