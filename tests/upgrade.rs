@@ -270,6 +270,97 @@ async fn systemd_hears_ready_at_start_and_mainpid_and_ready_from_the_new_process
     assert_eq!(receive(), "STOPPING=1");
 }
 
+/// `GET /status` of the process serving `admin`, parsed, and the moments between which it was
+/// taken (the request sent, the answer read).
+async fn status(admin: std::net::SocketAddr) -> (serde_json::Value, [std::time::Instant; 2]) {
+    let sent = std::time::Instant::now();
+    let response = http_request(admin, "GET", "/status").await;
+    let read = std::time::Instant::now();
+    assert_eq!(response.status, 200, "{}", response.body);
+    let status = serde_json::from_str(&response.body).expect("/status is JSON");
+    (status, [sent, read])
+}
+
+/// The status page's history goes through an upgrade (handover format 2): a target down since
+/// a refused connect stays down since that moment with its last failure, a drained target
+/// stays draining since start-up, and the last reload is still shown. Each moment is compared
+/// by its age: the same moment read later is older by the time between the two reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_pages_history_goes_through_an_upgrade() {
+    let live = Backend::start("live", Mode::Named).await;
+    let other = Backend::start("other", Mode::Named).await;
+    let bins = Binaries::new(BIN, "upgrade-history");
+    let admin = dead_port();
+    let targets = vec![
+        target_json(dead_port(), "gone", serde_json::json!({})),
+        target_json(live.addr, "live", serde_json::json!({})),
+        target_json(other.addr, "drained", serde_json::json!({"drain": true})),
+    ];
+    let extra = serde_json::json!({
+        "metricsPort": admin.port(),
+        "targetDeactivationDuration": 600_000,
+    });
+    let config = serde_json::from_str(&config_json(targets, extra)).unwrap();
+    let lb = bins.launch_env("upgrade-history", &[], config);
+    // 64 clients: each is sent to the dead target first with probability 1/2 until one is
+    // (and retried on the live one); all 64 missing it has probability 2^-64.
+    for n in 0..64 {
+        let (name, _) = which(client_ip(n), lb.addr).await.expect("served");
+        assert_eq!(name, "live");
+    }
+    // A reload (another idle timeout), so that there is a last reload to show.
+    let path = lb.dir.path("config.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut changed: serde_json::Value = serde_json::from_str(&text).unwrap();
+    changed["idleTimeout"] = serde_json::json!(123_000);
+    std::fs::write(&path, changed.to_string()).unwrap();
+    lb.wait_for_line("config reloaded");
+
+    let (before, read_before) = status(admin).await;
+    let of = |s: &serde_json::Value, id: &str| {
+        s["targets"]
+            .as_array()
+            .and_then(|t| t.iter().find(|t| t["id"] == id).cloned())
+            .unwrap_or_else(|| panic!("no target {id} in {s:#}"))
+    };
+    assert_eq!(of(&before, "gone")["state"], "down");
+    assert_eq!(of(&before, "gone")["last_failure"]["reason"], "refused");
+    assert_eq!(of(&before, "drained")["state"], "draining");
+    assert_eq!(before["config"]["last_reload"]["result"], "success");
+
+    let done = bins.upgrade("a").await.expect("upgrade");
+    assert!(gone(done.old_pid).await, "only the new process answers");
+    let (after, read_after) = status(admin).await;
+    // The second snapshot was taken between these many seconds after the first, at least and
+    // at most; an age is to the millisecond in each, and the new clock goes on from the old
+    // one to the millisecond.
+    let least = (read_after[0] - read_before[1]).as_secs_f64() - 0.005;
+    let most = (read_after[1] - read_before[0]).as_secs_f64() + 0.005;
+    let same_moment = |what: &str, a: &serde_json::Value, b: &serde_json::Value| {
+        let (a, b) = (a["ago_s"].as_f64(), b["ago_s"].as_f64());
+        let (a, b) = (a.expect(what), b.expect(what));
+        assert!(
+            (least..=most).contains(&(b - a)),
+            "{what}: {a} s ago, then {b} s ago, {least:.3}–{most:.3} s later"
+        );
+    };
+    for (id, state) in [("gone", "down"), ("drained", "draining"), ("live", "up")] {
+        let (a, b) = (of(&before, id), of(&after, id));
+        assert_eq!(b["state"], state, "{id}");
+        same_moment(&format!("{id}: since"), &a["since"], &b["since"]);
+    }
+    let (a, b) = (of(&before, "gone"), of(&after, "gone"));
+    assert_eq!(b["last_failure"]["reason"], "refused");
+    same_moment("gone: last failure", &a["last_failure"], &b["last_failure"]);
+    assert_eq!(after["config"]["last_reload"]["result"], "success");
+    same_moment(
+        "last reload",
+        &before["config"]["last_reload"],
+        &after["config"]["last_reload"],
+    );
+    bins.stop_current().await;
+}
+
 #[test]
 fn the_upgrade_command_names_exactly_one_running_process() {
     let run = |args: &[&str]| {

@@ -124,12 +124,17 @@ impl Shared {
             }],
             targets,
             sessions,
+            last_reload: stats.last_reload().map(|r| handover::Reload {
+                at_ms: r.at_ms,
+                error: r.error.map(|e| e.to_string()),
+            }),
         }
     }
 
     /// The shared state of a new process from the state an older one handed over: its clock
     /// goes on from the old one's (plus the time the state took to arrive), counters and
-    /// histograms start from the old counts, and every target identity and session is there.
+    /// histograms start from the old counts, every target identity (with its history) and
+    /// session is there, and so is the last reload's outcome (for the status page).
     /// Sessions have no open connection yet: each connection handed over opens its own again
     /// ([`Balancer::hold`]); a session whose connections stay in the old process counts as
     /// closed at the moment the state was taken.
@@ -147,6 +152,9 @@ impl Shared {
             .stats
             .last_reload_failed
             .store(state.last_reload_failed, Ordering::Relaxed);
+        if let Some(reload) = &state.last_reload {
+            shared.stats.reloaded(reload.at_ms, reload.error.clone());
+        }
         let mut held: Vec<Arc<TargetState>> = Vec::with_capacity(state.targets.len());
         let mut seen = std::collections::HashSet::with_capacity(state.targets.len());
         for target in &state.targets {

@@ -316,9 +316,11 @@ impl TargetState {
 }
 
 /// An upgrade (design §13): a target's state as the old process hands it over, and taken up by
-/// the new one. The window's end and the verdict carry over as they are (the clocks of the two
-/// processes agree, see `clock.rs`); counters and the connect histogram are added, so they never
-/// go backwards. The health check's counts in a row (`rise`/`fall` progress) start again.
+/// the new one. The window's end, the verdict and the status page's history (since when its
+/// state holds, the last failure and check, draining) carry over as they are (the clocks of
+/// the two processes agree, see `clock.rs`); counters and the connect histogram are added, so
+/// they never go backwards. The health check's counts in a row (`rise`/`fall` progress) start
+/// again.
 impl TargetState {
     pub fn export(&self) -> handover::Target {
         let h = self.connect_duration.snapshot();
@@ -339,6 +341,12 @@ impl TargetState {
                 counts: h.counts,
                 sum_us: h.sum_us,
             },
+            history: Some(handover::History {
+                changed_ms: self.changed_ms.load(Ordering::Relaxed),
+                last_failure: unpack(self.last_failure.load(Ordering::Relaxed)),
+                last_check: unpack(self.last_check.load(Ordering::Relaxed)),
+                drain: self.drain.load(Ordering::Relaxed),
+            }),
         }
     }
 
@@ -349,6 +357,17 @@ impl TargetState {
         self.present.store(old.present, Ordering::Relaxed);
         self.health
             .store(Health::from_u8(old.health) as u8, Ordering::Relaxed);
+        if let Some(h) = &old.history {
+            // The status page's history goes on (the clocks agree). The new config's `drain`
+            // is applied after this, as a reload's: a change only where it differs.
+            self.changed_ms.store(h.changed_ms, Ordering::Relaxed);
+            let packed = |m: Option<(u64, u8)>| m.map_or(0, |(at, code)| pack(at, code));
+            self.last_failure
+                .store(packed(h.last_failure), Ordering::Relaxed);
+            self.last_check
+                .store(packed(h.last_check), Ordering::Relaxed);
+            self.drain.store(h.drain, Ordering::Relaxed);
+        }
         self.add_counts(old);
     }
 

@@ -12,7 +12,7 @@
 //! |---|---|---|---|
 //! | 1 | [`Hello`] | format version, who sends, the binary's path, the config file's path and text, the listeners' roles | the listening sockets (balancer, metrics) |
 //! | 2 | [`Batch`] | a sequence number, whether it comes after the commit, [`Connection`] records | both sockets of each connection, and each pipe that holds bytes |
-//! | 3 | [`State`] | the clock, counters, histograms, targets, sessions | |
+//! | 3 | [`State`] | the clock, counters, histograms, targets (with the status page's history), sessions, the last reload | |
 //! | 4 | commit | empty: the new process takes over now | |
 //! | 6 | final [`State`] | the old process's counters when it exits (the new one adds what they grew by since kind 3) | |
 //!
@@ -52,7 +52,12 @@
 //! refuses the handover cleanly (reply 65, with the versions in the reason), and the old
 //! process keeps running.
 //!
-//! Version 1 is this one.
+//! Version 1 was the first. Version 2 appended the status page's history (design §15): to
+//! each target record, when its state last changed, its last connect failure and health check
+//! (time and fault code) and whether it was draining; to the state record, the last reload's
+//! time and error. Version 1 readers skip them (so [`MIN_READER`] stays 1); read from a
+//! version 1 sender they are absent ([`Target::history`], [`State::last_reload`] are `None`),
+//! and that history starts again at the upgrade, as it did before.
 
 pub mod frame;
 pub mod wire;
@@ -64,7 +69,7 @@ use std::path::PathBuf;
 pub use wire::{DecodeError, Decoder, Encoder};
 
 /// The format version this build writes.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 
 /// The oldest reader that can read what this build writes.
 pub const MIN_READER: u16 = 1;
@@ -446,6 +451,15 @@ pub struct State {
     /// Every target identity known (listed, or removed and still draining).
     pub targets: Vec<Target>,
     pub sessions: Vec<Session>,
+    /// The last reload attempt (version 2; `None` before any, or from a version 1 sender).
+    pub last_reload: Option<Reload>,
+}
+
+/// How the last reload attempt ended: when (old clock, ms) and, if it was rejected, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reload {
+    pub at_ms: u64,
+    pub error: Option<String>,
 }
 
 /// A histogram's counts.
@@ -471,6 +485,53 @@ pub struct Target {
     /// Its counters by name.
     pub counters: Vec<(String, u64)>,
     pub connect_duration: Histogram,
+    /// What the status page shows of its past (version 2; `None` from a version 1 sender).
+    pub history: Option<History>,
+}
+
+/// A target's history as the status page shows it (design §15). Times are the old clock's
+/// (ms); a fault is its code (`sockets::Fault::code`, stable across versions: a code a reader
+/// does not know reads as no failure).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct History {
+    /// When its state (up, down, draining, removed) last changed by an event.
+    pub changed_ms: u64,
+    /// The last failed connect of a client: when, and the fault.
+    pub last_failure: Option<(u64, u8)>,
+    /// The last health check: when, and 0 (passed) or the fault.
+    pub last_check: Option<(u64, u8)>,
+    /// Draining in the old process's config: the new config's `drain` then counts as a change
+    /// only where it differs.
+    pub drain: bool,
+}
+
+impl History {
+    fn encode(&self, e: &mut Encoder) {
+        let moment = |e: &mut Encoder, m: Option<(u64, u8)>| {
+            let (at, code) = m.unwrap_or((0, 0));
+            e.u64(at);
+            e.u8(code);
+        };
+        e.u64(self.changed_ms);
+        moment(e, self.last_failure);
+        moment(e, self.last_check);
+        e.bool(self.drain);
+    }
+
+    fn decode(d: &mut Decoder<'_>) -> Result<History, DecodeError> {
+        // A time of 0 is "never": the clock never records an event at 0 (see `target.rs`).
+        let moment = |d: &mut Decoder<'_>, what| -> Result<Option<(u64, u8)>, DecodeError> {
+            let at = d.u64(what)?;
+            let code = d.u8(what)?;
+            Ok((at != 0).then_some((at, code)))
+        };
+        Ok(History {
+            changed_ms: d.u64("target: changed")?,
+            last_failure: moment(d, "target: last failure")?,
+            last_check: moment(d, "target: last check")?,
+            drain: d.bool("target: draining")?,
+        })
+    }
 }
 
 /// One client's sticky session.
@@ -507,6 +568,9 @@ impl State {
                     e.u8(t.health);
                     encode_counters(e, &t.counters);
                     t.connect_duration.encode(e);
+                    if let Some(history) = &t.history {
+                        history.encode(e);
+                    }
                 });
             }
             e.count(self.sessions.len());
@@ -517,6 +581,12 @@ impl State {
                     e.u32(s.open);
                     e.u64(s.last_close_ms);
                 });
+            }
+            e.bool(self.last_reload.is_some());
+            if let Some(r) = &self.last_reload {
+                e.u64(r.at_ms);
+                e.bool(r.error.is_some());
+                e.str(r.error.as_deref().unwrap_or(""));
             }
         });
         e
@@ -545,6 +615,11 @@ impl State {
                         health: d.u8("target: health")?,
                         counters: decode_counters(d, "target: counters")?,
                         connect_duration: Histogram::decode(d)?,
+                        // Version 2 on: what is left of the record (a version 1 sender: none).
+                        history: match d.is_empty() {
+                            true => None,
+                            false => Some(History::decode(d)?),
+                        },
                     })
                 })?);
             }
@@ -567,6 +642,19 @@ impl State {
                 }
                 sessions.push(session);
             }
+            // Version 2 on (a version 1 sender's record ends here).
+            let last_reload = match d.is_empty() || !d.bool("state: reloaded")? {
+                true => None,
+                false => {
+                    let at_ms = d.u64("state: last reload")?;
+                    let failed = d.bool("state: last reload failed")?;
+                    let error = d.str("state: last reload's error")?;
+                    Some(Reload {
+                        at_ms,
+                        error: failed.then(|| error.to_string()),
+                    })
+                }
+            };
             Ok(State {
                 clock_ms,
                 monotonic_ns,
@@ -575,6 +663,7 @@ impl State {
                 histograms,
                 targets,
                 sessions,
+                last_reload,
             })
         })
     }
@@ -832,6 +921,12 @@ mod tests {
                 health: 2,
                 counters: vec![("bytes_to_target".into(), 5)],
                 connect_duration: Histogram::default_for("connect_duration"),
+                history: Some(History {
+                    changed_ms: 700,
+                    last_failure: Some((650, 3)),
+                    last_check: None,
+                    drain: true,
+                }),
             }],
             sessions: vec![Session {
                 client: "10.0.0.1".parse().unwrap(),
@@ -839,6 +934,10 @@ mod tests {
                 open: 1,
                 last_close_ms: 0,
             }],
+            last_reload: Some(Reload {
+                at_ms: 900,
+                error: Some("config.json: targets[0].port: bad".into()),
+            }),
         };
         let (bytes, _) = state.encode().finish();
         assert_eq!(State::decode(&bytes).unwrap(), state);
@@ -851,6 +950,47 @@ mod tests {
         for len in 0..bytes.len() {
             assert!(State::decode(&bytes[..len]).is_err(), "{len}");
         }
+        // A successful reload, and none.
+        for last_reload in [
+            Some(Reload {
+                at_ms: 5,
+                error: None,
+            }),
+            None,
+        ] {
+            let state = State {
+                last_reload,
+                ..state.clone()
+            };
+            let (bytes, _) = state.encode().finish();
+            assert_eq!(State::decode(&bytes).unwrap(), state);
+        }
+    }
+
+    #[test]
+    fn a_version_1_state_reads_without_history() {
+        // What version 1 wrote: the same records without the fields version 2 appended (a
+        // target without history, and the state record one byte shorter: no reload flag).
+        let state = State {
+            clock_ms: 1,
+            targets: vec![Target {
+                id: "a".into(),
+                present: true,
+                connect_duration: Histogram::default_for("connect_duration"),
+                ..Target::default()
+            }],
+            ..State::default()
+        };
+        let (mut bytes, _) = state.encode().finish();
+        assert_eq!(bytes.pop(), Some(0), "the reload flag, false");
+        let len = u32::from_le_bytes(bytes[..4].try_into().unwrap()) - 1;
+        bytes[..4].copy_from_slice(&len.to_le_bytes());
+        let back = State::decode(&bytes).unwrap();
+        assert_eq!(back, state);
+        assert_eq!(
+            (back.targets[0].history.as_ref(), back.last_reload),
+            (None, None)
+        );
     }
 
     #[test]

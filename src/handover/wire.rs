@@ -142,7 +142,8 @@ impl<'a> Decoder<'a> {
         Decoder { bytes, fds }
     }
 
-    #[cfg(test)]
+    /// Whether nothing is left to read: inside a record, that the writer's version had no
+    /// more fields than those read so far (fields are only ever appended).
     pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
     }

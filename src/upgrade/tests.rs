@@ -293,6 +293,9 @@ async fn the_state_carries_sessions_windows_and_the_clock() {
         Duration::from_secs(600),
         crate::sockets::Fault::Refused,
     );
+    shared
+        .stats
+        .reloaded(shared.clock.now_ms(), Some("config.json: bad".into()));
     {
         // A session with an open connection, as a connection's route leaves it.
         let _route = balancer.route(shared, "10.1.2.3".parse().unwrap());
@@ -310,6 +313,14 @@ async fn the_state_carries_sessions_windows_and_the_clock() {
             "the deactivation window carries over"
         );
         assert_eq!(target.counters.deactivations.load(Ordering::Relaxed), 1);
+        let now = restored.clock.now_ms();
+        assert_eq!(target.since_ms(now), state.since_ms(now), "its history too");
+        assert_eq!(target.last_failure(), state.last_failure());
+        assert_eq!(
+            restored.stats.last_reload(),
+            shared.stats.last_reload(),
+            "the last reload, its error included"
+        );
         assert_eq!(restored.sessions.len(), 1, "the session carries over");
         let again = restored.export();
         assert_eq!(again.sessions[0].open, 0, "its connections open it again");
