@@ -345,7 +345,7 @@ impl Binaries {
     }
 
     /// Starts the balancer from the path, with a pid file and `env`, and waits until it
-    /// listens.
+    /// listens and its pid file names it.
     pub fn launch_env(
         &self,
         tag: &str,
@@ -375,6 +375,18 @@ impl Binaries {
             }
         };
         lb.wait_for_line("listening");
+        // The pid file is written just after the listeners are up (`cli.rs`), with no log line
+        // of its own: a test that reads it right after "listening" could find none. Bounded.
+        let deadline = Instant::now() + PATIENCE;
+        while self.pid() != Some(lb.pid()) {
+            assert!(
+                Instant::now() < deadline,
+                "the pid file {} never named process {}",
+                self.pid_file.display(),
+                lb.pid()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         lb
     }
 
