@@ -317,13 +317,35 @@ async fn probe_loop(
 }
 
 /// The binaries of a run: the real one (a copy), the path the balancer runs from (at first
-/// another copy, then whatever a test puts there), and its pid file.
+/// another copy, then whatever a test puts there), and its pid file. When dropped, the process
+/// its pid file names is killed if it still runs from this run's directory: after an upgrade
+/// the serving process is no child of the test, and a test that fails before
+/// [`Binaries::stop_current`] would leave it running.
 pub struct Binaries {
     dir: TempDir,
     bin: String,
     real: PathBuf,
     pub path: PathBuf,
     pub pid_file: PathBuf,
+}
+
+impl Drop for Binaries {
+    fn drop(&mut self) {
+        let Some(pid) = self.pid() else { return };
+        // Only a process started from this run's directory: the pid file may be stale, and
+        // its PID reused by another process since.
+        let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|cmdline| {
+                let dir = self.dir.path("");
+                let dir = dir.to_string_lossy();
+                String::from_utf8_lossy(&cmdline).contains(dir.trim_end_matches('/'))
+            })
+            .unwrap_or(false);
+        if ours {
+            // SAFETY: kill(2) of the balancer this run started (through its upgrades).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
 }
 
 impl Binaries {
