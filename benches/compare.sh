@@ -86,19 +86,12 @@ fi
 # 2. Build
 cd "$ROOT"
 log "building stickylb (release) and the load tool"
-cargo build --release --bin stickylb 2>&1 | tail -1 >&2
-LOAD=$(build_load)
-[ -x "$LOAD" ] && [ -x "$TARGET/release/stickylb" ] || { echo "compare.sh: build failed" >&2; exit 1; }
-# Run copies: target/ is shared, and a rebuild during the run must not change what is measured.
-mkdir -p "$OUT/bin"
-cp "$TARGET/release/stickylb" "$OUT/bin/stickylb"
-cp "$LOAD" "$OUT/bin/load"
+build_run_copies
 STICKYLB=$OUT/bin/stickylb
 if [ -n "$ALT" ]; then
     cp "$ALT" "$OUT/bin/stickylb-alt"
     ALT=$OUT/bin/stickylb-alt
 fi
-LOAD=$OUT/bin/load
 
 {
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"

@@ -48,12 +48,8 @@ for tool in perf iperf3; do
 done
 
 cd "$ROOT"
-cargo build --release --bin stickylb 2>&1 | tail -1 >&2
-LOAD=$(build_load)
-cp "$TARGET/release/stickylb" "$OUT/bin/stickylb"
-cp "${ALT:-$TARGET/release/stickylb}" "$OUT/bin/stickylb-alt"
-cp "$LOAD" "$OUT/bin/load"
-LOAD=$OUT/bin/load
+build_run_copies
+cp "${ALT:-$OUT/bin/stickylb}" "$OUT/bin/stickylb-alt"
 
 # Processes we start (STARTED, stop_pid: benches/lib.sh), all ended on exit.
 trap stop_started EXIT

@@ -11,6 +11,8 @@
 #   STARTED+=("$pid"); stop_pid PID [SIGNAL]             (the processes a script started)
 #   trap stop_started EXIT                                (ends them all, newest first)
 #   LOAD=$(build_load)                                    (builds benches/load; its path)
+#   build_run_copies                                      (stickylb and the load tool built and
+#                                                          copied into $OUT/bin; sets LOAD)
 #   start_iperf_servers "PORTS" LOGDIR                    (an `iperf3 -s` per port: IPERF_PIDS)
 #   parse_options 2,27 "--reps REPS --out OUT" "$@"       (a script's options; see below)
 #
@@ -77,6 +79,22 @@ stop_started() {
 build_load() {
     cargo bench --bench load --no-run --message-format=json 2>/dev/null \
         | grep -o '"executable":"[^"]*/load-[^"]*"' | tail -1 | cut -d'"' -f4
+}
+
+# Builds stickylb (release) and the load tool from the repository's root (the current
+# directory) and copies both into $OUT/bin: run copies, because target/ is shared and a
+# rebuild during a run must not change what is measured. Sets LOAD to the load tool's copy
+# (stickylb's is $OUT/bin/stickylb). Exits naming the script when either build failed.
+build_run_copies() {
+    local target=${CARGO_TARGET_DIR:-$PWD/target} load
+    cargo build --release --bin stickylb 2>&1 | tail -1 >&2
+    load=$(build_load)
+    [ -x "$load" ] && [ -x "$target/release/stickylb" ] \
+        || { echo "${0##*/}: building stickylb or the load tool failed" >&2; exit 1; }
+    mkdir -p "$OUT/bin"
+    cp "$target/release/stickylb" "$OUT/bin/stickylb"
+    cp "$load" "$OUT/bin/load"
+    LOAD=$OUT/bin/load
 }
 
 # Starts an `iperf3 -s` on each of PORTS (on 127.0.0.1; logs in LOGDIR/iperf3-PORT.log) and waits

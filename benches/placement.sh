@@ -50,12 +50,7 @@ B=${CORES[1]}
 ALL=$(python3 -c 'import os; print(",".join(map(str, sorted(os.sched_getaffinity(0)))))')
 
 cd "$ROOT"
-cargo build --release --bin stickylb 2>&1 | tail -1 >&2
-LOAD=$(build_load)
-[ -x "$LOAD" ] || { echo "placement.sh: building the load tool failed" >&2; exit 1; }
-cp "$TARGET/release/stickylb" "$OUT/bin/stickylb"
-cp "$LOAD" "$OUT/bin/load"
-LOAD=$OUT/bin/load
+build_run_copies
 
 # Processes we start (STARTED, stop_pid: benches/lib.sh), all ended on exit.
 trap stop_started EXIT

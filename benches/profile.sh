@@ -29,12 +29,7 @@ command -v perf >/dev/null && command -v strace >/dev/null \
     || { echo "profile.sh: needs perf and strace (apt-get install linux-perf strace)" >&2; exit 1; }
 
 cd "$ROOT"
-cargo build --release --bin stickylb 2>&1 | tail -1 >&2
-LOAD=$(build_load)
-[ -n "$LOAD" ] || { echo "profile.sh: the load tool did not build" >&2; exit 1; }
-cp "$TARGET/release/stickylb" "$OUT/bin/stickylb"
-cp "$LOAD" "$OUT/bin/load"
-LOAD=$OUT/bin/load
+build_run_copies
 
 trap stop_started EXIT
 
