@@ -277,8 +277,6 @@ pub struct Table {
     /// `premix(seed)` of each target (see [`premix`]; [`seed_of`] gives the seed back).
     mixed: Vec<u64>,
     weights: Vec<u32>,
-    /// The weights again as `u64`, for `scan::survivors`.
-    weights_u64: Vec<u64>,
     /// `2^32 / w` per target, at most `2^32 - 1` (and that for a weight of 0): the factor of
     /// `scan::scores`'s estimate, which only picks which target to bound first.
     factors: Vec<u64>,
@@ -311,16 +309,18 @@ impl Table {
     /// `targets`. O(n). A valid config has weights ≥ 1; a weight of 0 ranks last in `pick`.
     pub fn new(targets: &[(u64, u32)]) -> Table {
         let weights: Vec<u32> = targets.iter().map(|&(_, weight)| weight).collect();
-        let weights_u64: Vec<u64> = weights.iter().map(|&w| u64::from(w)).collect();
         let most = u64::from(u32::MAX);
         Table {
             mixed: targets.iter().map(|&(seed, _)| premix(seed)).collect(),
             equal_weights: weights.windows(2).all(|w| w[0] == w[1]),
-            factors: weights_u64
+            factors: weights
                 .iter()
-                .map(|&w| (1u64 << 32).checked_div(w).map_or(most, |f| f.min(most)))
+                .map(|&w| {
+                    (1u64 << 32)
+                        .checked_div(u64::from(w))
+                        .map_or(most, |f| f.min(most))
+                })
                 .collect(),
-            weights_u64,
             weights,
         }
     }
@@ -476,7 +476,7 @@ impl Table {
             let bar = floor.map_or(known, |f| f.max(known));
             let everyone = u64::MAX >> (scan::CHUNK - scores.len());
             let mut left = match threshold(bar) {
-                Some(t) => scan::survivors(scores, &self.weights_u64[start..end], t),
+                Some(t) => scan::survivors(scores, &self.weights[start..end], t),
                 None => everyone,
             };
             match floor {

@@ -65,7 +65,7 @@ pub(super) fn scores(kp: u64, mixed: &[u64], factor: &[u64], scores: &mut [u64])
 /// product fits). Where that holds, `1 - u_i > threshold · w_i / 2^32`: see
 /// `Table::pick_weighted` for why such a target ranks strictly below the threshold's rank.
 #[inline]
-pub(super) fn survivors(scores: &[u64], weight: &[u64], threshold: u64) -> u64 {
+pub(super) fn survivors(scores: &[u64], weight: &[u32], threshold: u64) -> u64 {
     debug_assert!(scores.len() <= CHUNK && scores.len() == weight.len());
     debug_assert!(threshold <= u64::from(u32::MAX));
     #[cfg(target_arch = "x86_64")]
@@ -137,12 +137,12 @@ pub(super) mod portable {
 
     pub(in crate::balance::hash) fn survivors(
         scores: &[u64],
-        weight: &[u64],
+        weight: &[u32],
         threshold: u64,
     ) -> u64 {
         let mut bits = 0u64;
         for (i, (&s, &w)) in scores.iter().zip(weight).enumerate() {
-            let ruled_out = (!s >> 32) > threshold * w;
+            let ruled_out = (!s >> 32) > threshold * u64::from(w);
             bits |= u64::from(!ruled_out) << i;
         }
         bits
@@ -307,18 +307,19 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2")]
-    pub(super) fn survivors(scores: &[u64], weight: &[u64], threshold: u64) -> u64 {
+    pub(super) fn survivors(scores: &[u64], weight: &[u32], threshold: u64) -> u64 {
         let top = _mm256_set1_epi64x(i64::MIN);
         let t = _mm256_set1_epi64x(threshold as i64);
         let whole = scores.len() / 4 * 4;
         let mut bits = 0u64;
         for at in (0..whole).step_by(4) {
             let (s, w) = (&scores[at..at + 4], &weight[at..at + 4]);
-            // SAFETY: `s` and `w` are four u64s, 32 bytes each; unaligned loads.
+            // SAFETY: `s` is four u64s (32 bytes), `w` four u32s (16 bytes, widened to u64
+            // lanes); unaligned loads.
             let (s, w) = unsafe {
                 (
                     _mm256_loadu_si256(s.as_ptr().cast()),
-                    _mm256_loadu_si256(w.as_ptr().cast()),
+                    _mm256_cvtepu32_epi64(_mm_loadu_si128(w.as_ptr().cast())),
                 )
             };
             // Both factors below 2^32: `_mm256_mul_epu32` is the whole product.
@@ -354,12 +355,14 @@ mod tests {
                     portable::best_equal(kp, &mixed),
                     "n = {n}"
                 );
-                let weight: Vec<u64> = (0..n)
-                    .map(|_| 1 + rng.next() % if rng.next() % 2 == 0 { 8 } else { 1_000_000 })
+                let weight: Vec<u32> = (0..n)
+                    .map(|_| {
+                        1 + (rng.next() % if rng.next() % 2 == 0 { 8 } else { 1_000_000 }) as u32
+                    })
                     .collect();
                 let factor: Vec<u64> = weight
                     .iter()
-                    .map(|w| ((1 << 32) / w).min(u64::from(u32::MAX)))
+                    .map(|&w| ((1 << 32) / u64::from(w)).min(u64::from(u32::MAX)))
                     .collect();
                 let (mut a, mut b) = (vec![0; n], vec![0; n]);
                 let best_a = scores(kp, &mixed, &factor, &mut a);
@@ -437,10 +440,10 @@ mod tests {
             wanted.push(rng.next());
         }
         let mixed: Vec<u64> = wanted.iter().map(|&s| seed_scoring(s)).collect();
-        let weight: Vec<u64> = (0..CHUNK as u64).map(|i| 1 + i % 3).collect();
+        let weight: Vec<u32> = (0..CHUNK as u32).map(|i| 1 + i % 3).collect();
         let factor: Vec<u64> = weight
             .iter()
-            .map(|w| ((1 << 32) / w).min(u64::from(u32::MAX)))
+            .map(|&w| ((1 << 32) / u64::from(w)).min(u64::from(u32::MAX)))
             .collect();
         let mut out = vec![0; CHUNK];
         let best = scores(0, &mixed, &factor, &mut out);
@@ -452,7 +455,7 @@ mod tests {
             let bits = survivors(&out, &weight, threshold);
             assert_eq!(bits, portable::survivors(&out, &weight, threshold));
             for (i, (&s, &w)) in wanted.iter().zip(&weight).enumerate() {
-                let kept = (!s >> 32) <= threshold * w;
+                let kept = (!s >> 32) <= threshold * u64::from(w);
                 assert_eq!(
                     bits >> i & 1 == 1,
                     kept,
