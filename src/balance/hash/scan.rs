@@ -11,6 +11,10 @@
 //!
 //! The passes:
 //! - [`best_equal`]: the target with the highest raw score (equal weights: that is the pick).
+//! - [`estimates`]: a weighted pick's first try, over every target at once: the target with the
+//!   smallest cheap estimate of `(1 - u)/w` (see [`scores`]) and the smallest estimate of all
+//!   the others. When the runner-up's estimate is clearly larger, the first wins without any
+//!   float arithmetic (`Table::pick_weighted` holds the proof); otherwise the two passes below.
 //! - [`scores`] and [`survivors`]: a weighted pick over a chunk of at most 64 targets. The exact
 //!   weighted rank needs a logarithm (`ln(u)/w`); these two find the few targets for which it
 //!   must be computed, in integers. `scores` computes every target's score and the one with
@@ -40,6 +44,33 @@ pub(super) fn best_equal(kp: u64, mixed: &[u64]) -> usize {
         return unsafe { avx2::best_equal(kp, mixed) };
     }
     portable::best_equal(kp, mixed)
+}
+
+/// The smallest estimate `(!score_premixed(kp, mixed[i]) >> 32) · factor[i]` over every target,
+/// and the smallest of all the other targets' estimates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Estimates {
+    /// The target with the smallest estimate (the earlier index on a tie).
+    pub index: usize,
+    /// Its estimate.
+    pub best: u64,
+    /// The smallest estimate among the other targets (equal to `best` on a tie; `u64::MAX`
+    /// for a single target).
+    pub second: u64,
+}
+
+/// [`Estimates`] over `mixed` and `factor` (one length, not empty, any length; each factor
+/// below 2^32). Scores are not kept: the caller recomputes the one it needs.
+#[inline]
+pub(super) fn estimates(kp: u64, mixed: &[u64], factor: &[u64]) -> Estimates {
+    debug_assert!(!mixed.is_empty() && mixed.len() == factor.len());
+    debug_assert!(factor.iter().all(|&f| f <= u64::from(u32::MAX)));
+    #[cfg(target_arch = "x86_64")]
+    if mixed.len() >= AVX2_FROM && std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { avx2::estimates(kp, mixed, factor) };
+    }
+    portable::estimates(kp, mixed, factor, 0, None)
 }
 
 /// Writes `score_premixed(kp, mixed[i])` into `scores[i]` for every target of the chunk
@@ -78,7 +109,7 @@ pub(super) fn survivors(scores: &[u64], weight: &[u32], threshold: u64) -> u64 {
 
 /// The passes in plain Rust.
 pub(super) mod portable {
-    use super::score_premixed;
+    use super::{score_premixed, Estimates};
 
     #[inline]
     pub(in crate::balance::hash) fn best_equal(kp: u64, mixed: &[u64]) -> usize {
@@ -115,6 +146,39 @@ pub(super) mod portable {
         } else {
             idx_a
         }
+    }
+
+    /// [`super::estimates`], continuing from `so_far` (the estimates of the targets before
+    /// these, whose indices come first) with these targets numbered from `offset`.
+    pub(in crate::balance::hash) fn estimates(
+        kp: u64,
+        mixed: &[u64],
+        factor: &[u64],
+        offset: usize,
+        so_far: Option<Estimates>,
+    ) -> Estimates {
+        let mut so_far = so_far;
+        for (i, (&m, &f)) in mixed.iter().zip(factor).enumerate() {
+            let e = (!score_premixed(kp, m) >> 32) * f;
+            so_far = Some(match so_far {
+                // Strictly smaller: the earlier index keeps a tie.
+                Some(b) if e < b.best => Estimates {
+                    index: offset + i,
+                    best: e,
+                    second: b.best,
+                },
+                Some(b) => Estimates {
+                    second: b.second.min(e),
+                    ..b
+                },
+                None => Estimates {
+                    index: offset + i,
+                    best: e,
+                    second: u64::MAX,
+                },
+            });
+        }
+        so_far.expect("estimates of no target")
     }
 
     pub(in crate::balance::hash) fn scores(
@@ -155,7 +219,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::{FMIX_C1, FMIX_C2};
-    use super::portable;
+    use super::{portable, Estimates};
 
     /// `a · c` (wrapping) in each 64-bit lane, `c` given as its low and high 32 bits broadcast:
     /// `a_lo·c_lo + ((a_lo·c_hi + a_hi·c_lo) << 32)`, the part of the full product that fits.
@@ -194,14 +258,35 @@ mod avx2 {
         /// `score_premixed(kp, m)` for the four premixed seeds at `mixed[at..at + 4]`.
         #[target_feature(enable = "avx2")]
         fn scores(&self, mixed: &[u64], at: usize) -> __m256i {
+            let k = self.unfinished(mixed, at);
+            _mm256_xor_si256(k, _mm256_srli_epi64::<33>(k))
+        }
+
+        /// The estimates `(!score >> 32) · factor` of the four targets at `at`, top bits
+        /// flipped for the signed compare.
+        #[target_feature(enable = "avx2")]
+        fn estimates(&self, mixed: &[u64], factor: &[u64], at: usize) -> __m256i {
+            let k = self.unfinished(mixed, at);
+            let f = &factor[at..at + 4];
+            // SAFETY: `f` is four u64s, 32 bytes; the load is unaligned.
+            let f = unsafe { _mm256_loadu_si256(f.as_ptr().cast()) };
+            // Both factors below 2^32: `_mm256_mul_epu32` is the whole product.
+            let e = _mm256_mul_epu32(complement_top(k), f);
+            _mm256_xor_si256(e, _mm256_set1_epi64x(i64::MIN))
+        }
+
+        /// The scores of [`Mix::scores`] before their last step, `k ^ (k >> 33)`: that step
+        /// leaves the top 32 bits as they are, so these have the scores' top halves, all that
+        /// an estimate reads, for two operations fewer.
+        #[target_feature(enable = "avx2")]
+        fn unfinished(&self, mixed: &[u64], at: usize) -> __m256i {
             let m = &mixed[at..at + 4];
             // SAFETY: `m` is four u64s, 32 bytes; the load is unaligned.
             let m = unsafe { _mm256_loadu_si256(m.as_ptr().cast()) };
             let mut k = _mm256_xor_si256(self.key, m);
             k = mul64(k, self.c1.0, self.c1.1);
             k = _mm256_xor_si256(k, _mm256_srli_epi64::<33>(k));
-            k = mul64(k, self.c2.0, self.c2.1);
-            _mm256_xor_si256(k, _mm256_srli_epi64::<33>(k))
+            mul64(k, self.c2.0, self.c2.1)
         }
     }
 
@@ -307,6 +392,58 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2")]
+    pub(super) fn estimates(kp: u64, mixed: &[u64], factor: &[u64]) -> Estimates {
+        let mix = Mix::new(kp);
+        // Per lane, the smallest estimate with its index and the smallest of the lane's
+        // others, unsigned through the signed compare (top bits flipped). Both start at the
+        // largest value there is, which no estimate reaches (each is below 2^64 - 2^33).
+        // (Two lane sets, eight targets a round, measured slower: the registers run out.)
+        let top = _mm256_set1_epi64x(i64::MIN);
+        let mut best = _mm256_set1_epi64x(i64::MAX);
+        let mut second = best;
+        let mut best_index = _mm256_set_epi64x(3, 2, 1, 0);
+        let mut index = best_index;
+        let four = _mm256_set1_epi64x(4);
+        let whole = mixed.len() / 4 * 4;
+        for at in (0..whole).step_by(4) {
+            let estimate = mix.estimates(mixed, factor, at);
+            let wins = _mm256_cmpgt_epi64(best, estimate);
+            // What does not stay the lane's best: the old best if this one wins, else this.
+            let other = _mm256_blendv_epi8(estimate, best, wins);
+            best = _mm256_blendv_epi8(best, estimate, wins);
+            best_index = _mm256_blendv_epi8(best_index, index, wins);
+            second = _mm256_blendv_epi8(second, other, _mm256_cmpgt_epi64(second, other));
+            index = _mm256_add_epi64(index, four);
+        }
+        let bests = lanes(_mm256_xor_si256(best, top));
+        let seconds = lanes(_mm256_xor_si256(second, top));
+        let indices = lanes(best_index);
+        // Across the lanes: the winner is the smallest best (the lower index on a tie); the
+        // runner-up is the smallest of every lane's second and the other lanes' bests.
+        let mut winner = 0;
+        for lane in 1..4 {
+            if (bests[lane], indices[lane]) < (bests[winner], indices[winner]) {
+                winner = lane;
+            }
+        }
+        let mut runner_up = seconds[winner];
+        for lane in 0..4 {
+            if lane != winner {
+                runner_up = runner_up.min(bests[lane]).min(seconds[lane]);
+            }
+        }
+        let so_far = Estimates {
+            index: indices[winner] as usize,
+            best: bests[winner],
+            second: runner_up,
+        };
+        if whole == mixed.len() {
+            return so_far;
+        }
+        portable::estimates(kp, &mixed[whole..], &factor[whole..], whole, Some(so_far))
+    }
+
+    #[target_feature(enable = "avx2")]
     pub(super) fn survivors(scores: &[u64], weight: &[u32], threshold: u64) -> u64 {
         let top = _mm256_set1_epi64x(i64::MIN);
         let t = _mm256_set1_epi64x(threshold as i64);
@@ -385,6 +522,63 @@ mod tests {
         }
     }
 
+    /// [`Estimates`] by their definition, over the whole list.
+    fn estimates_by_definition(kp: u64, mixed: &[u64], factor: &[u64]) -> Estimates {
+        let estimate = |i: usize| (!score_premixed(kp, mixed[i]) >> 32) * factor[i];
+        let index = (0..mixed.len()).min_by_key(|&i| (estimate(i), i)).unwrap();
+        let second = (0..mixed.len())
+            .filter(|&i| i != index)
+            .map(estimate)
+            .min()
+            .unwrap_or(u64::MAX);
+        Estimates {
+            index,
+            best: estimate(index),
+            second,
+        }
+    }
+
+    #[test]
+    fn estimates_are_the_smallest_two_of_the_whole_table() {
+        // Every length from 1 to 200 (several groups of four, the tail after the last, more
+        // than a chunk), random and duplicated seeds (equal estimates, in one lane or across
+        // lanes): the dispatched pass and the portable one give the definition's answer.
+        let mut rng = Rng(13);
+        for n in 1..=200 {
+            for round in 0..40 {
+                let kp = rng.next();
+                let mut mixed: Vec<u64> = (0..n).map(|_| rng.next()).collect();
+                let all_one = round % 4 == 3;
+                let mut weight: Vec<u64> = (0..n)
+                    .map(|_| if all_one { 1 } else { 1 + rng.next() % 8 })
+                    .collect();
+                let factor_of = |w: u64| ((1 << 32) / w).min(u64::from(u32::MAX));
+                if round % 2 == 1 && n > 1 {
+                    // Copy the best target (or another) over some other, weight and all: two
+                    // equal estimates.
+                    let factor: Vec<u64> = weight.iter().map(|&w| factor_of(w)).collect();
+                    let best = estimates_by_definition(kp, &mixed, &factor).index;
+                    let from = if round % 4 == 1 {
+                        best
+                    } else {
+                        rng.next() as usize % n
+                    };
+                    let to = rng.next() as usize % n;
+                    mixed[to] = mixed[from];
+                    weight[to] = weight[from];
+                }
+                let factor: Vec<u64> = weight.iter().map(|&w| factor_of(w)).collect();
+                let expected = estimates_by_definition(kp, &mixed, &factor);
+                assert_eq!(estimates(kp, &mixed, &factor), expected, "n = {n}");
+                assert_eq!(
+                    portable::estimates(kp, &mixed, &factor, 0, None),
+                    expected,
+                    "n = {n}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn equal_scores_go_to_the_earlier_index_in_every_lane() {
         // Duplicate seeds (which a config forbids) tie on score: the earliest wins, wherever
@@ -451,6 +645,10 @@ mod tests {
         let estimate = |i: usize| (!wanted[i] >> 32) * factor[i];
         let expected = (0..CHUNK).min_by_key(|&i| (estimate(i), i)).unwrap();
         assert_eq!(best, expected);
+        assert_eq!(
+            estimates(0, &mixed, &factor),
+            estimates_by_definition(0, &mixed, &factor)
+        );
         for threshold in [0, 1, 7, 1 << 20, u64::from(u32::MAX)] {
             let bits = survivors(&out, &weight, threshold);
             assert_eq!(bits, portable::survivors(&out, &weight, threshold));
