@@ -1,5 +1,5 @@
 //! The cost of choosing a target: `Table::pick` over 2, 8, 16, 64 and 1,024 equal-weight targets and
-//! 8 and 64 weighted ones (the design's bound: ≤ 100 ns at 64 targets), `Table::pick_bounded`
+//! 8, 64 and 1,024 weighted ones (the design's bound: ≤ 100 ns at 64 targets), `Table::pick_bounded`
 //! (`hashBalanceFactor` 125) over 64 targets, plus the client hash, the fail-over order and the
 //! non-sticky two-choices pick for context.
 //!
@@ -53,6 +53,10 @@ fn bench_pick(c: &mut Criterion) {
         (
             "weighted_1_to_8/64".into(),
             table(64, |i| 1 + (i % 8) as u32),
+        ),
+        (
+            "weighted_1_to_8/1024".into(),
+            table(1024, |i| 1 + (i % 8) as u32),
         ),
     ];
     for (name, table) in &cases {
