@@ -45,8 +45,10 @@ enum Registration {
     },
     /// Could not be registered again: kept only to be closed (or reset) with the connection.
     Lost(std::net::TcpStream),
-    /// Only while a change is under way; never seen outside [`RelaySocket::set_reads`].
-    Changing,
+    /// No socket: while [`RelaySocket::set_reads`] has taken it out to register it again, and
+    /// for good if tokio could not give it back (its deregistration failed, and it closed the
+    /// socket then: nothing is left to reset).
+    Gone,
 }
 
 fn lost() -> io::Error {
@@ -63,7 +65,7 @@ impl RelaySocket {
         match &self.0 {
             Registration::Stream(_) => true,
             Registration::Fd { reads, .. } => *reads,
-            Registration::Lost(_) | Registration::Changing => false,
+            Registration::Lost(_) | Registration::Gone => false,
         }
     }
 
@@ -75,7 +77,7 @@ impl RelaySocket {
         if self.reads() == on {
             return Ok(false);
         }
-        let stream = match std::mem::replace(&mut self.0, Registration::Changing) {
+        let stream = match std::mem::replace(&mut self.0, Registration::Gone) {
             // DEL. It cannot fail for a socket registered here, and if it did, tokio would
             // have closed the socket: nothing would be left to reset.
             Registration::Stream(stream) => stream.into_std()?,
@@ -84,7 +86,7 @@ impl RelaySocket {
                 self.0 = Registration::Lost(stream);
                 return Err(lost());
             }
-            Registration::Changing => return Err(lost()),
+            Registration::Gone => return Err(lost()),
         };
         let interest = if on {
             Interest::READABLE | Interest::WRITABLE
@@ -114,7 +116,7 @@ impl RelaySocket {
         match &self.0 {
             Registration::Stream(stream) => stream.poll_read_ready(cx),
             Registration::Fd { fd, .. } => fd.poll_read_ready(cx).map_ok(|_| ()),
-            Registration::Lost(_) | Registration::Changing => Poll::Ready(Err(lost())),
+            Registration::Lost(_) | Registration::Gone => Poll::Ready(Err(lost())),
         }
     }
 
@@ -122,7 +124,7 @@ impl RelaySocket {
         match &self.0 {
             Registration::Stream(stream) => stream.poll_write_ready(cx),
             Registration::Fd { fd, .. } => fd.poll_write_ready(cx).map_ok(|_| ()),
-            Registration::Lost(_) | Registration::Changing => Poll::Ready(Err(lost())),
+            Registration::Lost(_) | Registration::Gone => Poll::Ready(Err(lost())),
         }
     }
 
@@ -136,7 +138,7 @@ impl RelaySocket {
         match &self.0 {
             Registration::Stream(stream) => stream.try_io(interest, op),
             Registration::Fd { fd, .. } => fd.try_io(interest, |_| op()),
-            Registration::Lost(_) | Registration::Changing => Err(lost()),
+            Registration::Lost(_) | Registration::Gone => Err(lost()),
         }
     }
 
@@ -145,7 +147,7 @@ impl RelaySocket {
         match &self.0 {
             Registration::Stream(stream) => stream.try_write(buf),
             Registration::Fd { fd, .. } => fd.try_io(Interest::WRITABLE, |s| (&*s).write(buf)),
-            Registration::Lost(_) | Registration::Changing => Err(lost()),
+            Registration::Lost(_) | Registration::Gone => Err(lost()),
         }
     }
 }
@@ -157,7 +159,7 @@ impl AsFd for RelaySocket {
             Registration::Fd { fd, .. } => fd.get_ref().as_fd(),
             Registration::Lost(stream) => stream.as_fd(),
             // Never seen outside set_reads, which holds `&mut self`.
-            Registration::Changing => unreachable!("a socket seen while it changes"),
+            Registration::Gone => unreachable!("a socket seen while it changes"),
         }
     }
 }
