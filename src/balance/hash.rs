@@ -439,11 +439,11 @@ impl Table {
     }
 
     /// The weighted pick: [`Table::clear_winner`] if it names a usable target (98 % of picks at
-    /// 64 targets with weights 1–8), else a chunk of up to [`scan::CHUNK`] targets at a time. [`scan::scores`]
-    /// scores every target and names the one whose estimate is best; a lower bound of that
-    /// one's rank, without a logarithm ([`Table::rank_floor`]), then lets [`scan::survivors`]
-    /// rule out every target whose rank is certainly below it. When none survives, that
-    /// target wins without any logarithm (almost every pick: 64 targets, weights 1–8). The
+    /// 64 targets with weights 1–8), else a chunk of up to [`scan::CHUNK`] targets at a time.
+    /// [`scan::scores`] scores every target and names the one whose estimate is best; a lower
+    /// bound of that one's rank, without a logarithm ([`Table::rank_floor`]), then lets
+    /// [`scan::survivors`] rule out every target whose rank is certainly below it. When none
+    /// survives, that target wins without any logarithm (most of the picks that get here). The
     /// survivors, if any, get exact ranks and are compared in the full order (rank, score,
     /// seed, then the earlier index), so the result never depends on the order of the visit.
     ///
