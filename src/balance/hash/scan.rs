@@ -14,7 +14,7 @@
 //! - [`estimates`]: a weighted pick's first try, over every target at once: the target with the
 //!   smallest cheap estimate of `(1 - u)/w` (see [`scores`]) and the smallest estimate of all
 //!   the others. When the runner-up's estimate is clearly larger, the first wins without any
-//!   float arithmetic (`Table::pick_weighted` holds the proof); otherwise the two passes below.
+//!   float arithmetic (`Table::clear_winner` holds the proof); otherwise the two passes below.
 //! - [`scores`] and [`survivors`]: a weighted pick over a chunk of at most 64 targets. The exact
 //!   weighted rank needs a logarithm (`ln(u)/w`); these two find the few targets for which it
 //!   must be computed, in integers. `scores` computes every target's score and the one with
