@@ -1135,7 +1135,7 @@ pub(super) mod tests {
     }
 
     /// A direction that splices, holding a small pipe from the pool (the caller holds
-    /// `splice::ONE_AT_A_TIME`: the pools are shared).
+    /// `splice::one_at_a_time`: the pools are shared).
     #[cfg(target_os = "linux")]
     fn splicing_with_a_small_pipe() -> Direction {
         let mut direction = Direction::new(true);
@@ -1156,9 +1156,7 @@ pub(super) mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn a_bulk_transfer_keeps_big_pipes_across_waits() {
-        let _one = splice::ONE_AT_A_TIME
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _one = splice::one_at_a_time();
         let mut direction = splicing_with_a_small_pipe();
         for _ in 0..splice::GROW_AFTER {
             direction.filled(splice::PIPE_SIZE);
@@ -1191,9 +1189,7 @@ pub(super) mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn a_sustained_bulk_transfer_grows_its_pipe() {
-        let _one = splice::ONE_AT_A_TIME
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _one = splice::one_at_a_time();
         let mut direction = splicing_with_a_small_pipe();
         for _ in 1..splice::GROW_AFTER {
             direction.filled(splice::PIPE_SIZE);
@@ -1278,8 +1274,13 @@ pub(super) mod tests {
     /// and finds the source empty, EPOLLIN is back, so a short message after that still goes
     /// through at once. Every byte arrives in order, then the FIN.
     #[cfg(target_os = "linux")]
+    // The guard only keeps other tests out (each runs on its own runtime and thread);
+    // nothing on this test's runtime takes it.
+    #[allow(clippy::await_holding_lock)]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_blocked_splice_takes_its_source_off_the_reactor_until_it_finds_it_empty() {
+        // An upload of 4 MiB can grow a pipe.
+        let _one = splice::one_at_a_time();
         let (client, mut client_far, server, mut target_far) = pairs_for_a_blocked_upload().await;
         let client_fd = client.as_raw_fd();
         let data = upload_data();
@@ -1331,8 +1332,13 @@ pub(super) mod tests {
     /// long as the target reads nothing) is still heard once the target takes more: the
     /// target's stream ends in a reset, never in a clean FIN it would take for the whole upload.
     #[cfg(target_os = "linux")]
+    // The guard only keeps other tests out (each runs on its own runtime and thread);
+    // nothing on this test's runtime takes it.
+    #[allow(clippy::await_holding_lock)]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_client_reset_while_its_direction_waits_reaches_the_target_as_a_reset() {
+        // An upload of 4 MiB can grow a pipe.
+        let _one = splice::one_at_a_time();
         let (client, mut client_far, server, mut target_far) = pairs_for_a_blocked_upload().await;
         let client_fd = client.as_raw_fd();
         let data = upload_data();

@@ -117,13 +117,20 @@ async fn stalled(progress: &AtomicUsize) {
 /// A balancer with one connection through it, both directions stalled mid-transfer (nobody
 /// reads), the far ends ready to read.
 struct Stalled {
+    /// `LEN` each way can grow the relay's pipes: held for the test (see
+    /// `splice::one_at_a_time`).
+    _one: std::sync::MutexGuard<'static, ()>,
     old: Arc<Server>,
     config: Config,
     client_reader: tokio::net::tcp::OwnedReadHalf,
     target_reader: tokio::net::tcp::OwnedReadHalf,
 }
 
+// The guard only keeps other tests out (each runs on its own runtime and thread); nothing on
+// the test's runtime takes it.
+#[allow(clippy::await_holding_lock)]
 async fn stall(zero_copy: bool) -> Stalled {
+    let one = crate::proxy::splice::one_at_a_time();
     let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let config = config(target.local_addr().unwrap(), zero_copy);
     let old = start(&config, Shared::new());
@@ -138,6 +145,7 @@ async fn stall(zero_copy: bool) -> Stalled {
     stalled(&up).await;
     stalled(&down).await;
     Stalled {
+        _one: one,
         old,
         config,
         client_reader,
