@@ -223,16 +223,6 @@ fn ln_unit(x: f64) -> f64 {
 /// `1 - 1e-9`: the margin of the cheap bound `ln(u) ≤ u - 1` used to skip most `ln`s.
 const PRUNE_MARGIN: f64 = 1.0 - 1e-9;
 
-/// The threshold `T ≥ R·2^32·(1 + 1e-6)` of `scan::survivors` for the rank `bar = -R` (≤ 0):
-/// `None` when it rules nothing out this way (`bar` is `-∞`, or `T` would not fit in 32 bits,
-/// which takes a rank below about -1: only with very few targets). See `Table::pick_weighted`.
-/// (The integer part plus one rather than `ceil`, which is a libm call on baseline x86-64: a
-/// larger threshold only rules out less.)
-fn threshold(bar: f64) -> Option<u64> {
-    let t = -bar * 4_294_967_296.0 * (1.0 + 1e-6);
-    (t < 4_294_967_294.0).then(|| t as u64 + 1)
-}
-
 /// The weighted rank `ln(u) / w`; `-∞` for weight 0. (This and the next three items spell out
 /// the full order as a reference; the picks compute it incrementally, and the tests check that
 /// they agree.)
@@ -278,30 +268,28 @@ pub struct Table {
     mixed: Vec<u64>,
     weights: Vec<u32>,
     /// `2^32 / w` per target, at most `2^32 - 1` (and that for a weight of 0): the factor of
-    /// `scan::scores`'s estimate, which only picks which target to bound first.
+    /// `scan::estimates`'s estimate of `(1 - u)/w`.
     factors: Vec<u64>,
     /// All weights are equal: rank by raw score and skip the float math (same order, since
     /// `ln` is monotone and dividing by one common weight keeps the order).
     equal_weights: bool,
 }
 
-/// The best target of a weighted pick so far: its index, raw score and exact rank, computed
-/// only when something is compared with it (a pick that rules every other target out by bounds
-/// never computes it).
+/// The best target of a weighted pick so far: its index, raw score and exact rank.
 #[derive(Debug, Clone, Copy)]
 struct Best {
     index: usize,
     score: u64,
-    rank: Option<f64>,
+    rank: f64,
 }
 
-impl Best {
-    /// The exact rank, computed at the first call.
-    fn rank(&mut self, table: &Table) -> f64 {
-        *self
-            .rank
-            .get_or_insert_with(|| table.rank_of(self.index, self.score))
-    }
+/// What [`Table::first_try`] found: the target with the best estimate, its raw score, and
+/// whether it is certainly the best-ranked target.
+#[derive(Debug, Clone, Copy)]
+struct FirstTry {
+    index: usize,
+    score: u64,
+    clear: bool,
 }
 
 impl Table {
@@ -338,8 +326,8 @@ impl Table {
     /// The best-ranked target for `key` among those for which `usable(i)` is true; `None` if
     /// there is none. No allocation. With equal weights: one branch-free pass, then `usable` of
     /// the winner; only if it is down, a second pass. Weighted: one pass in integers, which
-    /// settles most picks ([`Table::clear_winner`]); else passes that find the few targets
-    /// that can win, and the exact rank of those. Either way `usable` is only asked
+    /// settles most picks ([`Table::first_try`]); else a visit of every target that computes
+    /// the exact rank of the few that can win. Either way `usable` is only asked
     /// about targets that would beat the best usable one so far (a handful).
     #[inline]
     pub fn pick(&self, key: u64, usable: impl Fn(usize) -> bool) -> Option<usize> {
@@ -438,84 +426,36 @@ impl Table {
         best
     }
 
-    /// The weighted pick: [`Table::clear_winner`] if it names a usable target (98 % of picks at
-    /// 64 targets with weights 1–8), else a chunk of up to [`scan::CHUNK`] targets at a time.
-    /// [`scan::scores`] scores every target and names the one whose estimate is best; a lower
-    /// bound of that one's rank, without a logarithm ([`Table::rank_floor`]), then lets
-    /// [`scan::survivors`] rule out every target whose rank is certainly below it. When none
-    /// survives, that target wins without any logarithm (most of the picks that get here). The
-    /// survivors, if any, get exact ranks and are compared in the full order (rank, score,
-    /// seed, then the earlier index), so the result never depends on the order of the visit.
-    ///
-    /// Why ruling out is exact. Write `x = 1 - u` for a target's `u = unit(s)`. `unit` rounds
-    /// `(s >> 11) + 0.5` up by at most 0.5, so `x ≥ (!s >> 11)·2^-53 ≥ (!s >> 32)·2^-32`.
-    /// `survivors` rules a target out when `(!s >> 32) > T·w` with `T ≥ R·2^32·(1 + 1e-6)`
-    /// for the rank `-R` to beat, so `x > R·(1 + 1e-6)·w` (up to a rounding of 1e-16), and its
-    /// true rank `ln(u)/w ≤ -x/w < -R·(1 + 1e-6)`. Our `ln` is within 1e-15 relative of the
-    /// true one and the division rounds by 1e-16, so its computed rank is below `-R` strictly.
-    /// The rank to beat is a usable target's computed rank or a lower bound of it, so a target
-    /// ruled out can never be the answer.
+    /// The weighted pick. One pass ([`scan::estimates`]) names the target with the smallest
+    /// estimate of `(1 - u)/w` and the runner-up's estimate; when those prove it first
+    /// ([`Table::first_try`]) and it is usable, it is the answer, with no float arithmetic
+    /// (98 % of picks at 64 targets with weights 1–8). Otherwise (too close to call, or down)
+    /// every target is visited against the best so far ([`Table::consider`]), that candidate
+    /// first: its exact rank then rules out nearly every other target by a cheap bound, so
+    /// the visit computes few logarithms. The visit compares in the full order (rank, score,
+    /// seed, then the earlier index), so its result does not depend on the order.
     fn pick_weighted(&self, key: u64, usable: impl Fn(usize) -> bool) -> Option<usize> {
         let kp = premix(key);
-        if let Some(clear) = self.clear_winner(kp) {
-            if usable(clear) {
-                return Some(clear);
-            }
+        let first = self.first_try(kp);
+        if first.clear && usable(first.index) {
+            return Some(first.index);
         }
         let mut best: Option<Best> = None;
-        let mut scores = [0u64; scan::CHUNK];
-        for start in (0..self.len()).step_by(scan::CHUNK) {
-            let end = (start + scan::CHUNK).min(self.len());
-            let scores = &mut scores[..end - start];
-            let first = scan::scores(
-                kp,
-                &self.mixed[start..end],
-                &self.factors[start..end],
-                scores,
-            );
-            let candidate = start + first;
-            // What this chunk's targets must beat: the best of the earlier chunks (exact), or
-            // the candidate's floor where that is higher. A candidate that is down, or of
-            // weight 0, bounds nothing and is visited like the others.
-            let known = best.as_mut().map_or(f64::NEG_INFINITY, |b| b.rank(self));
-            let floor = (self.weights[candidate] > 0 && usable(candidate))
-                .then(|| self.rank_floor(candidate, scores[first]));
-            let bar = floor.map_or(known, |f| f.max(known));
-            let everyone = u64::MAX >> (scan::CHUNK - scores.len());
-            let mut left = match threshold(bar) {
-                Some(t) => scan::survivors(scores, &self.weights[start..end], t),
-                None => everyone,
-            };
-            match floor {
-                Some(f) if left & !(1 << first) == 0 && f > known => {
-                    best = Some(Best {
-                        index: candidate,
-                        score: scores[first],
-                        rank: None,
-                    });
-                    continue;
-                }
-                Some(_) => {
-                    left &= !(1 << first);
-                    self.consider(kp, candidate, scores[first], &mut best, |_| true);
-                }
-                None => {}
-            }
-            while left != 0 {
-                let j = left.trailing_zeros() as usize;
-                left &= left - 1;
-                self.consider(kp, start + j, scores[j], &mut best, &usable);
+        self.consider(kp, first.index, first.score, &mut best, &usable);
+        for (i, &mixed) in self.mixed.iter().enumerate() {
+            if i != first.index {
+                self.consider(kp, i, score_premixed(kp, mixed), &mut best, &usable);
             }
         }
         best.map(|b| b.index)
     }
 
     /// The weighted pick's first try, in integers only: the target with the smallest estimate
-    /// of `(1 - u)/w` over the whole table ([`scan::estimates`]), if its rank is certainly
-    /// above every other target's; `None` when that is not certain (the runner-up's estimate
-    /// is too close, the candidate's `u` is below ½ or its weight 0), and then the chunked
-    /// passes decide. Taken by most picks over many targets: the runner-up's estimate must
-    /// exceed the winner's by about `1 - u` of the winner, a few per cent at 64 targets.
+    /// of `(1 - u)/w` over the whole table ([`scan::estimates`]), and whether its rank is
+    /// certainly above every other target's (`clear`); not when the runner-up's estimate is
+    /// too close, the candidate's `u` is below ½ or its weight 0. Clear for most picks over
+    /// many targets: the runner-up's estimate must exceed the winner's by about `1 - u` of
+    /// the winner, a few per cent at 64 targets.
     ///
     /// Why it is exact. For a target `j` with `a = !s >> 32`, `x = 1 - u` and
     /// `f = min(⌊2^32/w⌋, 2^32 - 1)` (its factor): `unit` rounds `(s >> 11) + 0.5` by at most
@@ -528,24 +468,26 @@ impl Table {
     /// relative error and the division's rounding. Every other target's estimate is at least
     /// `second`; when that exceeds the bound, every other target's computed rank is strictly
     /// below the candidate's, whatever the tie-breaks.
-    fn clear_winner(&self, kp: u64) -> Option<usize> {
+    fn first_try(&self, kp: u64) -> FirstTry {
         let e = scan::estimates(kp, &self.mixed, &self.factors);
-        let c = e.index;
-        let q = (!score_premixed(kp, self.mixed[c]) >> 32) + 1;
-        if self.weights[c] == 0 || q > 1 << 31 {
-            return None;
+        let (index, score) = (e.index, score_premixed(kp, self.mixed[e.index]));
+        let q = (!score >> 32) + 1;
+        let clear = self.weights[index] > 0 && q <= 1 << 31 && {
+            // q ≤ 2^31 and f + 1 ≤ 2^32: the product fits in 64 bits, the scaled one in 128.
+            let p = u128::from(q * (self.factors[index] + 1));
+            let scale = (1u128 << 32) + u128::from((q >> 1) + 1) + u128::from(((q * q) >> 32) + 1);
+            u128::from(e.second) > (p * (scale + 8)) >> 32
+        };
+        FirstTry {
+            index,
+            score,
+            clear,
         }
-        // q ≤ 2^31 and f + 1 ≤ 2^32: the product fits in 64 bits, the scaled one in 128.
-        let p = u128::from(q * (self.factors[c] + 1));
-        let scale = (1u128 << 32) + u128::from((q >> 1) + 1) + u128::from(((q * q) >> 32) + 1) + 8;
-        let bound = (p * scale) >> 32;
-        (u128::from(e.second) > bound).then_some(c)
     }
 
     /// Target `i` (of score `score`) against the weighted pick's best so far: ruled out by
     /// the bound `ln(u) ≤ u - 1` against the best's exact rank if it can be, else ranked
-    /// exactly and kept if it comes first in the full order and is usable. (The bound matters
-    /// when the candidate of a chunk is down: then nothing was ruled out in advance.)
+    /// exactly and kept if it comes first in the full order and is usable.
     ///
     /// Why that bound is exact: `ln(u) ≤ u - 1 < 0`, and our `ln` is within 1e-15 relative of
     /// the true one, so `ln(u) < (u - 1)·(1 - 1e-9)`; the 1e-9 margin ([`PRUNE_MARGIN`]) also
@@ -561,19 +503,16 @@ impl Table {
         usable: impl Fn(usize) -> bool,
     ) {
         debug_assert_eq!(score, score_premixed(kp, self.mixed[i]));
-        let rank = match best.as_mut() {
-            Some(b) if self.weights[i] > 0 => {
-                let u = unit(score);
-                if (u - 1.0) * PRUNE_MARGIN < b.rank(self) * f64::from(self.weights[i]) {
-                    return;
-                }
-                self.rank_of(i, score)
+        if let Some(b) = best {
+            let w = self.weights[i];
+            if w > 0 && (unit(score) - 1.0) * PRUNE_MARGIN < b.rank * f64::from(w) {
+                return;
             }
-            _ => self.rank_of(i, score),
-        };
-        let better = match best.as_mut() {
+        }
+        let rank = self.rank_of(i, score);
+        let better = match best {
             None => true,
-            Some(b) => match rank.total_cmp(&b.rank(self)) {
+            Some(b) => match rank.total_cmp(&b.rank) {
                 std::cmp::Ordering::Greater => true,
                 std::cmp::Ordering::Less => false,
                 std::cmp::Ordering::Equal => {
@@ -591,7 +530,7 @@ impl Table {
             *best = Some(Best {
                 index: i,
                 score,
-                rank: Some(rank),
+                rank,
             });
         }
     }
@@ -602,20 +541,6 @@ impl Table {
             0 => f64::NEG_INFINITY,
             w => ln_unit(unit(score)) / f64::from(w),
         }
-    }
-
-    /// A lower bound of target `i`'s computed rank (weight ≥ 1), without a logarithm where `u`
-    /// is at least ½ (the targets that win any pick of more than a few targets): with
-    /// `x = 1 - u` (exact there), `-ln(1 - x) = x + x²/2 + x³/3 + … ≤ x + x²/2 + x³/(3u)`, the
-    /// tail bounded by a geometric series. The factor `1 + 1e-9` covers our `ln`'s 1e-15
-    /// relative error and this expression's own roundings. Below ½ the exact rank.
-    fn rank_floor(&self, i: usize, score: u64) -> f64 {
-        let u = unit(score);
-        if u < 0.5 {
-            return self.rank_of(i, score);
-        }
-        let x = 1.0 - u;
-        -((x + x * x * 0.5 + x * x * x / (3.0 * u)) / f64::from(self.weights[i])) * (1.0 + 1e-9)
     }
 
     /// The full order of target `i` for `key` (see [`RankKey`]).
@@ -1086,8 +1011,8 @@ mod tests {
 
     #[test]
     fn weighted_pick_skips_ln_without_changing_the_result() {
-        // Brute force (the best full rank key among usable targets) against the pick, for one
-        // chunk and several (64 targets a chunk), with all targets usable, only the even ones,
+        // Brute force (the best full rank key among usable targets) against the pick, from 2
+        // targets to 150, with all targets usable, only the even ones,
         // a random half, or only the worst-ranked one (nothing rules anything out then); plus a
         // weight of 0 and a duplicated seed in the larger tables.
         let mut rng = TestRng(19);
@@ -1123,7 +1048,7 @@ mod tests {
     #[test]
     fn a_clear_winner_is_the_best_ranked_target() {
         // Whenever the integer-only first try names a target, it is the best of the full order
-        // (brute force, every target usable), from 2 targets to several chunks, with weights
+        // (brute force, every target usable), from 2 targets to 150, with weights
         // 1–8 and 1–1,000 and a weight of 0; and it names one for most picks of many targets
         // (it would still be exact naming none, but then it would only cost time).
         let mut rng = TestRng(29);
@@ -1140,10 +1065,11 @@ mod tests {
             let keys = client_keys(20_000, 31 + n as u64);
             let mut named = 0;
             for &key in &keys {
-                if let Some(c) = table.clear_winner(premix(key)) {
+                let first = table.first_try(premix(key));
+                if first.clear {
                     named += 1;
                     let brute = (0..n).max_by_key(|&i| table.rank_key(key, i));
-                    assert_eq!(Some(c), brute, "n = {n}, weights up to {most}");
+                    assert_eq!(Some(first.index), brute, "n = {n}, weights up to {most}");
                 }
             }
             if n >= 64 {

@@ -12,20 +12,12 @@
 //! The passes:
 //! - [`best_equal`]: the target with the highest raw score (equal weights: that is the pick).
 //! - [`estimates`]: a weighted pick's first try, over every target at once: the target with the
-//!   smallest cheap estimate of `(1 - u)/w` (see [`scores`]) and the smallest estimate of all
-//!   the others. When the runner-up's estimate is clearly larger, the first wins without any
-//!   float arithmetic (`Table::clear_winner` holds the proof); otherwise the two passes below.
-//! - [`scores`] and [`survivors`]: a weighted pick over a chunk of at most 64 targets. The exact
-//!   weighted rank needs a logarithm (`ln(u)/w`); these two find the few targets for which it
-//!   must be computed, in integers. `scores` computes every target's score and the one with
-//!   the best cheap estimate (the smallest `(1 - u)/w`, from the score's top 32 bits); once the
-//!   caller has a bound on that target's rank, `survivors` marks the targets whose own bound
-//!   does not lose to it: typically none, and the pick needs no logarithm at all.
+//!   smallest cheap estimate of `(1 - u)/w` (from the score's top 32 bits) and the smallest
+//!   estimate of all the others. When the runner-up's estimate is clearly larger, the first
+//!   wins without any float arithmetic (`Table::first_try` holds the proof); otherwise
+//!   `hash.rs` visits every target and takes the few logarithms it needs.
 
 use super::score_premixed;
-
-/// The most targets [`scores`] and [`survivors`] take at once (one bit each in a `u64`).
-pub(super) const CHUNK: usize = 64;
 
 /// From this many targets on, [`best_equal`] takes the AVX2 pass: below it, setting up the
 /// registers and reducing the four lanes cost about what the plain loop saves
@@ -71,40 +63,6 @@ pub(super) fn estimates(kp: u64, mixed: &[u64], factor: &[u64]) -> Estimates {
         return unsafe { avx2::estimates(kp, mixed, factor) };
     }
     portable::estimates(kp, mixed, factor, 0, None)
-}
-
-/// Writes `score_premixed(kp, mixed[i])` into `scores[i]` for every target of the chunk
-/// (`mixed`, `factor` and `scores` of one length, at most [`CHUNK`], not empty; each factor
-/// below 2^32, so that the estimate fits in 64 bits) and returns the index of the smallest
-/// `(!score >> 32) · factor[i]` (the earlier on a tie): with `factor[i]` about `2^32 / w_i`,
-/// the target whose `(1 - u)/w` is smallest, i.e. whose rank `ln(u)/w` is likely the best.
-#[inline]
-pub(super) fn scores(kp: u64, mixed: &[u64], factor: &[u64], scores: &mut [u64]) -> usize {
-    debug_assert!(!mixed.is_empty() && mixed.len() <= CHUNK);
-    debug_assert!(mixed.len() == factor.len() && mixed.len() == scores.len());
-    debug_assert!(factor.iter().all(|&f| f <= u64::from(u32::MAX)));
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2 (checked just above).
-        return unsafe { avx2::scores(kp, mixed, factor, scores) };
-    }
-    portable::scores(kp, mixed, factor, scores)
-}
-
-/// Bit `i` set for each target of the chunk that the bound does not rule out: not
-/// `(!scores[i] >> 32) > threshold · weight[i]` (`threshold` and the weights below 2^32, so the
-/// product fits). Where that holds, `1 - u_i > threshold · w_i / 2^32`: see
-/// `Table::pick_weighted` for why such a target ranks strictly below the threshold's rank.
-#[inline]
-pub(super) fn survivors(scores: &[u64], weight: &[u32], threshold: u64) -> u64 {
-    debug_assert!(scores.len() <= CHUNK && scores.len() == weight.len());
-    debug_assert!(threshold <= u64::from(u32::MAX));
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2 (checked just above).
-        return unsafe { avx2::survivors(scores, weight, threshold) };
-    }
-    portable::survivors(scores, weight, threshold)
 }
 
 /// The passes in plain Rust.
@@ -179,37 +137,6 @@ pub(super) mod portable {
             });
         }
         so_far.expect("estimates of no target")
-    }
-
-    pub(in crate::balance::hash) fn scores(
-        kp: u64,
-        mixed: &[u64],
-        factor: &[u64],
-        scores: &mut [u64],
-    ) -> usize {
-        let (mut best, mut index) = (u64::MAX, 0);
-        for (i, ((&m, &f), s)) in mixed.iter().zip(factor).zip(scores).enumerate() {
-            *s = score_premixed(kp, m);
-            let estimate = (!*s >> 32) * f;
-            if estimate < best || i == 0 {
-                best = estimate;
-                index = i;
-            }
-        }
-        index
-    }
-
-    pub(in crate::balance::hash) fn survivors(
-        scores: &[u64],
-        weight: &[u32],
-        threshold: u64,
-    ) -> u64 {
-        let mut bits = 0u64;
-        for (i, (&s, &w)) in scores.iter().zip(weight).enumerate() {
-            let ruled_out = (!s >> 32) > threshold * u64::from(w);
-            bits |= u64::from(!ruled_out) << i;
-        }
-        bits
     }
 }
 
@@ -345,53 +272,6 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2")]
-    pub(super) fn scores(kp: u64, mixed: &[u64], factor: &[u64], scores: &mut [u64]) -> usize {
-        let mix = Mix::new(kp);
-        // The smallest estimate, unsigned (top bits flipped for the signed compare); each lane
-        // starts on its first target with the largest estimate there is, so any target but
-        // one with exactly that estimate replaces it, and that one is the lane's first anyway.
-        let top = _mm256_set1_epi64x(i64::MIN);
-        let mut best = _mm256_set1_epi64x(i64::MAX);
-        let mut best_index = _mm256_set_epi64x(3, 2, 1, 0);
-        let mut index = best_index;
-        let four = _mm256_set1_epi64x(4);
-        let whole = mixed.len() / 4 * 4;
-        for at in (0..whole).step_by(4) {
-            let s = mix.scores(mixed, at);
-            let f = &factor[at..at + 4];
-            let out = &mut scores[at..at + 4];
-            // SAFETY: `f` and `out` are four u64s, 32 bytes each; unaligned load and store.
-            let f = unsafe {
-                _mm256_storeu_si256(out.as_mut_ptr().cast(), s);
-                _mm256_loadu_si256(f.as_ptr().cast())
-            };
-            // Both factors below 2^32: `_mm256_mul_epu32` is the whole product.
-            let estimate = _mm256_xor_si256(_mm256_mul_epu32(complement_top(s), f), top);
-            let wins = _mm256_cmpgt_epi64(best, estimate);
-            best = _mm256_blendv_epi8(best, estimate, wins);
-            best_index = _mm256_blendv_epi8(best_index, index, wins);
-            index = _mm256_add_epi64(index, four);
-        }
-        let (estimates, indices) = (lanes(_mm256_xor_si256(best, top)), lanes(best_index));
-        let mut winner: Option<(u64, usize)> = None;
-        for lane in 0..4 {
-            let (e, i) = (estimates[lane], indices[lane] as usize);
-            if i < whole && winner.is_none_or(|(b, j)| e < b || (e == b && i < j)) {
-                winner = Some((e, i));
-            }
-        }
-        if whole < mixed.len() {
-            let tail = whole
-                + portable::scores(kp, &mixed[whole..], &factor[whole..], &mut scores[whole..]);
-            let e = (!scores[tail] >> 32) * factor[tail];
-            if winner.is_none_or(|(b, _)| e < b) {
-                winner = Some((e, tail));
-            }
-        }
-        winner.map_or(0, |(_, i)| i)
-    }
-
-    #[target_feature(enable = "avx2")]
     pub(super) fn estimates(kp: u64, mixed: &[u64], factor: &[u64]) -> Estimates {
         let mix = Mix::new(kp);
         // Per lane, the smallest estimate with its index and the smallest of the lane's
@@ -442,33 +322,6 @@ mod avx2 {
         }
         portable::estimates(kp, &mixed[whole..], &factor[whole..], whole, Some(so_far))
     }
-
-    #[target_feature(enable = "avx2")]
-    pub(super) fn survivors(scores: &[u64], weight: &[u32], threshold: u64) -> u64 {
-        let top = _mm256_set1_epi64x(i64::MIN);
-        let t = _mm256_set1_epi64x(threshold as i64);
-        let whole = scores.len() / 4 * 4;
-        let mut bits = 0u64;
-        for at in (0..whole).step_by(4) {
-            let (s, w) = (&scores[at..at + 4], &weight[at..at + 4]);
-            // SAFETY: `s` is four u64s (32 bytes), `w` four u32s (16 bytes, widened to u64
-            // lanes); unaligned loads.
-            let (s, w) = unsafe {
-                (
-                    _mm256_loadu_si256(s.as_ptr().cast()),
-                    _mm256_cvtepu32_epi64(_mm_loadu_si128(w.as_ptr().cast())),
-                )
-            };
-            // Both factors below 2^32: `_mm256_mul_epu32` is the whole product.
-            let limit = _mm256_xor_si256(_mm256_mul_epu32(t, w), top);
-            let ruled_out = _mm256_cmpgt_epi64(_mm256_xor_si256(complement_top(s), top), limit);
-            let kept = !_mm256_movemask_pd(_mm256_castsi256_pd(ruled_out)) & 0b1111;
-            bits |= (kept as u64) << at;
-        }
-        // (Nothing is left past a full chunk: `whole` is then 64, too far to shift by.)
-        let tail = portable::survivors(&scores[whole..], &weight[whole..], threshold);
-        bits | tail.checked_shl(whole as u32).unwrap_or(0)
-    }
 }
 
 #[cfg(test)]
@@ -479,11 +332,11 @@ mod tests {
 
     #[test]
     fn the_dispatched_passes_match_the_portable_ones() {
-        // Whichever passes run on this CPU (AVX2 on the machines we build on), every length
+        // Whichever pass runs on this CPU (AVX2 on the machines we build on), every length
         // from 1 to 64 (the tail after the last group of four included), random keys and
-        // seeds, weights 1–1,000,000, and ranks from none (-∞) to far below the best.
+        // seeds. (`estimates` has its own test below.)
         let mut rng = Rng(7);
-        for n in 1..=CHUNK {
+        for n in 1..=64 {
             for _ in 0..200 {
                 let kp = rng.next();
                 let mixed: Vec<u64> = (0..n).map(|_| rng.next()).collect();
@@ -492,32 +345,6 @@ mod tests {
                     portable::best_equal(kp, &mixed),
                     "n = {n}"
                 );
-                let weight: Vec<u32> = (0..n)
-                    .map(|_| {
-                        1 + (rng.next() % if rng.next() % 2 == 0 { 8 } else { 1_000_000 }) as u32
-                    })
-                    .collect();
-                let factor: Vec<u64> = weight
-                    .iter()
-                    .map(|&w| ((1 << 32) / u64::from(w)).min(u64::from(u32::MAX)))
-                    .collect();
-                let (mut a, mut b) = (vec![0; n], vec![0; n]);
-                let best_a = scores(kp, &mixed, &factor, &mut a);
-                let best_b = portable::scores(kp, &mixed, &factor, &mut b);
-                assert_eq!(best_a, best_b, "n = {n}");
-                assert_eq!(a, b);
-                assert!(mixed
-                    .iter()
-                    .zip(&a)
-                    .all(|(&m, &s)| s == score_premixed(kp, m)));
-                for threshold in [0, 1, 1 << 10, 1 << 22, 1 << 31, u64::from(u32::MAX)] {
-                    let threshold = threshold - threshold.min(rng.next() % 1000);
-                    assert_eq!(
-                        survivors(&a, &weight, threshold),
-                        portable::survivors(&a, &weight, threshold),
-                        "n = {n}, threshold {threshold}"
-                    );
-                }
             }
         }
     }
@@ -615,10 +442,10 @@ mod tests {
     }
 
     #[test]
-    fn estimates_and_bounds_hold_at_the_ends_of_the_score_range() {
+    fn estimates_hold_at_the_ends_of_the_score_range() {
         // Scores at both ends (`!s >> 32` of 0 and of 2^32 - 1) and either side of the 32-bit
-        // split, plus random ones, so that equal estimates occur: the dispatched passes agree
-        // with the portable ones and with the definitions written out here.
+        // split, plus random ones, so that equal estimates occur: the dispatched pass agrees
+        // with the definition written out here.
         let mut rng = Rng(3);
         let mut wanted = vec![
             0,
@@ -630,36 +457,21 @@ mod tests {
             1 << 63,
         ];
         wanted.extend([u64::MAX << 32, !(u64::MAX << 32), (u64::MAX << 32) - 1]);
-        while wanted.len() < CHUNK {
+        while wanted.len() < 64 {
             wanted.push(rng.next());
         }
         let mixed: Vec<u64> = wanted.iter().map(|&s| seed_scoring(s)).collect();
-        let weight: Vec<u32> = (0..CHUNK as u32).map(|i| 1 + i % 3).collect();
-        let factor: Vec<u64> = weight
+        assert!(mixed
             .iter()
-            .map(|&w| ((1 << 32) / u64::from(w)).min(u64::from(u32::MAX)))
+            .zip(&wanted)
+            .all(|(&m, &s)| score_premixed(0, m) == s));
+        let factor: Vec<u64> = (0..64u64)
+            .map(|i| ((1 << 32) / (1 + i % 3)).min(u64::from(u32::MAX)))
             .collect();
-        let mut out = vec![0; CHUNK];
-        let best = scores(0, &mixed, &factor, &mut out);
-        assert_eq!(out, wanted);
         let estimate = |i: usize| (!wanted[i] >> 32) * factor[i];
-        let expected = (0..CHUNK).min_by_key(|&i| (estimate(i), i)).unwrap();
-        assert_eq!(best, expected);
-        assert_eq!(
-            estimates(0, &mixed, &factor),
-            estimates_by_definition(0, &mixed, &factor)
-        );
-        for threshold in [0, 1, 7, 1 << 20, u64::from(u32::MAX)] {
-            let bits = survivors(&out, &weight, threshold);
-            assert_eq!(bits, portable::survivors(&out, &weight, threshold));
-            for (i, (&s, &w)) in wanted.iter().zip(&weight).enumerate() {
-                let kept = (!s >> 32) <= threshold * u64::from(w);
-                assert_eq!(
-                    bits >> i & 1 == 1,
-                    kept,
-                    "score {s:#x}, threshold {threshold}"
-                );
-            }
-        }
+        let expected = (0..64).min_by_key(|&i| (estimate(i), i)).unwrap();
+        let got = estimates(0, &mixed, &factor);
+        assert_eq!(got.index, expected);
+        assert_eq!(got, estimates_by_definition(0, &mixed, &factor));
     }
 }
