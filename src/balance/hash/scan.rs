@@ -367,8 +367,8 @@ mod tests {
 
     #[test]
     fn estimates_are_the_smallest_two_of_the_whole_table() {
-        // Every length from 1 to 200 (several groups of four, the tail after the last, more
-        // than a chunk), random and duplicated seeds (equal estimates, in one lane or across
+        // Every length from 1 to 200 (several groups of four, the tail after the last, far
+        // more than 64), random and duplicated seeds (equal estimates, in one lane or across
         // lanes): the dispatched pass and the portable one give the definition's answer.
         let mut rng = Rng(13);
         for n in 1..=200 {
