@@ -876,7 +876,7 @@ fn metrics_on(port: u16) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_serves_metrics_on_metrics_port_and_logs_the_url() {
     let backend = Backend::start("a", Mode::Echo).await;
-    let metrics_port = dead_port().port();
+    let metrics_port = free_port();
     let mut lb = Balancer::spawn(
         BIN,
         "metrics-binary",
@@ -980,7 +980,7 @@ async fn a_real_prometheus_scrapes_stickylb() {
         exporter.local_addr()
     );
     std::fs::write(dir.path("prometheus.yml"), config).unwrap();
-    let web = SocketAddr::from(([127, 0, 0, 1], dead_port().port()));
+    let web = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let log = std::fs::File::create(dir.path("prometheus.log")).unwrap();
     let prometheus = Process(
         Command::new("prometheus")

@@ -71,7 +71,7 @@ async fn a_second_signal_exits_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_targets_answer_with_their_names_over_http_and_raw_tcp() {
-    let targets = [dead_port(), dead_port(), dead_port()];
+    let targets = [(); 3].map(|_| std::net::SocketAddr::from(([127, 0, 0, 1], free_port())));
     let lb = Balancer::spawn_with_args(BIN, "demo", &["demo"], &targets, serde_json::json!({}));
     let mut http = connect_from(client_ip(3), lb.addr).await.unwrap();
     http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -214,7 +214,7 @@ async fn downgrade_to_user_drops_root_after_binding() {
 
 #[test]
 fn an_unknown_user_is_a_startup_error() {
-    let port = dead_port().port();
+    let port = free_port();
     let stderr = startup_error(&format!(
         r#"{{"sourceHost": "127.0.0.1", "sourcePort": {port}, "metricsPort": null, "downgradeToUser": "no-such-user-xyz", "targets": [{{"host": "127.0.0.1", "port": 9}}]}}"#
     ));
@@ -246,7 +246,7 @@ fn check_with(config: serde_json::Value, nofile: Option<u64>) -> (Option<i32>, S
 fn with(extra: serde_json::Value) -> serde_json::Value {
     let mut config: serde_json::Value =
         serde_json::from_str(&config_text(&[dead_port()], extra)).unwrap();
-    config["sourcePort"] = dead_port().port().into();
+    config["sourcePort"] = free_port().into();
     config
 }
 

@@ -358,7 +358,7 @@ async fn a_removed_targets_open_connection_finishes_while_new_clients_go_elsewhe
 async fn a_port_change_moves_the_listener_and_old_connections_go_on() {
     let f = fixture("port").await;
     let path = f.dir.path("config.json");
-    let old_port = dead_port().port();
+    let old_port = free_port();
     std::fs::write(
         &path,
         config_text(&[f.a.addr], serde_json::json!({"sourcePort": old_port})),
@@ -370,7 +370,7 @@ async fn a_port_change_moves_the_listener_and_old_connections_go_on() {
     let reloader = Reloader::new(server.clone());
     let (_, mut open) = which(client_ip(1), old).await.unwrap();
 
-    let new_port = dead_port().port();
+    let new_port = free_port();
     std::fs::write(
         &path,
         config_text(&[f.a.addr], serde_json::json!({"sourcePort": new_port})),

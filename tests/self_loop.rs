@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 fn check(listen: &str, host: &str) -> (Option<i32>, String) {
     let dir = TempDir::new("self-loop-check");
     let path = dir.path("config.json");
-    let port = dead_port().port();
+    let port = free_port();
     let text = serde_json::json!({
         "sourceHost": listen,
         "sourcePort": port,

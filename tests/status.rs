@@ -439,8 +439,8 @@ async fn the_page_and_the_json_are_read_only_and_other_paths_are_404() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_prints_the_status_page_url_beside_the_curl_hint_and_serves_it() {
-    let targets = [dead_port(), dead_port(), dead_port()];
-    let port = dead_port().port();
+    let targets = [(); 3].map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())));
+    let port = free_port();
     let lb = Balancer::spawn_with_args(
         BIN,
         "status-demo",

@@ -124,7 +124,7 @@ async fn failures(metrics: std::net::SocketAddr) -> f64 {
 async fn a_new_binary_that_fails_in_any_way_leaves_the_old_one_serving_everything() {
     let backend = Backend::start("echo", Mode::Named).await;
     let bins = Binaries::new(BIN, "upgrade-fail");
-    let metrics_port = dead_port().port();
+    let metrics_port = free_port();
     let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port));
     let extra = serde_json::json!({"metricsPort": metrics_port});
     let config = serde_json::from_str(&config_text(&[backend.addr], extra)).unwrap();

@@ -173,6 +173,23 @@ impl Drop for Sink {
     }
 }
 
+/// A free loopback port for a process under test to listen on: below the ephemeral range, so
+/// that no `bind(0)` or outgoing connection of another test takes it between this call and
+/// the bind (as it can take a [`dead_port`]); each call of a process gets another one, from a
+/// base that differs by process. Checked free by binding it once.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::AtomicU16;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 1000) as u16 * 8;
+    for _ in 0..12_000 {
+        let port = 20_000 + (base - 20_000 + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in 20000-31999");
+}
+
 /// A port on loopback where nothing listens (bound, then closed).
 pub fn dead_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -24,7 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::backend::{dead_port, Backend, Mode};
+use crate::backend::{Backend, Mode};
 use crate::inproc::config_text;
 use crate::temp::TempDir;
 use crate::PATIENCE;
@@ -134,7 +134,7 @@ impl Balancer {
         env: &[(&str, &str)],
     ) -> io::Result<Balancer> {
         let dir = TempDir::new(tag);
-        let port = dead_port().port();
+        let port = crate::free_port();
         config["sourcePort"] = port.into();
         let path = dir.file("config.json", &config.to_string());
         let mut command = Command::new(bin);

@@ -57,7 +57,7 @@ pub mod temp;
 pub mod tools;
 pub mod upgrade;
 
-pub use backend::{dead_port, Backend, Mode, Sink};
+pub use backend::{dead_port, free_port, Backend, Mode, Sink};
 pub use browser::Browser;
 pub use child::{
     backend_process, limit_nofile, serve_backend_process_if_asked, status_kib, Balancer, Process,

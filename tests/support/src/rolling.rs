@@ -404,15 +404,9 @@ impl Drop for Cluster {
 }
 
 /// `n` free loopback ports below the ephemeral range (so that no outgoing connection holds one
-/// while its worker restarts), different for each process.
+/// while its worker restarts): [`crate::free_port`].
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let base = 20_000 + (std::process::id() % 1000) as u16 * 8;
-    let ports: Vec<u16> = (base..32_000)
-        .filter(|&p| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok())
-        .take(n)
-        .collect();
-    assert_eq!(ports.len(), n, "free ports");
-    ports
+    (0..n).map(|_| crate::free_port()).collect()
 }
 
 /// The balancer's config: one target per worker (`worker-K`), `drained` drained.

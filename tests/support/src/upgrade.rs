@@ -32,7 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::backend::{dead_port, Backend, Mode};
+use crate::backend::{Backend, Mode};
 use crate::child::Balancer;
 use crate::client::{client_ip, connect_from, name_of, open_many, which};
 use crate::inproc::config_text;
@@ -135,7 +135,7 @@ pub async fn run(bin: &str, options: &Options) -> Report {
     let bins = Binaries::new(bin, "upgrade-bins");
     let mut a = Backend::start("A", Mode::Named).await;
     let b = Backend::start("B", Mode::Named).await;
-    let metrics_port = dead_port().port();
+    let metrics_port = crate::free_port();
     let metrics = SocketAddr::from(([127, 0, 0, 1], metrics_port));
     let config = serde_json::from_str(&config_text(
         &[a.addr, b.addr],
