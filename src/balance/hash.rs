@@ -267,8 +267,10 @@ pub struct Table {
     /// `premix(seed)` of each target (see [`premix`]; [`seed_of`] gives the seed back).
     mixed: Vec<u64>,
     weights: Vec<u32>,
-    /// `2^32 / w` per target, at most `2^32 - 1` (and that for a weight of 0): the factor of
-    /// `scan::estimates`'s estimate of `(1 - u)/w`.
+    /// `⌊2^(32 + shift) / w⌋` per target, at most `2^32 - 1` (and that for a weight of 0), with
+    /// `shift = ⌊log2⌋` of the smallest positive weight: the factor of `scan::estimates`'s
+    /// estimate of `(1 - u)/w`. The shift keeps large weights' estimates as precise as those of
+    /// small ones (the pass keeps 32 bits of each); it scales every estimate alike.
     factors: Vec<u64>,
     /// All weights are equal: rank by raw score and skip the float math (same order, since
     /// `ln` is monotone and dividing by one common weight keeps the order).
@@ -283,13 +285,15 @@ struct Best {
     rank: f64,
 }
 
-/// What [`Table::first_try`] found: the target with the best estimate, its raw score, and
-/// whether it is certainly the best-ranked target.
+/// What [`Table::first_try`] found: the target with the best estimate, its raw score, whether
+/// it is certainly the best-ranked target, and if its rank could be bounded, the estimate
+/// above which no target can beat it.
 #[derive(Debug, Clone, Copy)]
 struct FirstTry {
     index: usize,
     score: u64,
     clear: bool,
+    limit: Option<u64>,
 }
 
 impl Table {
@@ -298,13 +302,18 @@ impl Table {
     pub fn new(targets: &[(u64, u32)]) -> Table {
         let weights: Vec<u32> = targets.iter().map(|&(_, weight)| weight).collect();
         let most = u64::from(u32::MAX);
+        let shift = weights
+            .iter()
+            .filter(|&&w| w > 0)
+            .min()
+            .map_or(0, |w| w.ilog2());
         Table {
             mixed: targets.iter().map(|&(seed, _)| premix(seed)).collect(),
             equal_weights: weights.windows(2).all(|w| w[0] == w[1]),
             factors: weights
                 .iter()
                 .map(|&w| {
-                    (1u64 << 32)
+                    (1u64 << (32 + shift))
                         .checked_div(u64::from(w))
                         .map_or(most, |f| f.min(most))
                 })
@@ -429,59 +438,71 @@ impl Table {
     /// The weighted pick. One pass ([`scan::estimates`]) names the target with the smallest
     /// estimate of `(1 - u)/w` and the runner-up's estimate; when those prove it first
     /// ([`Table::first_try`]) and it is usable, it is the answer, with no float arithmetic
-    /// (98 % of picks at 64 targets with weights 1–8). Otherwise (too close to call, or down)
-    /// every target is visited against the best so far ([`Table::consider`]), that candidate
-    /// first: its exact rank then rules out nearly every other target by a cheap bound, so
-    /// the visit computes few logarithms. The visit compares in the full order (rank, score,
-    /// seed, then the earlier index), so its result does not depend on the order.
+    /// (98 % of picks at 64 targets with weights 1–8). Otherwise the candidate is ranked
+    /// exactly and weighed against the others ([`Table::consider`]): if it is usable, only
+    /// against the few whose estimate is within its bound ([`scan::within`]), the only ones
+    /// that can beat it; if it is down, against every target, since then any may be the best
+    /// usable one. `consider` rules out nearly every target it is shown by a cheap bound, and
+    /// compares in the full order (rank, score, seed, then the earlier index), so the result
+    /// does not depend on the order of the visit.
     fn pick_weighted(&self, key: u64, usable: impl Fn(usize) -> bool) -> Option<usize> {
         let kp = premix(key);
         let first = self.first_try(kp);
-        if first.clear && usable(first.index) {
+        let up = usable(first.index);
+        if first.clear && up {
             return Some(first.index);
         }
         let mut best: Option<Best> = None;
         self.consider(kp, first.index, first.score, &mut best, &usable);
-        for (i, &mixed) in self.mixed.iter().enumerate() {
+        let visit = |i: usize| {
             if i != first.index {
-                self.consider(kp, i, score_premixed(kp, mixed), &mut best, &usable);
+                let score = score_premixed(kp, self.mixed[i]);
+                self.consider(kp, i, score, &mut best, &usable);
             }
+        };
+        match first.limit {
+            Some(limit) if up => scan::within(kp, &self.mixed, &self.factors, limit, visit),
+            _ => (0..self.mixed.len()).for_each(visit),
         }
         best.map(|b| b.index)
     }
 
     /// The weighted pick's first try, in integers only: the target with the smallest estimate
-    /// of `(1 - u)/w` over the whole table ([`scan::estimates`]), and whether its rank is
-    /// certainly above every other target's (`clear`); not when the runner-up's estimate is
-    /// too close, the candidate's `u` is below ½ or its weight 0. Clear for most picks over
-    /// many targets: the runner-up's estimate must exceed the winner's by about `1 - u` of
-    /// the winner, a few per cent at 64 targets.
+    /// of `(1 - u)/w` over the whole table ([`scan::estimates`]), the estimate at or below
+    /// which another target could rank above it (`limit`; none when its `u` is below ½ or its
+    /// weight 0), and whether no other target's estimate is (`clear`). Clear for most picks
+    /// over many targets: the runner-up's estimate must exceed the winner's by about `1 - u`
+    /// of the winner, a few per cent at 64 targets.
     ///
-    /// Why it is exact. For a target `j` with `a = !s >> 32`, `x = 1 - u` and
-    /// `f = min(⌊2^32/w⌋, 2^32 - 1)` (its factor): `unit` rounds `(s >> 11) + 0.5` by at most
-    /// ½ either way, so `a·2^-32 ≤ x ≤ (a + 1)·2^-32`; and `f·2^-32 ≤ 1/w ≤ (f + 1)·2^-32`
-    /// (for `w = 1` the cap makes `f + 1 = 2^32`). So the estimate `e = a·f` gives
-    /// `e·2^-64 ≤ x/w ≤ -ln(u)/w`, the magnitude of the true rank. For the candidate `c`, with
-    /// `q = a_c + 1` and `x ≤ ½`: `-ln(1 - x) = x + x²/2 + x³/3 + … ≤ x·(1 + x/2 + x²)`, so its
-    /// true rank's magnitude is at most `q·(f_c + 1)·2^-64 · (1 + q/2·2^-32 + q²·2^-64)`. The
-    /// bound below rounds each term up and adds `8·2^-32` (2e-9 relative) for our `ln`'s 1e-15
-    /// relative error and the division's rounding. Every other target's estimate is at least
-    /// `second`; when that exceeds the bound, every other target's computed rank is strictly
-    /// below the candidate's, whatever the tie-breaks.
+    /// Why it is exact. For a target `j` with `a = !s >> 32`, `x = 1 - u` and its factor
+    /// `f = min(⌊2^(32+k)/w⌋, 2^32 - 1)` (`k` the table's shift, `w ≥ 2^k`): `unit` rounds
+    /// `(s >> 11) + 0.5` by at most ½ either way, so `a·2^-32 ≤ x ≤ (a + 1)·2^-32`; and
+    /// `f·2^-(32+k) ≤ 1/w ≤ (f + 1)·2^-(32+k)` (for `w = 2^k` the cap makes `f + 1 = 2^32`).
+    /// So with `t = 2^-(64+k)` the product `a·f` gives `a·f·t ≤ x/w ≤ -ln(u)/w`, the magnitude
+    /// of the true rank, and the pass's estimate `e = ⌊a·f / 2^32⌋` gives `e·2^32·t ≤ -ln(u)/w`.
+    /// For the candidate `c`, with `q = a_c + 1` and `x ≤ ½`: `-ln(1 - x) = x + x²/2 + x³/3 +
+    /// … ≤ x·(1 + x/2 + x²)`, so its true rank's magnitude is at most
+    /// `q·(f_c + 1)·t·(1 + q/2·2^-32 + q²·2^-64)`. The bound `B` below rounds each term up and
+    /// adds `8·2^-32` (2e-9 relative) for our `ln`'s 1e-15 relative error and the division's
+    /// rounding. A target whose estimate exceeds `limit = ⌊B / 2^32⌋` has `e·2^32 > B`, so its
+    /// computed rank is strictly below the candidate's, whatever the tie-breaks; when every
+    /// other target's does (`second > limit`), the candidate is first.
     fn first_try(&self, kp: u64) -> FirstTry {
         let e = scan::estimates(kp, &self.mixed, &self.factors);
         let (index, score) = (e.index, score_premixed(kp, self.mixed[e.index]));
         let q = (!score >> 32) + 1;
-        let clear = self.weights[index] > 0 && q <= 1 << 31 && {
-            // q ≤ 2^31 and f + 1 ≤ 2^32: the product fits in 64 bits, the scaled one in 128.
+        let limit = (self.weights[index] > 0 && q <= 1 << 31).then(|| {
+            // q ≤ 2^31 and f + 1 ≤ 2^32: the product fits in 64 bits, the scaled one in 128;
+            // B < 2^63·1.6, so B / 2^32 fits in 64 bits.
             let p = u128::from(q * (self.factors[index] + 1));
             let scale = (1u128 << 32) + u128::from((q >> 1) + 1) + u128::from(((q * q) >> 32) + 1);
-            u128::from(e.second) > (p * (scale + 8)) >> 32
-        };
+            ((p * (scale + 8)) >> 64) as u64
+        });
         FirstTry {
             index,
             score,
-            clear,
+            clear: limit.is_some_and(|limit| e.second > limit),
+            limit,
         }
     }
 
@@ -1048,19 +1069,32 @@ mod tests {
     #[test]
     fn a_clear_winner_is_the_best_ranked_target() {
         // Whenever the integer-only first try names a target, it is the best of the full order
-        // (brute force, every target usable), from 2 targets to 150, with weights
-        // 1–8 and 1–1,000 and a weight of 0; and it names one for most picks of many targets
-        // (it would still be exact naming none, but then it would only cost time).
+        // (brute force, every target usable), from 2 targets to 150, with weights 1–8,
+        // 1–1,000, 500,000–1,000,000 (the table's shift keeps those estimates as precise) and
+        // a weight of 0; and it names one for most picks of many targets (it would still be
+        // exact naming none, but then it would only cost time).
         let mut rng = TestRng(29);
-        for (n, most) in [(2, 1_000), (3, 8), (8, 8), (64, 8), (64, 1_000), (150, 8)] {
+        let cases = [
+            (2, 1, 1_000),
+            (3, 1, 8),
+            (8, 1, 8),
+            (64, 1, 8),
+            (64, 1, 1_000),
+            (64, 500_000, 1_000_000),
+            (150, 1, 8),
+        ];
+        for (n, least, most) in cases {
             let mut targets: Vec<(u64, u32)> = (0..n)
-                .map(|i| (target_seed(&format!("c{i}")), 1 + rng.below(most) as u32))
+                .map(|i| {
+                    let w = least + rng.below((most - least + 1) as usize) as u32;
+                    (target_seed(&format!("c{i}")), w)
+                })
                 .collect();
             if n > 64 {
                 targets[5].1 = 0;
             }
-            targets[0].1 = 1; // never all equal
-            targets[1].1 = 2;
+            targets[0].1 = least; // never all equal
+            targets[1].1 = least + 1;
             let table = Table::new(&targets);
             let keys = client_keys(20_000, 31 + n as u64);
             let mut named = 0;
@@ -1069,16 +1103,38 @@ mod tests {
                 if first.clear {
                     named += 1;
                     let brute = (0..n).max_by_key(|&i| table.rank_key(key, i));
-                    assert_eq!(Some(first.index), brute, "n = {n}, weights up to {most}");
+                    assert_eq!(Some(first.index), brute, "n = {n}, weights {least}–{most}");
                 }
             }
             if n >= 64 {
                 assert!(
                     named * 10 > keys.len() * 9,
-                    "n = {n}: named {named} of {}",
+                    "n = {n}, weights {least}–{most}: named {named} of {}",
                     keys.len()
                 );
             }
+        }
+    }
+
+    #[test]
+    fn large_weights_get_estimates_as_precise_as_small_ones() {
+        // The table's shift makes the factors depend on the weights' ratios only: weights
+        // scaled by 2^12 (up to 32,768) give the same factors, and so the same first try, as
+        // the weights 1–8 they came from. Without it their estimates would keep 12 bits fewer.
+        let mut rng = TestRng(37);
+        let weights: Vec<u32> = (0..64).map(|_| 1 + rng.below(8) as u32).collect();
+        let table = |scale: u32| {
+            let targets: Vec<(u64, u32)> = (0..64)
+                .map(|i| (target_seed(&format!("s{i}")), weights[i] * scale))
+                .collect();
+            Table::new(&targets)
+        };
+        let (small, large) = (table(1), table(1 << 12));
+        assert_eq!(small.factors, large.factors);
+        for key in client_keys(2_000, 41) {
+            let (a, b) = (small.first_try(premix(key)), large.first_try(premix(key)));
+            assert_eq!((a.index, a.clear, a.limit), (b.index, b.clear, b.limit));
+            assert_eq!(small.pick(key, |_| true), large.pick(key, |_| true));
         }
     }
 

@@ -12,10 +12,11 @@
 //! The passes:
 //! - [`best_equal`]: the target with the highest raw score (equal weights: that is the pick).
 //! - [`estimates`]: a weighted pick's first try, over every target at once: the target with the
-//!   smallest cheap estimate of `(1 - u)/w` (from the score's top 32 bits) and the smallest
-//!   estimate of all the others. When the runner-up's estimate is clearly larger, the first
-//!   wins without any float arithmetic (`Table::first_try` holds the proof); otherwise
-//!   `hash.rs` visits every target and takes the few logarithms it needs.
+//!   smallest cheap estimate of `(1 - u)/w` (from the score's top 32 bits, kept to 32 bits)
+//!   and the smallest estimate of all the others. When the runner-up's estimate is clearly
+//!   larger, the first wins without any float arithmetic (`Table::first_try` holds the proof).
+//! - [`within`]: when it is not that clear, the targets whose estimate is at most a limit: the
+//!   only ones that can beat the first, which `hash.rs` then ranks exactly.
 
 use super::score_premixed;
 
@@ -38,11 +39,18 @@ pub(super) fn best_equal(kp: u64, mixed: &[u64]) -> usize {
     portable::best_equal(kp, mixed)
 }
 
-/// The smallest estimate `(!score_premixed(kp, mixed[i]) >> 32) · factor[i]` over every target,
-/// and the smallest of all the other targets' estimates.
+/// The estimate of one target: the top half of `(!score >> 32) · factor`, a 32-bit number
+/// (below `2^32 - 1`, since both factors are below `2^32`).
+#[inline(always)]
+fn estimate(kp: u64, mixed: u64, factor: u64) -> u64 {
+    ((!score_premixed(kp, mixed) >> 32) * factor) >> 32
+}
+
+/// The smallest [`estimate`] over every target, and the smallest of all the other targets'
+/// estimates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Estimates {
-    /// The target with the smallest estimate (the earlier index on a tie).
+    /// A target with the smallest estimate (the earliest index on a tie).
     pub index: usize,
     /// Its estimate.
     pub best: u64,
@@ -65,9 +73,22 @@ pub(super) fn estimates(kp: u64, mixed: &[u64], factor: &[u64]) -> Estimates {
     portable::estimates(kp, mixed, factor, 0, None)
 }
 
+/// Calls `visit(i)` for every target `i` whose [`estimate`] is at most `limit`, in index order
+/// (same lengths and factors as [`estimates`]).
+#[inline]
+pub(super) fn within(kp: u64, mixed: &[u64], factor: &[u64], limit: u64, visit: impl FnMut(usize)) {
+    debug_assert!(mixed.len() == factor.len());
+    #[cfg(target_arch = "x86_64")]
+    if mixed.len() >= AVX2_FROM && std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { avx2::within(kp, mixed, factor, limit, visit) };
+    }
+    portable::within(kp, mixed, factor, limit, 0, visit)
+}
+
 /// The passes in plain Rust.
 pub(super) mod portable {
-    use super::{score_premixed, Estimates};
+    use super::{estimate, score_premixed, Estimates};
 
     #[inline]
     pub(in crate::balance::hash) fn best_equal(kp: u64, mixed: &[u64]) -> usize {
@@ -117,7 +138,7 @@ pub(super) mod portable {
     ) -> Estimates {
         let mut so_far = so_far;
         for (i, (&m, &f)) in mixed.iter().zip(factor).enumerate() {
-            let e = (!score_premixed(kp, m) >> 32) * f;
+            let e = estimate(kp, m, f);
             so_far = Some(match so_far {
                 // Strictly smaller: the earlier index keeps a tie.
                 Some(b) if e < b.best => Estimates {
@@ -138,6 +159,22 @@ pub(super) mod portable {
         }
         so_far.expect("estimates of no target")
     }
+
+    /// [`super::within`] over these targets, numbered from `offset`.
+    pub(in crate::balance::hash) fn within(
+        kp: u64,
+        mixed: &[u64],
+        factor: &[u64],
+        limit: u64,
+        offset: usize,
+        mut visit: impl FnMut(usize),
+    ) {
+        for (i, (&m, &f)) in mixed.iter().zip(factor).enumerate() {
+            if estimate(kp, m, f) <= limit {
+                visit(offset + i);
+            }
+        }
+    }
 }
 
 /// The passes in AVX2, four targets per 256-bit register.
@@ -148,15 +185,25 @@ mod avx2 {
     use super::super::{FMIX_C1, FMIX_C2};
     use super::{portable, Estimates};
 
-    /// `a · c` (wrapping) in each 64-bit lane, `c` given as its low and high 32 bits broadcast:
-    /// `a_lo·c_lo + ((a_lo·c_hi + a_hi·c_lo) << 32)`, the part of the full product that fits.
+    /// `a · c` (wrapping) in each 64-bit lane, `c` given as its low 32 bits broadcast and as
+    /// its two halves swapped: `a_lo·c_lo + ((a_lo·c_hi + a_hi·c_lo) << 32)`, the part of the
+    /// full product that fits. The two cross products are one 32-bit `mullo` (each needs
+    /// only its low half), so a 64-bit multiply is two multiplies, not three.
     #[target_feature(enable = "avx2")]
-    fn mul64(a: __m256i, c_lo: __m256i, c_hi: __m256i) -> __m256i {
-        let cross = _mm256_add_epi64(
-            _mm256_mul_epu32(a, c_hi),
-            _mm256_mul_epu32(_mm256_srli_epi64::<32>(a), c_lo),
-        );
-        _mm256_add_epi64(_mm256_mul_epu32(a, c_lo), _mm256_slli_epi64::<32>(cross))
+    fn mul64(a: __m256i, c_lo: __m256i, c_swapped: __m256i) -> __m256i {
+        let cross = _mm256_mullo_epi32(a, c_swapped);
+        let sum = _mm256_add_epi32(cross, _mm256_srli_epi64::<32>(cross));
+        _mm256_add_epi64(_mm256_mul_epu32(a, c_lo), _mm256_slli_epi64::<32>(sum))
+    }
+
+    /// The top half of `a · c` (wrapping) in the low 32 bits of each 64-bit lane (the high 32
+    /// bits are left over: `_mm256_mul_epu32` ignores them), `c` given as for [`mul64`]:
+    /// `hi(a_lo·c_lo) + lo(a_lo·c_hi) + lo(a_hi·c_lo)`, modulo 2^32.
+    #[target_feature(enable = "avx2")]
+    fn mul64_top(a: __m256i, c_lo: __m256i, c_swapped: __m256i) -> __m256i {
+        let cross = _mm256_mullo_epi32(a, c_swapped);
+        let sum = _mm256_add_epi32(cross, _mm256_srli_epi64::<32>(cross));
+        _mm256_add_epi32(sum, _mm256_srli_epi64::<32>(_mm256_mul_epu32(a, c_lo)))
     }
 
     /// The multipliers of `fmix64`, split for [`mul64`], and the premixed key broadcast.
@@ -172,7 +219,7 @@ mod avx2 {
             let split = |c: u64| {
                 (
                     _mm256_set1_epi64x((c & 0xffff_ffff) as i64),
-                    _mm256_set1_epi64x((c >> 32) as i64),
+                    _mm256_set1_epi64x(c.rotate_left(32) as i64),
                 )
             };
             Mix {
@@ -189,17 +236,17 @@ mod avx2 {
             _mm256_xor_si256(k, _mm256_srli_epi64::<33>(k))
         }
 
-        /// The estimates `(!score >> 32) · factor` of the four targets at `at`, top bits
-        /// flipped for the signed compare.
+        /// The products `(!score >> 32) · factor` of the four targets at `at`, whose top
+        /// halves are their estimates.
         #[target_feature(enable = "avx2")]
-        fn estimates(&self, mixed: &[u64], factor: &[u64], at: usize) -> __m256i {
-            let k = self.unfinished(mixed, at);
+        fn products(&self, mixed: &[u64], factor: &[u64], at: usize) -> __m256i {
+            let top = mul64_top(self.mixed_once(mixed, at), self.c2.0, self.c2.1);
             let f = &factor[at..at + 4];
             // SAFETY: `f` is four u64s, 32 bytes; the load is unaligned.
             let f = unsafe { _mm256_loadu_si256(f.as_ptr().cast()) };
-            // Both factors below 2^32: `_mm256_mul_epu32` is the whole product.
-            let e = _mm256_mul_epu32(complement_top(k), f);
-            _mm256_xor_si256(e, _mm256_set1_epi64x(i64::MIN))
+            // `!s >> 32` is the complement of the top half: in the low 32 bits, which are all
+            // `_mm256_mul_epu32` reads; both factors below 2^32, so it is the whole product.
+            _mm256_mul_epu32(_mm256_xor_si256(top, _mm256_set1_epi64x(-1)), f)
         }
 
         /// The scores of [`Mix::scores`] before their last step, `k ^ (k >> 33)`: that step
@@ -207,13 +254,17 @@ mod avx2 {
         /// an estimate reads, for two operations fewer.
         #[target_feature(enable = "avx2")]
         fn unfinished(&self, mixed: &[u64], at: usize) -> __m256i {
+            mul64(self.mixed_once(mixed, at), self.c2.0, self.c2.1)
+        }
+
+        /// The four targets' `fmix64` state before its second multiply.
+        #[target_feature(enable = "avx2")]
+        fn mixed_once(&self, mixed: &[u64], at: usize) -> __m256i {
             let m = &mixed[at..at + 4];
             // SAFETY: `m` is four u64s, 32 bytes; the load is unaligned.
             let m = unsafe { _mm256_loadu_si256(m.as_ptr().cast()) };
-            let mut k = _mm256_xor_si256(self.key, m);
-            k = mul64(k, self.c1.0, self.c1.1);
-            k = _mm256_xor_si256(k, _mm256_srli_epi64::<33>(k));
-            mul64(k, self.c2.0, self.c2.1)
+            let k = mul64(_mm256_xor_si256(self.key, m), self.c1.0, self.c1.1);
+            _mm256_xor_si256(k, _mm256_srli_epi64::<33>(k))
         }
     }
 
@@ -265,62 +316,106 @@ mod avx2 {
         winner.1
     }
 
-    /// `!s >> 32` of four scores: the top half of `2^64 - 1 - s`.
+    /// The smallest of eight unsigned 32-bit lanes, in every lane.
     #[target_feature(enable = "avx2")]
-    fn complement_top(s: __m256i) -> __m256i {
-        _mm256_srli_epi64::<32>(_mm256_xor_si256(s, _mm256_set1_epi64x(-1)))
+    fn min_across(v: __m256i) -> __m256i {
+        let v = _mm256_min_epu32(v, _mm256_permute2x128_si256::<1>(v, v));
+        let v = _mm256_min_epu32(v, _mm256_shuffle_epi32::<0b0100_1110>(v));
+        _mm256_min_epu32(v, _mm256_shuffle_epi32::<0b1011_0001>(v))
     }
 
     #[target_feature(enable = "avx2")]
     pub(super) fn estimates(kp: u64, mixed: &[u64], factor: &[u64]) -> Estimates {
         let mix = Mix::new(kp);
-        // Per lane, the smallest estimate with its index and the smallest of the lane's
-        // others, unsigned through the signed compare (top bits flipped). Both start at the
-        // largest value there is, which no estimate reaches (each is below 2^64 - 2^33).
-        // (Two lane sets, eight targets a round, measured slower: the registers run out.)
-        let top = _mm256_set1_epi64x(i64::MIN);
-        let mut best = _mm256_set1_epi64x(i64::MAX);
+        // Eight targets a round, their estimates as eight 32-bit lanes (lane 2k: target
+        // `at + k`, lane 2k + 1: target `at + 4 + k`), so that the running minima are
+        // AVX2's unsigned 32-bit `min` and `max`, with no compare and blend. Per lane: the
+        // smallest estimate, the round it came in (a strictly smaller one replaces it, so the
+        // earliest keeps a tie) and the smallest of the lane's others. Both minima start at
+        // `u32::MAX`, which no estimate reaches.
+        let mut best = _mm256_set1_epi32(-1);
         let mut second = best;
-        let mut best_index = _mm256_set_epi64x(3, 2, 1, 0);
-        let mut index = best_index;
-        let four = _mm256_set1_epi64x(4);
-        let whole = mixed.len() / 4 * 4;
-        for at in (0..whole).step_by(4) {
-            let estimate = mix.estimates(mixed, factor, at);
-            let wins = _mm256_cmpgt_epi64(best, estimate);
-            // What does not stay the lane's best: the old best if this one wins, else this.
-            let other = _mm256_blendv_epi8(estimate, best, wins);
-            best = _mm256_blendv_epi8(best, estimate, wins);
-            best_index = _mm256_blendv_epi8(best_index, index, wins);
-            second = _mm256_blendv_epi8(second, other, _mm256_cmpgt_epi64(second, other));
-            index = _mm256_add_epi64(index, four);
+        let mut best_round = _mm256_setzero_si256();
+        let mut round = best_round;
+        let one = _mm256_set1_epi32(1);
+        let mut at = 0;
+        while at + 4 <= mixed.len() {
+            let low = mix.products(mixed, factor, at);
+            // A last group of four takes `u32::MAX` for the missing four, which never wins.
+            let high = if at + 8 <= mixed.len() {
+                mix.products(mixed, factor, at + 4)
+            } else {
+                _mm256_set1_epi32(-1)
+            };
+            let e = _mm256_blend_epi32::<0b1010_1010>(_mm256_srli_epi64::<32>(low), high);
+            let smaller = _mm256_min_epu32(best, e);
+            second = _mm256_min_epu32(second, _mm256_max_epu32(best, e));
+            let kept = _mm256_cmpeq_epi32(smaller, best);
+            best_round = _mm256_blendv_epi8(round, best_round, kept);
+            best = smaller;
+            round = _mm256_add_epi32(round, one);
+            at += 8;
         }
-        let bests = lanes(_mm256_xor_si256(best, top));
-        let seconds = lanes(_mm256_xor_si256(second, top));
-        let indices = lanes(best_index);
-        // Across the lanes: the winner is the smallest best (the lower index on a tie); the
-        // runner-up is the smallest of every lane's second and the other lanes' bests.
-        let mut winner = 0;
-        for lane in 1..4 {
-            if (bests[lane], indices[lane]) < (bests[winner], indices[winner]) {
-                winner = lane;
+        let done = at.min(mixed.len() / 4 * 4);
+        // Across the lanes, in the registers (a reduction that branches on each lane
+        // mispredicts about as often as it decides): the smallest best; the lowest index of
+        // the lanes that hold it (the earliest target on a tie: each lane's round is its
+        // earliest); and the runner-up, the smallest of the seconds and of the bests once the
+        // smallest is taken out, unless several lanes hold it, when it is that.
+        let ones = _mm256_set1_epi32(-1);
+        let least = min_across(best);
+        let at_least = _mm256_cmpeq_epi32(best, least);
+        let index = _mm256_add_epi32(
+            _mm256_slli_epi32::<3>(best_round),
+            _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+        );
+        let first_index = min_across(_mm256_or_si256(index, _mm256_xor_si256(at_least, ones)));
+        let others = min_across(_mm256_min_epu32(second, _mm256_or_si256(best, at_least)));
+        let low = |v: __m256i| _mm256_cvtsi256_si32(v) as u32;
+        let ties = _mm256_movemask_ps(_mm256_castsi256_ps(at_least)).count_ones();
+        let (best, index) = (low(least), low(first_index));
+        let runner_up = if ties > 1 { best } else { low(others) };
+        // `u32::MAX` here means no other target (a table of one): say so as `u64::MAX`.
+        let widen = |e: u32| {
+            if e == u32::MAX {
+                u64::MAX
+            } else {
+                u64::from(e)
             }
-        }
-        let mut runner_up = seconds[winner];
-        for lane in 0..4 {
-            if lane != winner {
-                runner_up = runner_up.min(bests[lane]).min(seconds[lane]);
-            }
-        }
-        let so_far = Estimates {
-            index: indices[winner] as usize,
-            best: bests[winner],
-            second: runner_up,
         };
-        if whole == mixed.len() {
+        let so_far = Estimates {
+            index: index as usize,
+            best: u64::from(best),
+            second: widen(runner_up),
+        };
+        if done == mixed.len() {
             return so_far;
         }
-        portable::estimates(kp, &mixed[whole..], &factor[whole..], whole, Some(so_far))
+        portable::estimates(kp, &mixed[done..], &factor[done..], done, Some(so_far))
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) fn within(
+        kp: u64,
+        mixed: &[u64],
+        factor: &[u64],
+        limit: u64,
+        mut visit: impl FnMut(usize),
+    ) {
+        let mix = Mix::new(kp);
+        // Estimates are below 2^32 and the limit is capped there: the signed compare is exact.
+        let bound = _mm256_set1_epi64x(limit.min(u64::from(u32::MAX)) as i64);
+        let whole = mixed.len() / 4 * 4;
+        for at in (0..whole).step_by(4) {
+            let e = _mm256_srli_epi64::<32>(mix.products(mixed, factor, at));
+            let over = _mm256_cmpgt_epi64(e, bound);
+            let mut inside = !_mm256_movemask_pd(_mm256_castsi256_pd(over)) & 0b1111;
+            while inside != 0 {
+                visit(at + inside.trailing_zeros() as usize);
+                inside &= inside - 1;
+            }
+        }
+        portable::within(kp, &mixed[whole..], &factor[whole..], limit, whole, visit);
     }
 }
 
@@ -351,7 +446,7 @@ mod tests {
 
     /// [`Estimates`] by their definition, over the whole list.
     fn estimates_by_definition(kp: u64, mixed: &[u64], factor: &[u64]) -> Estimates {
-        let estimate = |i: usize| (!score_premixed(kp, mixed[i]) >> 32) * factor[i];
+        let estimate = |i: usize| ((!score_premixed(kp, mixed[i]) >> 32) * factor[i]) >> 32;
         let index = (0..mixed.len()).min_by_key(|&i| (estimate(i), i)).unwrap();
         let second = (0..mixed.len())
             .filter(|&i| i != index)
@@ -425,6 +520,40 @@ mod tests {
         }
     }
 
+    #[test]
+    fn within_visits_exactly_the_targets_at_or_under_the_limit_in_order() {
+        // Every length from 1 to 100, limits from none inside to all inside (the smallest
+        // estimate, one between, the largest, 0 and beyond 2^32): the dispatched pass and the
+        // portable one visit the definition's targets, each once, in index order.
+        let mut rng = Rng(17);
+        for n in 1..=100 {
+            for round in 0..20 {
+                let kp = rng.next();
+                let mixed: Vec<u64> = (0..n).map(|_| rng.next()).collect();
+                let factor: Vec<u64> = (0..n)
+                    .map(|_| ((1 << 32) / (1 + rng.next() % 8)).min(u64::from(u32::MAX)))
+                    .collect();
+                let estimate = |i: usize| ((!score_premixed(kp, mixed[i]) >> 32) * factor[i]) >> 32;
+                let mut sorted: Vec<u64> = (0..n).map(estimate).collect();
+                sorted.sort_unstable();
+                let limit = match round % 5 {
+                    0 => sorted[0],
+                    1 => sorted[n / 2],
+                    2 => *sorted.last().unwrap(),
+                    3 => 0,
+                    _ => u64::MAX - rng.next() % 3,
+                };
+                let expected: Vec<usize> = (0..n).filter(|&i| estimate(i) <= limit).collect();
+                let mut got = Vec::new();
+                within(kp, &mixed, &factor, limit, |i| got.push(i));
+                assert_eq!(got, expected, "n = {n}, limit {limit}");
+                got.clear();
+                portable::within(kp, &mixed, &factor, limit, 0, |i| got.push(i));
+                assert_eq!(got, expected, "n = {n}, limit {limit}");
+            }
+        }
+    }
+
     /// The premixed seed `m` for which `score_premixed(0, m) == s`: every step of `fmix64`
     /// after the premix is invertible (`x ^ x >> 33` is its own inverse, an odd multiplier has
     /// an inverse modulo 2^64).
@@ -468,7 +597,7 @@ mod tests {
         let factor: Vec<u64> = (0..64u64)
             .map(|i| ((1 << 32) / (1 + i % 3)).min(u64::from(u32::MAX)))
             .collect();
-        let estimate = |i: usize| (!wanted[i] >> 32) * factor[i];
+        let estimate = |i: usize| ((!wanted[i] >> 32) * factor[i]) >> 32;
         let expected = (0..64).min_by_key(|&i| (estimate(i), i)).unwrap();
         let got = estimates(0, &mixed, &factor);
         assert_eq!(got.index, expected);
