@@ -268,15 +268,6 @@ mod avx2 {
         }
     }
 
-    /// The lanes of a register, lowest first.
-    #[target_feature(enable = "avx2")]
-    fn lanes(v: __m256i) -> [u64; 4] {
-        let mut out = [0u64; 4];
-        // SAFETY: `out` is 32 bytes; the store is unaligned.
-        unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), v) };
-        out
-    }
-
     #[target_feature(enable = "avx2")]
     pub(super) fn best_equal(kp: u64, mixed: &[u64]) -> usize {
         let mix = Mix::new(kp);
@@ -297,16 +288,25 @@ mod avx2 {
             best_index = _mm256_blendv_epi8(best_index, index, wins);
             index = _mm256_add_epi64(index, four);
         }
-        // Across the lanes, then the last (fewer than four) targets, which come after all of
-        // them: the highest score, the lower index on a tie.
-        let (scores, indices) = (lanes(_mm256_xor_si256(best, top)), lanes(best_index));
-        let mut winner = (scores[0], indices[0] as usize);
-        for lane in 1..4 {
-            let (s, i) = (scores[lane], indices[lane] as usize);
-            if s > winner.0 || (s == winner.0 && i < winner.1) {
-                winner = (s, i);
-            }
-        }
+        // Across the lanes, in the registers (branching on each lane mispredicts about as
+        // often as it decides): the highest score, then the lowest index among the lanes that
+        // hold it. Then the last (fewer than four) targets, which come after all of them.
+        let highest = across(best, |a, b| {
+            _mm256_blendv_epi8(a, b, _mm256_cmpgt_epi64(b, a))
+        });
+        let not_highest =
+            _mm256_xor_si256(_mm256_cmpeq_epi64(best, highest), _mm256_set1_epi64x(-1));
+        // The lowest index, unsigned through the signed compare (top bit flipped): a lane
+        // that does not hold the highest score is set to all ones first, above any index.
+        let candidates = _mm256_xor_si256(_mm256_or_si256(best_index, not_highest), top);
+        let lowest = across(candidates, |a, b| {
+            _mm256_blendv_epi8(a, b, _mm256_cmpgt_epi64(a, b))
+        });
+        let low = |v: __m256i| _mm_cvtsi128_si64(_mm256_castsi256_si128(v)) as u64;
+        let mut winner = (
+            low(_mm256_xor_si256(highest, top)),
+            (low(lowest) ^ (1 << 63)) as usize,
+        );
         for (i, &m) in mixed.iter().enumerate().skip(whole) {
             let s = super::score_premixed(kp, m);
             if s > winner.0 {
@@ -314,6 +314,14 @@ mod avx2 {
             }
         }
         winner.1
+    }
+
+    /// `pick` applied across the four 64-bit lanes of `v` (two rounds of pairs), the result
+    /// in every lane.
+    #[target_feature(enable = "avx2")]
+    fn across(v: __m256i, pick: impl Fn(__m256i, __m256i) -> __m256i) -> __m256i {
+        let v = pick(v, _mm256_permute4x64_epi64::<0b0100_1110>(v));
+        pick(v, _mm256_permute4x64_epi64::<0b1011_0001>(v))
     }
 
     /// The smallest of eight unsigned 32-bit lanes, in every lane.
