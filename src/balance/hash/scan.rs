@@ -2,7 +2,8 @@
 //!
 //! A pick scores the client against every target (design §2 asks ≤ 100 ns for one pick at 64
 //! targets). A score is `fmix64` of a XOR: two 64-bit multiplies per target, which x86-64's
-//! baseline (SSE2) cannot do side by side and AVX2 can, as three 32-bit multiplies each. So each
+//! baseline (SSE2) cannot do side by side and AVX2 can, as two 32-bit multiplies each (one
+//! widening, one of the two cross products at once). So each
 //! pass is written twice: with AVX2 intrinsics, taken at run time when the CPU has AVX2 (std
 //! detects it once per process), and in plain Rust, for every other CPU and as the reference the
 //! tests hold the AVX2 passes to. Both are the same integer arithmetic (no float is involved:
