@@ -233,12 +233,14 @@ mod avx2 {
         /// `score_premixed(kp, m)` for the four premixed seeds at `mixed[at..at + 4]`.
         #[target_feature(enable = "avx2")]
         fn scores(&self, mixed: &[u64], at: usize) -> __m256i {
-            let k = self.unfinished(mixed, at);
+            let k = mul64(self.mixed_once(mixed, at), self.c2.0, self.c2.1);
             _mm256_xor_si256(k, _mm256_srli_epi64::<33>(k))
         }
 
         /// The products `(!score >> 32) · factor` of the four targets at `at`, whose top
-        /// halves are their estimates.
+        /// halves are their estimates. Only the score's top half counts, and `fmix64`'s last
+        /// step (`k ^ (k >> 33)`) leaves it as it is: so it is the top half of the second
+        /// multiply, [`mul64_top`], and no more.
         #[target_feature(enable = "avx2")]
         fn products(&self, mixed: &[u64], factor: &[u64], at: usize) -> __m256i {
             let top = mul64_top(self.mixed_once(mixed, at), self.c2.0, self.c2.1);
@@ -248,14 +250,6 @@ mod avx2 {
             // `!s >> 32` is the complement of the top half: in the low 32 bits, which are all
             // `_mm256_mul_epu32` reads; both factors below 2^32, so it is the whole product.
             _mm256_mul_epu32(_mm256_xor_si256(top, _mm256_set1_epi64x(-1)), f)
-        }
-
-        /// The scores of [`Mix::scores`] before their last step, `k ^ (k >> 33)`: that step
-        /// leaves the top 32 bits as they are, so these have the scores' top halves, all that
-        /// an estimate reads, for two operations fewer.
-        #[target_feature(enable = "avx2")]
-        fn unfinished(&self, mixed: &[u64], at: usize) -> __m256i {
-            mul64(self.mixed_once(mixed, at), self.c2.0, self.c2.1)
         }
 
         /// The four targets' `fmix64` state before its second multiply.
