@@ -453,7 +453,7 @@ impl Table {
             return Some(first.index);
         }
         let mut best: Option<Best> = None;
-        self.consider(kp, first.index, first.score, &mut best, &usable);
+        self.consider(kp, first.index, first.score, &mut best, |_| up);
         let visit = |i: usize| {
             if i != first.index {
                 let score = score_premixed(kp, self.mixed[i]);

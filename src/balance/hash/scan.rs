@@ -192,9 +192,8 @@ mod avx2 {
     /// only its low half), so a 64-bit multiply is two multiplies, not three.
     #[target_feature(enable = "avx2")]
     fn mul64(a: __m256i, c_lo: __m256i, c_swapped: __m256i) -> __m256i {
-        let cross = _mm256_mullo_epi32(a, c_swapped);
-        let sum = _mm256_add_epi32(cross, _mm256_srli_epi64::<32>(cross));
-        _mm256_add_epi64(_mm256_mul_epu32(a, c_lo), _mm256_slli_epi64::<32>(sum))
+        let cross = cross_sum(a, c_swapped);
+        _mm256_add_epi64(_mm256_mul_epu32(a, c_lo), _mm256_slli_epi64::<32>(cross))
     }
 
     /// The top half of `a · c` (wrapping) in the low 32 bits of each 64-bit lane (the high 32
@@ -202,9 +201,16 @@ mod avx2 {
     /// `hi(a_lo·c_lo) + lo(a_lo·c_hi) + lo(a_hi·c_lo)`, modulo 2^32.
     #[target_feature(enable = "avx2")]
     fn mul64_top(a: __m256i, c_lo: __m256i, c_swapped: __m256i) -> __m256i {
+        let cross = cross_sum(a, c_swapped);
+        _mm256_add_epi32(cross, _mm256_srli_epi64::<32>(_mm256_mul_epu32(a, c_lo)))
+    }
+
+    /// `lo(a_lo·c_hi) + lo(a_hi·c_lo)`, modulo 2^32, in the low 32 bits of each 64-bit lane
+    /// (the high 32 bits are left over): one `mullo` gives both products, side by side.
+    #[target_feature(enable = "avx2")]
+    fn cross_sum(a: __m256i, c_swapped: __m256i) -> __m256i {
         let cross = _mm256_mullo_epi32(a, c_swapped);
-        let sum = _mm256_add_epi32(cross, _mm256_srli_epi64::<32>(cross));
-        _mm256_add_epi32(sum, _mm256_srli_epi64::<32>(_mm256_mul_epu32(a, c_lo)))
+        _mm256_add_epi32(cross, _mm256_srli_epi64::<32>(cross))
     }
 
     /// The multipliers of `fmix64`, split for [`mul64`], and the premixed key broadcast.
@@ -447,9 +453,19 @@ mod tests {
         }
     }
 
+    /// The estimate of one target, written out from its definition (the passes' reference).
+    fn estimate_of(kp: u64, mixed: u64, factor: u64) -> u64 {
+        ((!score_premixed(kp, mixed) >> 32) * factor) >> 32
+    }
+
+    /// The factor of weight `w` (with the table's shift 0).
+    fn factor_of(w: u64) -> u64 {
+        ((1 << 32) / w).min(u64::from(u32::MAX))
+    }
+
     /// [`Estimates`] by their definition, over the whole list.
     fn estimates_by_definition(kp: u64, mixed: &[u64], factor: &[u64]) -> Estimates {
-        let estimate = |i: usize| ((!score_premixed(kp, mixed[i]) >> 32) * factor[i]) >> 32;
+        let estimate = |i: usize| estimate_of(kp, mixed[i], factor[i]);
         let index = (0..mixed.len()).min_by_key(|&i| (estimate(i), i)).unwrap();
         let second = (0..mixed.len())
             .filter(|&i| i != index)
@@ -477,7 +493,6 @@ mod tests {
                 let mut weight: Vec<u64> = (0..n)
                     .map(|_| if all_one { 1 } else { 1 + rng.next() % 8 })
                     .collect();
-                let factor_of = |w: u64| ((1 << 32) / w).min(u64::from(u32::MAX));
                 if round % 2 == 1 && n > 1 {
                     // Copy the best target (or another) over some other, weight and all: two
                     // equal estimates.
@@ -533,10 +548,8 @@ mod tests {
             for round in 0..20 {
                 let kp = rng.next();
                 let mixed: Vec<u64> = (0..n).map(|_| rng.next()).collect();
-                let factor: Vec<u64> = (0..n)
-                    .map(|_| ((1 << 32) / (1 + rng.next() % 8)).min(u64::from(u32::MAX)))
-                    .collect();
-                let estimate = |i: usize| ((!score_premixed(kp, mixed[i]) >> 32) * factor[i]) >> 32;
+                let factor: Vec<u64> = (0..n).map(|_| factor_of(1 + rng.next() % 8)).collect();
+                let estimate = |i: usize| estimate_of(kp, mixed[i], factor[i]);
                 let mut sorted: Vec<u64> = (0..n).map(estimate).collect();
                 sorted.sort_unstable();
                 let limit = match round % 5 {
@@ -597,9 +610,7 @@ mod tests {
             .iter()
             .zip(&wanted)
             .all(|(&m, &s)| score_premixed(0, m) == s));
-        let factor: Vec<u64> = (0..64u64)
-            .map(|i| ((1 << 32) / (1 + i % 3)).min(u64::from(u32::MAX)))
-            .collect();
+        let factor: Vec<u64> = (0..64u64).map(|i| factor_of(1 + i % 3)).collect();
         let estimate = |i: usize| ((!wanted[i] >> 32) * factor[i]) >> 32;
         let expected = (0..64).min_by_key(|&i| (estimate(i), i)).unwrap();
         let got = estimates(0, &mixed, &factor);
