@@ -158,8 +158,12 @@ impl AsFd for RelaySocket {
             Registration::Stream(stream) => stream.as_fd(),
             Registration::Fd { fd, .. } => fd.get_ref().as_fd(),
             Registration::Lost(stream) => stream.as_fd(),
-            // Never seen outside set_reads, which holds `&mut self`.
-            Registration::Gone => unreachable!("a socket seen while it changes"),
+            // Outside `set_reads` (which holds `&mut self`) only if tokio failed to deregister
+            // the socket, which `epoll_ctl(DEL)` cannot do for an open descriptor registered
+            // here; tokio has closed it then, and there is no descriptor to lend: the
+            // connection's task panics (tokio contains it; the process and its other
+            // connections go on).
+            Registration::Gone => panic!("a relay socket whose descriptor tokio closed"),
         }
     }
 }
