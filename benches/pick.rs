@@ -1,7 +1,8 @@
 //! The cost of choosing a target: `Table::pick` over 2, 8, 16, 64 and 1,024 equal-weight targets and
 //! 8, 64 and 1,024 weighted ones (the design's bound: ≤ 100 ns at 64 targets), `Table::pick_bounded`
-//! (`hashBalanceFactor` 125) over 64 targets, plus the client hash, the fail-over order and the
-//! non-sticky two-choices pick for context.
+//! (`hashBalanceFactor` 125) over 64 targets, the pick at 64 targets when the hash's first choice
+//! is down (`*_first_down`), plus the client hash and the non-sticky two-choices pick for
+//! context.
 //!
 //! The bounded picks read loads around a mean of 100: in `bounded_125_even/64` no target is at
 //! the bound (the pick plus one pass summing the usable targets' loads); in
@@ -67,6 +68,29 @@ fn bench_pick(c: &mut Criterion) {
             b.iter(|| {
                 i = (i + 1) % KEYS;
                 table.pick(black_box(keys[i]), |t| up[t])
+            })
+        });
+    }
+    // The hash's first choice down (as while a worker restarts): `usable` says no to it, for
+    // every key, and yes to every other target.
+    for (name, table) in [
+        ("equal/64_first_down", table(64, |_| 1)),
+        (
+            "weighted_1_to_8/64_first_down",
+            table(64, |i| 1 + (i % 8) as u32),
+        ),
+    ] {
+        let first: Vec<usize> = keys
+            .iter()
+            .map(|&key| table.pick(key, |_| true).unwrap())
+            .collect();
+        group.bench_function(name, |b| {
+            let first = black_box(&first);
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) % KEYS;
+                let down = first[i];
+                table.pick(black_box(keys[i]), |t| t != down)
             })
         });
     }

@@ -272,6 +272,9 @@ pub struct Table {
     /// estimate of `(1 - u)/w`. The shift keeps large weights' estimates as precise as those of
     /// small ones (the pass keeps 32 bits of each); it scales every estimate alike.
     factors: Vec<u64>,
+    /// That `shift`: an estimate `e` stands for at most `e · 2^-(32 + shift)` of a rank's
+    /// magnitude (see [`Table::first_try`]).
+    shift: u32,
     /// All weights are equal: rank by raw score and skip the float math (same order, since
     /// `ln` is monotone and dividing by one common weight keeps the order).
     equal_weights: bool,
@@ -294,6 +297,8 @@ struct FirstTry {
     score: u64,
     clear: bool,
     limit: Option<u64>,
+    /// The smallest estimate among the other targets (the runner-up's).
+    second: u64,
 }
 
 impl Table {
@@ -318,6 +323,7 @@ impl Table {
                         .map_or(most, |f| f.min(most))
                 })
                 .collect(),
+            shift,
             weights,
         }
     }
@@ -334,10 +340,11 @@ impl Table {
 
     /// The best-ranked target for `key` among those for which `usable(i)` is true; `None` if
     /// there is none. No allocation. With equal weights: one branch-free pass, then `usable` of
-    /// the winner; only if it is down, a second pass. Weighted: one pass in integers, which
-    /// settles most picks ([`Table::first_try`]); else a visit of every target that computes
-    /// the exact rank of the few that can win. Either way `usable` is only asked
-    /// about targets that would beat the best usable one so far (a handful).
+    /// the winner; if it is down, a second pass for the runner-up, and only if that one is down
+    /// too, a pass over the others. Weighted: one pass in integers, which settles most picks
+    /// ([`Table::first_try`]); else the exact rank of the few targets that can win (see
+    /// `pick_weighted`). Either way `usable` is only asked about targets that would beat the
+    /// best usable one so far (a handful).
     #[inline]
     pub fn pick(&self, key: u64, usable: impl Fn(usize) -> bool) -> Option<usize> {
         if self.equal_weights {
@@ -419,8 +426,14 @@ impl Table {
         if usable(first) {
             return Some(first);
         }
-        // The hash's first choice is down: the best of the others, asking `usable` only about
-        // targets that beat the best usable one so far.
+        // The hash's first choice is down: its runner-up, if usable, is the best usable target
+        // (with one target down, nearly always).
+        let second = scan::best_equal_except(kp, &self.mixed, first)?;
+        if usable(second) {
+            return Some(second);
+        }
+        // More than one down: the best of the others, asking `usable` only about targets that
+        // beat the best usable one so far.
         let mut best: Option<usize> = None;
         let mut best_score = 0u64;
         for (i, &mixed) in self.mixed.iter().enumerate() {
@@ -441,8 +454,11 @@ impl Table {
     /// (98 % of picks at 64 targets with weights 1–8). Otherwise the candidate is ranked
     /// exactly and weighed against the others ([`Table::consider`]): if it is usable, only
     /// against the few whose estimate is within its bound ([`scan::within`]), the only ones
-    /// that can beat it; if it is down, against every target, since then any may be the best
-    /// usable one. `consider` rules out nearly every target it is shown by a cheap bound, and
+    /// that can beat it; if it is down, against those same few first (the top of the order),
+    /// then, with the best usable one among them, against the targets within that one's bound
+    /// ([`Table::limit_of`]); against every target only when there is no bound to go by (the
+    /// candidate's `u` below ½, or nothing usable near the top). `consider` rules out nearly
+    /// every target it is shown by a cheap bound, and
     /// compares in the full order (rank, score, seed, then the earlier index), so the result
     /// does not depend on the order of the visit.
     fn pick_weighted(&self, key: u64, usable: impl Fn(usize) -> bool) -> Option<usize> {
@@ -454,17 +470,48 @@ impl Table {
         }
         let mut best: Option<Best> = None;
         self.consider(kp, first.index, first.score, &mut best, |_| up);
-        let visit = |i: usize| {
+        let visit = |i: usize, best: &mut Option<Best>| {
             if i != first.index {
                 let score = score_premixed(kp, self.mixed[i]);
-                self.consider(kp, i, score, &mut best, &usable);
+                self.consider(kp, i, score, best, &usable);
             }
         };
+        let within = |limit: u64, best: &mut Option<Best>| {
+            scan::within(kp, &self.mixed, &self.factors, limit, |i| visit(i, best));
+        };
         match first.limit {
-            Some(limit) if up => scan::within(kp, &self.mixed, &self.factors, limit, visit),
-            _ => (0..self.mixed.len()).for_each(visit),
+            Some(limit) if up => within(limit, &mut best),
+            // The candidate is down. The top of the order comes first: the targets that could
+            // outrank it and the runner-up by estimate (where the best usable one nearly always
+            // is); then, if one of them is usable, only the targets that could outrank that one
+            // ([`Table::limit_of`]; the wider visit shows the first one's targets again, and
+            // `consider` keeps its answer).
+            Some(limit) => {
+                let top = limit.max(first.second);
+                within(top, &mut best);
+                match best.map(|b| self.limit_of(b.rank)) {
+                    Some(wider) if wider > top => within(wider, &mut best),
+                    Some(_) => {}
+                    None => (0..self.mixed.len()).for_each(|i| visit(i, &mut best)),
+                }
+            }
+            None => (0..self.mixed.len()).for_each(|i| visit(i, &mut best)),
         }
         best.map(|b| b.index)
+    }
+
+    /// The estimate above which a target's computed rank is certainly below `rank` (a computed
+    /// rank, `ln(u)/w`); `u64::MAX` when there is none (`rank` is `-∞`, or so low that every
+    /// estimate may be under it).
+    ///
+    /// Why: a target's estimate `e` has `e · 2^-(32 + shift) ≤ -ln(u)/w` (the proof in
+    /// [`Table::first_try`]), and our `ln` and the division are within 1e-14 relative of the
+    /// true values. So an estimate above `|rank| · 2^(32 + shift) · (1 + 1e-9)` (rounded up)
+    /// means a computed rank whose magnitude exceeds `|rank|`: strictly below it.
+    fn limit_of(&self, rank: f64) -> u64 {
+        let scaled = -rank * f64::from(1u32 << self.shift) * 4_294_967_296.0 * (1.0 + 1e-9);
+        // `as` saturates: ∞ (and anything past 2^64) gives u64::MAX.
+        scaled.ceil() as u64
     }
 
     /// The weighted pick's first try, in integers only: the target with the smallest estimate
@@ -503,6 +550,7 @@ impl Table {
             score,
             clear: limit.is_some_and(|limit| e.second > limit),
             limit,
+            second: e.second,
         }
     }
 

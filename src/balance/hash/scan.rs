@@ -11,7 +11,8 @@
 //! return the same thing bit for bit: which one runs never changes a client's target.
 //!
 //! The passes:
-//! - [`best_equal`]: the target with the highest raw score (equal weights: that is the pick).
+//! - [`best_equal`]: the target with the highest raw score (equal weights: that is the pick);
+//!   [`best_equal_except`] the same without one target (the runner-up, when the first is down).
 //! - [`estimates`]: a weighted pick's first try, over every target at once: the target with the
 //!   smallest cheap estimate of `(1 - u)/w` (from the score's top 32 bits, kept to 32 bits)
 //!   and the smallest estimate of all the others. When the runner-up's estimate is clearly
@@ -45,6 +46,25 @@ pub(super) fn best_equal(kp: u64, mixed: &[u64]) -> usize {
 #[inline(always)]
 fn estimate(kp: u64, mixed: u64, factor: u64) -> u64 {
     ((!score_premixed(kp, mixed) >> 32) * factor) >> 32
+}
+
+/// The index of the highest `score_premixed(kp, m)` over `mixed` but `except`, the earlier index
+/// on a tie; `None` when `except` is the only target. (The equal pick's runner-up, when its
+/// first choice is down.)
+#[inline]
+pub(super) fn best_equal_except(kp: u64, mixed: &[u64], except: usize) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    if mixed.len() >= AVX2_FROM && std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        let found = unsafe { avx2::best_equal_except(kp, mixed, except) };
+        // The pass's lanes start on their first target with the lowest score, so it names
+        // `except` only if every other target of its lane scores 0 (odds of 2^-64 per target):
+        // the plain pass decides then.
+        if found != except {
+            return Some(found);
+        }
+    }
+    portable::best_equal_except(kp, mixed, except)
 }
 
 /// The smallest [`estimate`] over every target, and the smallest of all the other targets'
@@ -81,8 +101,21 @@ pub(super) fn within(kp: u64, mixed: &[u64], factor: &[u64], limit: u64, visit: 
     debug_assert!(mixed.len() == factor.len());
     #[cfg(target_arch = "x86_64")]
     if mixed.len() >= AVX2_FROM && std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2 (checked just above).
-        return unsafe { avx2::within(kp, mixed, factor, limit, visit) };
+        // The AVX2 pass gives 64 targets at a time as bits (it is not generic, so it is
+        // compiled here beside the helpers it inlines, whoever calls `within`); the visit of
+        // the set bits, in index order, is this generic part's.
+        let mut visit = visit;
+        let whole = mixed.len() / 4 * 4;
+        for from in (0..whole).step_by(64) {
+            let to = (from + 64).min(whole);
+            // SAFETY: the CPU has AVX2 (checked just above).
+            let mut inside = unsafe { avx2::within_bits(kp, mixed, factor, limit, from, to) };
+            while inside != 0 {
+                visit(from + inside.trailing_zeros() as usize);
+                inside &= inside - 1;
+            }
+        }
+        return portable::within(kp, &mixed[whole..], &factor[whole..], limit, whole, visit);
     }
     portable::within(kp, mixed, factor, limit, 0, visit)
 }
@@ -126,6 +159,22 @@ pub(super) mod portable {
         } else {
             idx_a
         }
+    }
+
+    /// [`super::best_equal_except`], by its definition.
+    pub(in crate::balance::hash) fn best_equal_except(
+        kp: u64,
+        mixed: &[u64],
+        except: usize,
+    ) -> Option<usize> {
+        let mut best: Option<(u64, usize)> = None;
+        for (i, &m) in mixed.iter().enumerate() {
+            let s = score_premixed(kp, m);
+            if i != except && best.is_none_or(|(b, _)| s > b) {
+                best = Some((s, i));
+            }
+        }
+        best.map(|(_, i)| i)
     }
 
     /// [`super::estimates`], continuing from `so_far` (the estimates of the targets before
@@ -271,7 +320,25 @@ mod avx2 {
 
     #[target_feature(enable = "avx2")]
     pub(super) fn best_equal(kp: u64, mixed: &[u64]) -> usize {
+        best_equal_masked::<false>(kp, mixed, usize::MAX)
+    }
+
+    /// May name `except` when every other target of its lane scores 0 (see
+    /// [`super::best_equal_except`]).
+    #[target_feature(enable = "avx2")]
+    pub(super) fn best_equal_except(kp: u64, mixed: &[u64], except: usize) -> usize {
+        best_equal_masked::<true>(kp, mixed, except)
+    }
+
+    /// [`super::best_equal`] (`EXCEPT` false), or the same over every target but `except`
+    /// (`EXCEPT` true). Generic so that both are one loop; the two wrappers above instantiate
+    /// it here, beside the `Mix` methods it must inline (instantiated in a caller's crate, it
+    /// called them instead, and the equal pick took twice as long).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn best_equal_masked<const EXCEPT: bool>(kp: u64, mixed: &[u64], except: usize) -> usize {
         let mix = Mix::new(kp);
+        let except_lanes = _mm256_set1_epi64x(except as i64);
         // Unsigned order through a signed compare: flip the top bit of both sides. Lane `j`
         // holds targets `j, j + 4, …` and starts on its first with score 0 (flipped: i64::MIN),
         // as the portable pass's lanes do; a strictly greater score replaces the record, so
@@ -284,7 +351,10 @@ mod avx2 {
         let whole = mixed.len() / 4 * 4;
         for at in (0..whole).step_by(4) {
             let flipped = _mm256_xor_si256(mix.scores(mixed, at), top);
-            let wins = _mm256_cmpgt_epi64(flipped, best);
+            let mut wins = _mm256_cmpgt_epi64(flipped, best);
+            if EXCEPT {
+                wins = _mm256_andnot_si256(_mm256_cmpeq_epi64(index, except_lanes), wins);
+            }
             best = _mm256_blendv_epi8(best, flipped, wins);
             best_index = _mm256_blendv_epi8(best_index, index, wins);
             index = _mm256_add_epi64(index, four);
@@ -310,7 +380,7 @@ mod avx2 {
         );
         for (i, &m) in mixed.iter().enumerate().skip(whole) {
             let s = super::score_premixed(kp, m);
-            if s > winner.0 {
+            if s > winner.0 && !(EXCEPT && i == except) {
                 winner = (s, i);
             }
         }
@@ -403,28 +473,29 @@ mod avx2 {
         portable::estimates(kp, &mixed[done..], &factor[done..], done, Some(so_far))
     }
 
+    /// Of the targets `from..to` (at most 64, a whole number of groups of four), those whose
+    /// estimate is at most `limit`: bit `i` for target `from + i`.
     #[target_feature(enable = "avx2")]
-    pub(super) fn within(
+    pub(super) fn within_bits(
         kp: u64,
         mixed: &[u64],
         factor: &[u64],
         limit: u64,
-        mut visit: impl FnMut(usize),
-    ) {
+        from: usize,
+        to: usize,
+    ) -> u64 {
+        debug_assert!(to - from <= 64 && (to - from) % 4 == 0);
         let mix = Mix::new(kp);
         // Estimates are below 2^32 and the limit is capped there: the signed compare is exact.
         let bound = _mm256_set1_epi64x(limit.min(u64::from(u32::MAX)) as i64);
-        let whole = mixed.len() / 4 * 4;
-        for at in (0..whole).step_by(4) {
+        let mut bits = 0u64;
+        for at in (from..to).step_by(4) {
             let e = _mm256_srli_epi64::<32>(mix.products(mixed, factor, at));
             let over = _mm256_cmpgt_epi64(e, bound);
-            let mut inside = !_mm256_movemask_pd(_mm256_castsi256_pd(over)) & 0b1111;
-            while inside != 0 {
-                visit(at + inside.trailing_zeros() as usize);
-                inside &= inside - 1;
-            }
+            let inside = !_mm256_movemask_pd(_mm256_castsi256_pd(over)) & 0b1111;
+            bits |= (inside as u64) << (at - from);
         }
-        portable::within(kp, &mixed[whole..], &factor[whole..], limit, whole, visit);
+        bits
     }
 }
 
@@ -449,6 +520,62 @@ mod tests {
                     portable::best_equal(kp, &mixed),
                     "n = {n}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn the_runner_up_pass_is_the_best_of_the_others() {
+        // Every length from 1 to 70 (the AVX2 pass from 32 on, tails included), the excluded
+        // target anywhere: the dispatched pass, the plain one and the definition (the highest
+        // score among the others, the earliest index on a tie) agree.
+        let mut rng = Rng(13);
+        for n in 1..=70usize {
+            for round in 0..100 {
+                let kp = rng.next();
+                let mut mixed: Vec<u64> = (0..n).map(|_| rng.next()).collect();
+                if round % 4 == 0 && n > 2 {
+                    // A tie for the runner-up (duplicate seeds, which a config forbids).
+                    let (a, b) = (rng.next() as usize % n, rng.next() as usize % n);
+                    mixed[a] = mixed[b];
+                }
+                // Half the time the best target, as the pick excludes it.
+                let except = if round % 2 == 0 {
+                    best_equal(kp, &mixed)
+                } else {
+                    rng.next() as usize % n
+                };
+                let expected = (0..n)
+                    .filter(|&i| i != except)
+                    .max_by_key(|&i| (score_premixed(kp, mixed[i]), std::cmp::Reverse(i)));
+                assert_eq!(best_equal_except(kp, &mixed, except), expected, "n = {n}");
+                assert_eq!(
+                    portable::best_equal_except(kp, &mixed, except),
+                    expected,
+                    "n = {n}"
+                );
+                // The AVX2 pass on its own (the dispatcher's fallback would hide a pass that
+                // does not exclude): random scores are never 0, so it must be exact.
+                #[cfg(target_arch = "x86_64")]
+                if n >= AVX2_FROM && std::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2 (checked just above).
+                    let found = unsafe { avx2::best_equal_except(kp, &mixed, except) };
+                    assert_eq!(Some(found), expected, "n = {n}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_runner_up_pass_never_names_the_excluded_target() {
+        // Every other target scores 0, so each AVX2 lane keeps the first target it started on,
+        // the excluded one included: the plain pass decides, and names the earliest other.
+        for n in [32, 33, 36, 64] {
+            for except in [0, 1, 3, 4, n - 1] {
+                let mut mixed = vec![seed_scoring(0); n];
+                mixed[except] = seed_scoring(u64::MAX);
+                let expected = usize::from(except == 0);
+                assert_eq!(best_equal_except(0, &mixed, except), Some(expected));
             }
         }
     }
