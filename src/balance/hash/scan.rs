@@ -19,6 +19,12 @@
 //!   larger, the first wins without any float arithmetic (`Table::first_try` holds the proof).
 //! - [`within`]: when it is not that clear, the targets whose estimate is at most a limit: the
 //!   only ones that can beat the first, which `hash.rs` then ranks exactly.
+//!
+//! The AVX2 functions the dispatchers call are not generic: a generic one is compiled in its
+//! caller's crate (a bench's, say), where the helpers it calls (`Mix`, not `#[inline]`) stay
+//! calls instead of being inlined; `within`'s pass was such, three calls per four targets. So
+//! `within` gets bits from the AVX2 pass and visits them itself, and `best_equal_masked`'s two
+//! instances are made in this module by two plain wrappers.
 
 use super::score_premixed;
 
