@@ -288,17 +288,23 @@ struct Best {
     rank: f64,
 }
 
-/// What [`Table::first_try`] found: the target with the best estimate, its raw score, whether
-/// it is certainly the best-ranked target, and if its rank could be bounded, the estimate
-/// above which no target can beat it.
+/// What [`Table::first_try`] found: the target with the best estimate, its raw score, if its
+/// rank could be bounded the estimate above which no target can beat it, and the runner-up's
+/// estimate (which together say whether it is certainly first, [`FirstTry::clear`]).
 #[derive(Debug, Clone, Copy)]
 struct FirstTry {
     index: usize,
     score: u64,
-    clear: bool,
     limit: Option<u64>,
     /// The smallest estimate among the other targets (the runner-up's).
     second: u64,
+}
+
+impl FirstTry {
+    /// No other target's estimate is within the candidate's bound: it is certainly first.
+    fn clear(&self) -> bool {
+        self.limit.is_some_and(|limit| self.second > limit)
+    }
 }
 
 impl Table {
@@ -465,7 +471,7 @@ impl Table {
         let kp = premix(key);
         let first = self.first_try(kp);
         let up = usable(first.index);
-        if first.clear && up {
+        if first.clear() && up {
             return Some(first.index);
         }
         let mut best: Option<Best> = None;
@@ -517,7 +523,8 @@ impl Table {
     /// The weighted pick's first try, in integers only: the target with the smallest estimate
     /// of `(1 - u)/w` over the whole table ([`scan::estimates`]), the estimate at or below
     /// which another target could rank above it (`limit`; none when its `u` is below ½ or its
-    /// weight 0), and whether no other target's estimate is (`clear`). Clear for most picks
+    /// weight 0), and the runner-up's estimate: clear ([`FirstTry::clear`]) when that is above the
+    /// limit. Clear for most picks
     /// over many targets: the runner-up's estimate must exceed the winner's by about `1 - u`
     /// of the winner, a few per cent at 64 targets.
     ///
@@ -548,7 +555,6 @@ impl Table {
         FirstTry {
             index,
             score,
-            clear: limit.is_some_and(|limit| e.second > limit),
             limit,
             second: e.second,
         }
@@ -1148,7 +1154,7 @@ mod tests {
             let mut named = 0;
             for &key in &keys {
                 let first = table.first_try(premix(key));
-                if first.clear {
+                if first.clear() {
                     named += 1;
                     let brute = (0..n).max_by_key(|&i| table.rank_key(key, i));
                     assert_eq!(Some(first.index), brute, "n = {n}, weights {least}–{most}");
@@ -1181,7 +1187,7 @@ mod tests {
         assert_eq!(small.factors, large.factors);
         for key in client_keys(2_000, 41) {
             let (a, b) = (small.first_try(premix(key)), large.first_try(premix(key)));
-            assert_eq!((a.index, a.clear, a.limit), (b.index, b.clear, b.limit));
+            assert_eq!((a.index, a.clear(), a.limit), (b.index, b.clear(), b.limit));
             assert_eq!(small.pick(key, |_| true), large.pick(key, |_| true));
         }
     }
