@@ -103,14 +103,19 @@ pub(super) fn estimates(kp: u64, mixed: &[u64], factor: &[u64]) -> Estimates {
 /// Calls `visit(i)` for every target `i` whose [`estimate`] is at most `limit`, in index order
 /// (same lengths and factors as [`estimates`]).
 #[inline]
-pub(super) fn within(kp: u64, mixed: &[u64], factor: &[u64], limit: u64, visit: impl FnMut(usize)) {
+pub(super) fn within(
+    kp: u64,
+    mixed: &[u64],
+    factor: &[u64],
+    limit: u64,
+    mut visit: impl FnMut(usize),
+) {
     debug_assert!(mixed.len() == factor.len());
     #[cfg(target_arch = "x86_64")]
     if mixed.len() >= AVX2_FROM && std::is_x86_feature_detected!("avx2") {
         // The AVX2 pass gives 64 targets at a time as bits (it is not generic, so it is
         // compiled here beside the helpers it inlines, whoever calls `within`); the visit of
         // the set bits, in index order, is this generic part's.
-        let mut visit = visit;
         let whole = mixed.len() / 4 * 4;
         for from in (0..whole).step_by(64) {
             let to = (from + 64).min(whole);
@@ -174,9 +179,9 @@ pub(super) mod portable {
         except: usize,
     ) -> Option<usize> {
         let mut best: Option<(u64, usize)> = None;
-        for (i, &m) in mixed.iter().enumerate() {
+        for (i, &m) in mixed.iter().enumerate().filter(|&(i, _)| i != except) {
             let s = score_premixed(kp, m);
-            if i != except && best.is_none_or(|(b, _)| s > b) {
+            if best.is_none_or(|(b, _)| s > b) {
                 best = Some((s, i));
             }
         }
@@ -586,11 +591,6 @@ mod tests {
         }
     }
 
-    /// The estimate of one target, written out from its definition (the passes' reference).
-    fn estimate_of(kp: u64, mixed: u64, factor: u64) -> u64 {
-        ((!score_premixed(kp, mixed) >> 32) * factor) >> 32
-    }
-
     /// The factor of weight `w` (with the table's shift 0).
     fn factor_of(w: u64) -> u64 {
         ((1 << 32) / w).min(u64::from(u32::MAX))
@@ -598,7 +598,7 @@ mod tests {
 
     /// [`Estimates`] by their definition, over the whole list.
     fn estimates_by_definition(kp: u64, mixed: &[u64], factor: &[u64]) -> Estimates {
-        let estimate = |i: usize| estimate_of(kp, mixed[i], factor[i]);
+        let estimate = |i: usize| estimate(kp, mixed[i], factor[i]);
         let index = (0..mixed.len()).min_by_key(|&i| (estimate(i), i)).unwrap();
         let second = (0..mixed.len())
             .filter(|&i| i != index)
@@ -682,7 +682,7 @@ mod tests {
                 let kp = rng.next();
                 let mixed: Vec<u64> = (0..n).map(|_| rng.next()).collect();
                 let factor: Vec<u64> = (0..n).map(|_| factor_of(1 + rng.next() % 8)).collect();
-                let estimate = |i: usize| estimate_of(kp, mixed[i], factor[i]);
+                let estimate = |i: usize| estimate(kp, mixed[i], factor[i]);
                 let mut sorted: Vec<u64> = (0..n).map(estimate).collect();
                 sorted.sort_unstable();
                 let limit = match round % 5 {
