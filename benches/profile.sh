@@ -68,12 +68,18 @@ for scenario in shortconn keepalive bulk4; do
     LB=$!
     STARTED+=("$LB")
     "$LOAD" wait-port 127.0.0.1:27000
-    # The processes to record: the balancer and its children (nginx's workers). The load tool
-    # counts CPU over the whole tree from $LB itself.
-    CHILDREN=$(pgrep -P "$LB" | paste -sd, || true)
+    # The processes to record: the balancer and its children (nginx's workers, which its master
+    # forks after it binds: waited for, up to 5 s). The load tool counts CPU over the whole tree
+    # from $LB itself.
+    CHILDREN=""
+    for _ in $(seq 1 50); do
+        CHILDREN=$(pgrep -P "$LB" | paste -sd, || true)
+        [ "$BALANCER" != nginx ] || [ "$(tr ',' '\n' <<<"$CHILDREN" | grep -c .)" -ge 2 ] && break
+        sleep 0.1
+    done
     PIDS=$LB${CHILDREN:+,$CHILDREN}
-    # strace: the processes that do the work (nginx's workers, not its idle master: a master
-    # left traced does not stop at TERM).
+    # strace: the processes that do the work (nginx's workers; its master does none per
+    # connection).
     TRACED=${CHILDREN:-$LB}
     echo "== $scenario: perf (load average $(cut -d' ' -f1-3 /proc/loadavg))" >&2
     "$LOAD" run --scenario "$scenario" --label "$BALANCER" --target 127.0.0.1:27000 --pids "$LB" \
