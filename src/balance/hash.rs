@@ -464,9 +464,8 @@ impl Table {
     /// then, with the best usable one among them, against the targets within that one's bound
     /// ([`Table::limit_of`]); against every target only when there is no bound to go by (the
     /// candidate's `u` below ½, or nothing usable near the top). `consider` rules out nearly
-    /// every target it is shown by a cheap bound, and
-    /// compares in the full order (rank, score, seed, then the earlier index), so the result
-    /// does not depend on the order of the visit.
+    /// every target it is shown by a cheap bound, and compares in the full order (rank, score,
+    /// seed, then the earlier index), so the result does not depend on the order of the visit.
     fn pick_weighted(&self, key: u64, usable: impl Fn(usize) -> bool) -> Option<usize> {
         let kp = premix(key);
         let first = self.first_try(kp);
@@ -485,6 +484,7 @@ impl Table {
         let within = |limit: u64, best: &mut Option<Best>| {
             scan::within(kp, &self.mixed, &self.factors, limit, |i| visit(i, best));
         };
+        let every = |best: &mut Option<Best>| (0..self.mixed.len()).for_each(|i| visit(i, best));
         match first.limit {
             Some(limit) if up => within(limit, &mut best),
             // The candidate is down. The top of the order comes first: the targets that could
@@ -498,10 +498,10 @@ impl Table {
                 match best.map(|b| self.limit_of(b.rank)) {
                     Some(wider) if wider > top => within(wider, &mut best),
                     Some(_) => {}
-                    None => (0..self.mixed.len()).for_each(|i| visit(i, &mut best)),
+                    None => every(&mut best),
                 }
             }
-            None => (0..self.mixed.len()).for_each(|i| visit(i, &mut best)),
+            None => every(&mut best),
         }
         best.map(|b| b.index)
     }
@@ -523,10 +523,9 @@ impl Table {
     /// The weighted pick's first try, in integers only: the target with the smallest estimate
     /// of `(1 - u)/w` over the whole table ([`scan::estimates`]), the estimate at or below
     /// which another target could rank above it (`limit`; none when its `u` is below ½ or its
-    /// weight 0), and the runner-up's estimate: clear ([`FirstTry::clear`]) when that is above the
-    /// limit. Clear for most picks
-    /// over many targets: the runner-up's estimate must exceed the winner's by about `1 - u`
-    /// of the winner, a few per cent at 64 targets.
+    /// weight 0), and the runner-up's estimate: clear ([`FirstTry::clear`]) when that is above
+    /// the limit. Clear for most picks over many targets: the runner-up's estimate must exceed
+    /// the winner's by about `1 - u` of the winner, a few per cent at 64 targets.
     ///
     /// Why it is exact. For a target `j` with `a = !s >> 32`, `x = 1 - u` and its factor
     /// `f = min(⌊2^(32+k)/w⌋, 2^32 - 1)` (`k` the table's shift, `w ≥ 2^k`): `unit` rounds
