@@ -7,6 +7,8 @@
 #                --out DIR (default $CARGO_TARGET_DIR or target/, then bench-compare/<UTC time>)
 #                --alt PATH (another stickylb binary, run as label `stickylb-alt` on the same
 #                configs: an A/B of two builds in one run; add the label to --labels)
+#                --congestion NAME (the TCP congestion control every socket gets for the run,
+#                e.g. cubic, Linux's default; the machine's own is put back at the end; root)
 #
 # What it does:
 # 1. installs haproxy and nginx (with the stream module) from Debian packages when missing;
@@ -39,12 +41,13 @@ SCENARIOS="bulk1 bulk4 iperf1 iperf4 iperf1-16k iperf4-16k shortconn keepalive i
 LABELS="direct stickylb stickylb-pp haproxy haproxy-splice nginx"
 OUT=""
 ALT=""
+CONGESTION=""
 # --quick: 1 repetition of 3 s windows, unless --reps or --duration says otherwise.
 ARGS=()
 for arg in "$@"; do
     if [ "$arg" = --quick ]; then REPS=1; DURATION=3; else ARGS+=("$arg"); fi
 done
-parse_options 2,28 "--reps REPS --duration DURATION --scenarios SCENARIOS --labels LABELS --out OUT --alt ALT" ${ARGS[@]+"${ARGS[@]}"}
+parse_options 2,30 "--reps REPS --duration DURATION --scenarios SCENARIOS --labels LABELS --out OUT --alt ALT --congestion CONGESTION" ${ARGS[@]+"${ARGS[@]}"}
 OUT=${OUT:-$TARGET/bench-compare/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT/conf"
 RESULTS=$OUT/results.jsonl
@@ -68,6 +71,7 @@ log() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 # Processes we start (STARTED, stop_pid: benches/lib.sh), all ended on exit.
 trap stop_started EXIT
 trap 'exit 130' INT TERM
+use_congestion "$CONGESTION"
 
 # ---------------------------------------------------------------------------------------------
 # 1. HAProxy and nginx
@@ -99,6 +103,7 @@ fi
     echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
     echo "memory: $(free -g | awk '/Mem:/{print $2}') GiB"
     echo "kernel: $(uname -r)"
+    tcp_setup
     echo "rustc: $(rustc -V)"
     echo "stickylb: $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)" \
         "(uncommitted changes to src/: $(git -C "$ROOT" status --short -- src 2>/dev/null | wc -l) files," \

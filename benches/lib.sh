@@ -9,12 +9,17 @@
 #                                                         off: proxy_half_close off)
 #   nginx_has_stream                                      (nginx with its stream module?)
 #   STARTED+=("$pid"); stop_pid PID [SIGNAL]             (the processes a script started)
-#   trap stop_started EXIT                                (ends them all, newest first)
+#   trap stop_started EXIT                                (ends them all, newest first, and
+#                                                          restores use_congestion's sysctl)
 #   LOAD=$(build_load)                                    (builds benches/load; its path)
 #   build_run_copies                                      (stickylb and the load tool built and
 #                                                          copied into $OUT/bin; sets LOAD)
 #   start_iperf_servers "PORTS" LOGDIR                    (an `iperf3 -s` per port: IPERF_PIDS)
 #   parse_options 2,27 "--reps REPS --out OUT" "$@"       (a script's options; see below)
+#   use_congestion NAME                                   (TCP congestion control for the run,
+#                                                          restored by stop_started; root)
+#   tcp_setup                                             (congestion control and lo's qdisc,
+#                                                          one line for machine.txt)
 #
 # Every address is 127.0.0.1.
 
@@ -72,6 +77,44 @@ stop_started() {
     for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do
         stop_pid "${STARTED[i]}"
     done
+    if [ -n "${CONGESTION_RESTORE:-}" ]; then
+        sysctl -q -w net.ipv4.tcp_congestion_control="$CONGESTION_RESTORE" || true
+        CONGESTION_RESTORE=""
+    fi
+}
+
+# Sets the machine's default TCP congestion control (net.ipv4.tcp_congestion_control) to $1 for
+# the run: every socket opened from then on uses it (the balancers', the clients', the
+# backends'), and stop_started puts the old value back. Nothing to do when $1 is empty or
+# already in force. Why a bench needs it: a pacing congestion control (BBR) without the fq
+# qdisc paces in TCP itself, with a high-resolution timer per socket, and on loopback that
+# timer's softirq work is charged to whichever process runs when it fires; see
+# docs/benchmarks.md, "Congestion control".
+CONGESTION_RESTORE=""
+use_congestion() {
+    local want=$1 now
+    [ -n "$want" ] || return 0
+    now=$(sysctl -n net.ipv4.tcp_congestion_control)
+    [ "$want" != "$now" ] || return 0
+    [ "$(id -u)" = 0 ] || { echo "${0##*/}: --congestion needs root (it sets a sysctl)" >&2; exit 1; }
+    case " $(sysctl -n net.ipv4.tcp_available_congestion_control) " in
+        *" $want "*) ;;
+        *) modprobe -q "tcp_$want" 2>/dev/null || true ;;
+    esac
+    sysctl -q -w net.ipv4.tcp_congestion_control="$want" 2>/dev/null \
+        || { echo "${0##*/}: congestion control $want is not available here" \
+            "(available: $(sysctl -n net.ipv4.tcp_available_congestion_control))" >&2; exit 1; }
+    CONGESTION_RESTORE=$now
+}
+
+# The TCP settings every figure depends on, as one line: the congestion control new sockets
+# get, and the qdisc on loopback (fq paces in the qdisc; without it, a pacing congestion
+# control paces in TCP).
+tcp_setup() {
+    local lo
+    lo=$(tc qdisc show dev lo 2>/dev/null | awk 'NR == 1 {print $2}')
+    echo "tcp: congestion control $(sysctl -n net.ipv4.tcp_congestion_control)," \
+        "lo qdisc ${lo:-unknown}, default qdisc $(sysctl -n net.core.default_qdisc)"
 }
 
 # Builds the load tool (benches/load, bench profile) from the current directory (the
