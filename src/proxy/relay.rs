@@ -255,7 +255,9 @@ impl Future for Relay<'_> {
         let this = self.get_mut();
         if let Some((timer, keepalive)) = &mut this.keepalive {
             if timer.as_mut().poll(cx).is_ready() {
-                sockets::keepalive(&this.server, keepalive);
+                if let Some(fd) = this.server.fd() {
+                    sockets::keepalive(&fd, keepalive);
+                }
                 this.keepalive = None;
             }
         }
@@ -323,7 +325,8 @@ impl Future for Relay<'_> {
             Which::Down => &this.client,
         };
         loop {
-            if crate::sockets::unsent(flush) == 0 {
+            // A socket tokio closed (no descriptor) holds nothing that could still leave.
+            if flush.fd().is_none_or(|fd| crate::sockets::unsent(&fd) == 0) {
                 return Poll::Ready(Err(failed.take_cut()));
             }
             ready!(failed.tick.as_mut().poll(cx));
@@ -336,8 +339,10 @@ impl Future for Relay<'_> {
 impl Drop for Relay<'_> {
     fn drop(&mut self) {
         if self.reset_on_drop {
-            sockets::reset_on_close(&self.client);
-            sockets::reset_on_close(&self.server);
+            // A socket tokio closed (`RelaySocket::fd` is `None`) has nothing left to reset.
+            for fd in [self.client.fd(), self.server.fd()].into_iter().flatten() {
+                sockets::reset_on_close(&fd);
+            }
         }
     }
 }
@@ -648,7 +653,9 @@ impl Direction {
             NoDelay::Set => {}
             NoDelay::Unset { wrote: false } => self.nodelay = NoDelay::Unset { wrote: true },
             NoDelay::Unset { wrote: true } => {
-                sockets::nodelay(dst);
+                if let Some(fd) = dst.fd() {
+                    sockets::nodelay(&fd);
+                }
                 self.nodelay = NoDelay::Set;
             }
         }
@@ -738,7 +745,8 @@ impl Relay<'_> {
         self.reset_on_drop = false;
     }
 
-    /// The sockets' descriptors: client, target.
+    /// The sockets' descriptors: client, target. (-1 for a socket tokio closed; a relay that
+    /// lost one has failed by then, and a failing relay is never handed over.)
     pub(crate) fn fds(&self) -> (RawFd, RawFd) {
         (self.client.as_raw_fd(), self.server.as_raw_fd())
     }
@@ -908,7 +916,10 @@ impl IdleWatch {
 
 /// Passes a FIN on. A peer that is already gone (`ENOTCONN`) has nothing left to tell.
 fn half_close(stream: &RelaySocket) -> io::Result<()> {
-    match socket2::SockRef::from(stream).shutdown(Shutdown::Write) {
+    let Some(fd) = stream.fd() else {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    };
+    match socket2::SockRef::from(&fd).shutdown(Shutdown::Write) {
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
         other => other,
     }
@@ -1326,6 +1337,46 @@ pub(super) mod tests {
         assert!(matches!(ended, Ok(Ended::Complete)), "{ended:?}");
         assert_eq!(total_up.load(Ordering::Relaxed), UPLOAD as u64 + 4);
         writer.await.unwrap();
+    }
+
+    /// A socket tokio closed under the relay (its deregistration failed: `epoll_ctl(DEL)`
+    /// cannot fail for an open registered descriptor, but the relay must not turn it into a
+    /// panic, least of all in its `Drop`, where a panic while unwinding aborts the process):
+    /// calls on it fail, the relay ends in a cut, and dropping it still resets the other peer,
+    /// whose stream ends in a reset after exactly the bytes it was sent (none).
+    #[tokio::test]
+    async fn a_socket_tokio_closed_fails_the_relay_and_resets_the_other_peer() {
+        let (client, mut client_far) = pair(None).await;
+        let (server, _target_far) = pair(None).await;
+        let (total_up, total_down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let (to_server, to_client) = (Meter::new(&total_up), Meter::new(&total_down));
+        let mut relay = relay(client, server, true, None, UNTUNED, &to_server, &to_client);
+        // The target socket closes here; the relay is left with none.
+        relay.server = RelaySocket::gone();
+        assert_eq!(relay.server.as_raw_fd(), -1);
+        assert!(half_close(&relay.server).is_err());
+        client_far.write_all(b"hello").await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), &mut relay)
+            .await
+            .expect("the relay ends");
+        assert!(ended.is_err(), "{ended:?}");
+        drop(relay);
+        let mut got = 0;
+        let mut buf = [0u8; 64];
+        let ending = loop {
+            match client_far.read(&mut buf).await {
+                Ok(0) => break Ok(()),
+                Ok(n) => got += n,
+                Err(e) => break Err(e.kind()),
+            }
+        };
+        assert_eq!(
+            ending,
+            Err(io::ErrorKind::ConnectionReset),
+            "after {got} bytes"
+        );
+        assert_eq!(got, 0);
+        assert_eq!(total_up.load(Ordering::Relaxed), 0);
     }
 
     /// A client that resets while its direction waits for the target (off the reactor, as

@@ -152,25 +152,36 @@ impl RelaySocket {
     }
 }
 
-impl AsFd for RelaySocket {
-    fn as_fd(&self) -> BorrowedFd<'_> {
+impl RelaySocket {
+    /// The socket's descriptor; `None` once [`Registration::Gone`] for good. That happens
+    /// only if tokio failed to deregister the socket, which `epoll_ctl(DEL)` cannot do for an
+    /// open descriptor registered here; tokio has closed it then, and there is nothing to lend,
+    /// shut down or reset: whoever asks gets an error (or, on drop, does nothing) rather than
+    /// a panic, which in a relay's `Drop` during unwinding would abort the process.
+    pub(crate) fn fd(&self) -> Option<BorrowedFd<'_>> {
         match &self.0 {
-            Registration::Stream(stream) => stream.as_fd(),
-            Registration::Fd { fd, .. } => fd.get_ref().as_fd(),
-            Registration::Lost(stream) => stream.as_fd(),
-            // Outside `set_reads` (which holds `&mut self`) only if tokio failed to deregister
-            // the socket, which `epoll_ctl(DEL)` cannot do for an open descriptor registered
-            // here; tokio has closed it then, and there is no descriptor to lend: the
-            // connection's task panics (tokio contains it; the process and its other
-            // connections go on).
-            Registration::Gone => panic!("a relay socket whose descriptor tokio closed"),
+            Registration::Stream(stream) => Some(stream.as_fd()),
+            Registration::Fd { fd, .. } => Some(fd.get_ref().as_fd()),
+            Registration::Lost(stream) => Some(stream.as_fd()),
+            Registration::Gone => None,
         }
     }
 }
 
+#[cfg(test)]
+impl RelaySocket {
+    /// A socket tokio could not give back (see [`Registration::Gone`]), for the tests of what
+    /// the relay does with one.
+    pub(crate) fn gone() -> RelaySocket {
+        RelaySocket(Registration::Gone)
+    }
+}
+
 impl AsRawFd for RelaySocket {
+    /// The descriptor, or -1 once [`Registration::Gone`] (see [`RelaySocket::fd`]): never a
+    /// valid descriptor, so a syscall on it fails with `EBADF` and cannot touch another file.
     fn as_raw_fd(&self) -> RawFd {
-        self.as_fd().as_raw_fd()
+        self.fd().map_or(-1, |fd| fd.as_raw_fd())
     }
 }
 
