@@ -117,6 +117,14 @@ impl Pipe {
         if self.is_big() {
             return false;
         }
+        // The rule of [`ONE_AT_A_TIME`], checked where it matters: a test that grows a pipe
+        // without holding the lock can make another's count of big pipes wrong. (Caught when
+        // nobody holds it; a test that forgot it while another holds it goes unseen that run.)
+        #[cfg(test)]
+        assert!(
+            ONE_AT_A_TIME.try_lock().is_err(),
+            "a test grew a pipe without holding splice::one_at_a_time() (see ONE_AT_A_TIME)"
+        );
         let max = max_big();
         let reserved = BIG_LIVE.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
             (n < max).then_some(n + 1)
@@ -380,7 +388,7 @@ pub(super) fn is_unsupported(e: &io::Error) -> bool {
 /// `relay.rs`, and every library test that moves a MiB or more through a splicing relay (only
 /// such a transfer grows a pipe: [`GROW_AFTER`] full 256 KiB fills in a row), in `relay.rs` and
 /// `upgrade/tests.rs`. So while one holds it, nobody else grows a pipe: big pipes of other
-/// tests can only be closed.
+/// tests can only be closed. [`Pipe::grow`] checks, in tests, that somebody holds it.
 #[cfg(test)]
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
