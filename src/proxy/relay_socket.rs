@@ -150,9 +150,7 @@ impl RelaySocket {
             Registration::Lost(_) | Registration::Gone => Err(lost()),
         }
     }
-}
 
-impl RelaySocket {
     /// The socket's descriptor; `None` once [`Registration::Gone`] for good. That happens
     /// only if tokio failed to deregister the socket, which `epoll_ctl(DEL)` cannot do for an
     /// open descriptor registered here; tokio has closed it then, and there is nothing to lend,
