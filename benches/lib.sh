@@ -105,6 +105,10 @@ use_congestion() {
         || { echo "${0##*/}: congestion control $want is not available here" \
             "(available: $(sysctl -n net.ipv4.tcp_available_congestion_control))" >&2; exit 1; }
     CONGESTION_RESTORE=$now
+    # Said on stderr, so that a run killed before it could restore (SIGKILL) leaves the way
+    # back in its log.
+    echo "${0##*/}: congestion control $want for this run; the machine's $now is put back at" \
+        "the end (by hand: sysctl -w net.ipv4.tcp_congestion_control=$now)" >&2
 }
 
 # The TCP settings every figure depends on, as one line: the congestion control new sockets
