@@ -4,6 +4,7 @@
 #   benches/counts.sh [--seconds S] [--reps N] [--scenarios "bulk1 iperf4-16k ..."]
 #                     [--labels "stickylb haproxy-splice"] [--out DIR]
 #                     [--alt PATH] [--alt-key '"balancerCount": 1,']
+#                     [--congestion NAME]  (TCP congestion control for the run; see compare.sh)
 #
 # For each repetition, scenario and label (interleaved, like compare.sh), starts the balancer
 # fresh, attaches `perf stat` to it (tracepoint and software counters: they count, they do not
@@ -40,7 +41,8 @@ LABELS="stickylb haproxy-splice"
 OUT=""
 ALT=""
 ALT_KEY=""
-parse_options 2,27 "--seconds SECS --reps REPS --scenarios SCENARIOS --labels LABELS --out OUT --alt ALT --alt-key ALT_KEY" "$@"
+CONGESTION=""
+parse_options 2,28 "--seconds SECS --reps REPS --scenarios SCENARIOS --labels LABELS --out OUT --alt ALT --alt-key ALT_KEY --congestion CONGESTION" "$@"
 OUT=${OUT:-$TARGET/bench-counts/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT/bin" "$OUT/conf" "$OUT/logs"
 for tool in perf iperf3; do
@@ -54,6 +56,7 @@ cp "${ALT:-$OUT/bin/stickylb}" "$OUT/bin/stickylb-alt"
 # Processes we start (STARTED, stop_pid: benches/lib.sh), all ended on exit.
 trap stop_started EXIT
 trap 'exit 130' INT TERM
+use_congestion "$CONGESTION"
 
 SINK="27011 27012 27013 27014"
 IPERF="27061 27062 27063 27064"
@@ -128,8 +131,9 @@ for rep in $(seq 1 "$REPS"); do
     done
 done
 
-# Medians per scenario and label.
-python3 - "$RESULTS" >"$OUT/counts.md" <<'PY'
+# Medians per scenario and label, under the TCP settings of the run.
+{ tcp_setup; echo; } >"$OUT/counts.md"
+python3 - "$RESULTS" >>"$OUT/counts.md" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 cols = [("splice", "splice"), ("splice_eagain", "EAGAIN"), ("read", "read"),

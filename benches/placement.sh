@@ -3,7 +3,7 @@
 #
 #   benches/placement.sh [--seconds S] [--reps N] [--scenarios "iperf4 iperf4-16k"]
 #                        [--labels "stickylb haproxy-splice"] [--placements "free lb+server lb+client"]
-#                        [--out DIR]
+#                        [--out DIR] [--congestion NAME]  (TCP congestion control; see compare.sh)
 #
 # On loopback a sender's transmit runs the receiver's TCP work (the receive path, its ACK, the
 # wake-up) in the sender's context, unless the receiver holds its socket at that moment, in which
@@ -36,7 +36,8 @@ SCENARIOS="iperf4 iperf4-16k"
 LABELS="stickylb haproxy-splice"
 PLACEMENTS="free lb+server lb+client"
 OUT=""
-parse_options 2,26 "--seconds SECS --reps REPS --scenarios SCENARIOS --labels LABELS --placements PLACEMENTS --out OUT" "$@"
+CONGESTION=""
+parse_options 2,26 "--seconds SECS --reps REPS --scenarios SCENARIOS --labels LABELS --placements PLACEMENTS --out OUT --congestion CONGESTION" "$@"
 OUT=${OUT:-$TARGET/bench-placement/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT/bin" "$OUT/conf" "$OUT/logs"
 for tool in iperf3 taskset python3; do
@@ -55,6 +56,7 @@ build_run_copies
 # Processes we start (STARTED, stop_pid: benches/lib.sh), all ended on exit.
 trap stop_started EXIT
 trap 'exit 130' INT TERM
+use_congestion "$CONGESTION"
 
 IPERF="27061 27062 27063 27064"
 start_iperf_servers "$IPERF" "$OUT/logs"
@@ -104,7 +106,8 @@ done
 for pid in "${IPERF_PIDS[@]}"; do taskset -a -p -c "$ALL" "$pid" >/dev/null; done
 
 # Medians per scenario, placement and label; ratios to haproxy-splice in the same placement.
-python3 - "$RESULTS" >"$OUT/placement.md" <<'PY'
+{ tcp_setup; echo; } >"$OUT/placement.md"
+python3 - "$RESULTS" >>"$OUT/placement.md" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 cols = [("gbit_s", "Gbit/s"), ("lb_cpu_per_gb", "balancer CPU s/GB"),
