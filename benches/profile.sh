@@ -41,12 +41,12 @@ trap stop_started EXIT
 
 "$LOAD" backend --fixed 27031-27034 --sink 27011-27014 --max-seconds 900 >"$OUT/backend.log" 2>&1 &
 STARTED+=("$!")
-stickylb_conf 27000 "27031 27032 27033 27034" >"$OUT/conf/stickylb-fixed.json"
-stickylb_conf 27000 "27011 27012 27013 27014" >"$OUT/conf/stickylb-sink.json"
+# The targets of each group: fixed-reply (shortconn, keepalive) and sink (bulk4).
+declare -A PORTS=([fixed]="27031 27032 27033 27034" [sink]="27011 27012 27013 27014")
 for group in fixed sink; do
-    ports="27031 27032 27033 27034"
-    [ $group = sink ] && ports="27011 27012 27013 27014"
+    ports=${PORTS[$group]}
     case "$BALANCER" in
+        stickylb) stickylb_conf 27000 "$ports" >"$OUT/conf/stickylb-$group.json" ;;
         haproxy*) haproxy_conf 27000 "$ports" "$BALANCER" >"$OUT/conf/$BALANCER-$group.cfg" ;;
         nginx) mkdir -p "$OUT/nginx-$group"
             nginx_conf 27000 "$ports" "$OUT/nginx-$group" >"$OUT/conf/nginx-$group.conf" ;;

@@ -46,7 +46,7 @@ use tokio::net::TcpStream;
 
 use super::copy;
 use super::cut::{Cut, How, Side};
-use super::relay_socket::RelaySocket;
+use super::relay_socket::{self, RelaySocket};
 #[cfg(target_os = "linux")]
 use super::splice;
 use crate::handover;
@@ -916,9 +916,7 @@ impl IdleWatch {
 
 /// Passes a FIN on. A peer that is already gone (`ENOTCONN`) has nothing left to tell.
 fn half_close(stream: &RelaySocket) -> io::Result<()> {
-    let Some(fd) = stream.fd() else {
-        return Err(io::Error::from_raw_os_error(libc::EBADF));
-    };
+    let fd = stream.fd().ok_or_else(relay_socket::lost)?;
     match socket2::SockRef::from(&fd).shutdown(Shutdown::Write) {
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
         other => other,

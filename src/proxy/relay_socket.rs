@@ -51,7 +51,7 @@ enum Registration {
     Gone,
 }
 
-fn lost() -> io::Error {
+pub(super) fn lost() -> io::Error {
     io::Error::other("the socket could not be registered with the reactor again")
 }
 
