@@ -11,7 +11,8 @@
 //!   it to `--out`). Clients bind to many 127.x.y.z source addresses before connecting, so a
 //!   sticky balancer sees many clients, not one.
 //! - `report`: medians, min–max and ratios of a results file, as Markdown.
-//! - `wait-port`: waits until an address accepts connections (used by `benches/compare.sh`).
+//! - `wait-port`: waits until something listens on an address, without connecting to it (used
+//!   by `benches/compare.sh`).
 //! - `pipe-hog`: becomes another user (root only) and spends that user's pipe budget
 //!   (`fs.pipe-user-pages-soft`) with full-size pipes, holding them until it is ended: a balancer
 //!   run as that user then gets only 2-page pipes (the `stickylb-nobudget` label of compare.sh).
@@ -90,7 +91,9 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         max_seconds: u64,
     },
-    /// Wait until `addr` accepts a TCP connection (exit 1 after `--timeout` seconds).
+    /// Wait until a socket listens on `addr` (exit 1 after `--timeout` seconds). It asks the
+    /// kernel (`/proc/net/tcp`) instead of connecting: through a balancer, a probe connection
+    /// would reach a backend (see `procfs::listening`).
     WaitPort {
         addr: SocketAddr,
         #[arg(long, default_value_t = 10.0)]
@@ -162,12 +165,12 @@ pub fn parse_ports(list: &str) -> Vec<u16> {
 fn wait_port(addr: SocketAddr, timeout: Duration) -> i32 {
     let deadline = std::time::Instant::now() + timeout;
     while std::time::Instant::now() < deadline {
-        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+        if procfs::listening(addr) {
             return 0;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    eprintln!("load: {addr} did not accept within {timeout:?}");
+    eprintln!("load: nothing listened on {addr} within {timeout:?}");
     1
 }
 

@@ -1,4 +1,5 @@
-//! What `/proc` says about a balancer's process tree and about the machine.
+//! What `/proc` says about a balancer's process tree, about the machine, and whether a port
+//! is listening.
 //!
 //! A balancer is given as its root PIDs (stickylb's process, HAProxy's process, nginx's
 //! master); its tree is those processes and all their descendants (nginx's workers), found
@@ -7,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// Clock ticks per second of `/proc/PID/stat` times.
 fn ticks_per_second() -> f64 {
@@ -183,4 +185,62 @@ pub fn load1() -> f64 {
         .ok()
         .and_then(|t| t.split_whitespace().next().and_then(|v| v.parse().ok()))
         .unwrap_or(0.0)
+}
+
+/// Whether a socket of this network namespace listens on `addr` (or on its port at the
+/// wildcard address, or, for IPv4, on an IPv6 wildcard socket), from `/proc/net/tcp` and
+/// `/proc/net/tcp6`. Asking the kernel instead of connecting matters in front of a balancer:
+/// a probe connection is forwarded to a backend, and an iperf3 server takes it for a test and
+/// is busy when the real client comes.
+pub fn listening(addr: SocketAddr) -> bool {
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|file| {
+        fs::read_to_string(file).is_ok_and(|text| {
+            text.lines()
+                .skip(1)
+                .filter_map(listener_of_line)
+                .any(|local| serves(local, addr))
+        })
+    })
+}
+
+/// The local address of one `/proc/net/tcp{,6}` line if its socket is listening (state `0A`).
+pub fn listener_of_line(line: &str) -> Option<SocketAddr> {
+    let mut fields = line.split_whitespace();
+    let local = fields.nth(1)?;
+    let state = fields.nth(1)?;
+    if state != "0A" {
+        return None;
+    }
+    let (ip, port) = local.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    // Each 32-bit word of the address is printed as a number in the machine's byte order.
+    let word = |i: usize| {
+        ip.get(i * 8..i * 8 + 8)
+            .and_then(|w| u32::from_str_radix(w, 16).ok())
+            .map(u32::to_ne_bytes)
+    };
+    let ip = match ip.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(word(0)?)),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for i in 0..4 {
+                bytes[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            IpAddr::V6(Ipv6Addr::from(bytes))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Whether a socket listening on `local` takes connections to `wanted`.
+pub fn serves(local: SocketAddr, wanted: SocketAddr) -> bool {
+    if local.port() != wanted.port() {
+        return false;
+    }
+    let ip = match local.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    ip == wanted.ip() || ip.is_unspecified() || local.ip().is_unspecified()
 }
