@@ -14,8 +14,8 @@
 //! sweep also says how long its thread ran (its CPU clock, `CLOCK_THREAD_CPUTIME_ID`, which
 //! leaves out steal where the kernel accounts for it, as KVM guests do), how long it waited for
 //! a CPU (`/proc/thread-self/schedstat`), and the rest, which is time stolen by the host (or
-//! spent asleep, in a page fault's wait for example);
-//! and the longest hold is given again over only the sweeps that lost no time that way.
+//! spent asleep, in a page fault's wait for example); and the longest hold is given again over
+//! only the sweeps that lost no time that way.
 //!
 //! Run: `cargo bench --bench sweep` (about 30 s).
 
@@ -109,12 +109,12 @@ impl Timed {
         }
     }
 
-    /// Wall time the thread neither ran nor waited for a CPU: stolen by the host.
+    /// Wall time the thread neither ran nor waited for a CPU: stolen by the host (or asleep).
     fn lost(&self) -> Duration {
         self.took.saturating_sub(self.ran + self.waited)
     }
 
-    /// Whether the sweep ran through without losing more than 50 µs to either.
+    /// Whether the sweep lost under 50 µs in all to waiting for a CPU and to [`Timed::lost`].
     fn uninterrupted(&self) -> bool {
         self.waited + self.lost() < Duration::from_micros(50)
     }
