@@ -1,8 +1,9 @@
 //! The benchmark tools' own checks, where a mistake would skew every comparison without failing
 //! it: `load wait-port` must see a listener without connecting to it (`benches/load/procfs.rs`),
 //! because a probe connection through a balancer reaches a backend, and an iperf3 server takes
-//! it for a test and is then busy when the measured client comes (two iperf3 runs of a
-//! comparison failed with "Connection reset by peer" that way).
+//! it for a test and may still be winding down from it when the measured client comes (the
+//! likely cause of two iperf3 runs of a comparison that failed with "Connection reset by peer":
+//! docs/benchmarks.md, "Twelfth session").
 
 #[path = "../benches/load/procfs.rs"]
 #[allow(dead_code)]

@@ -242,5 +242,6 @@ pub fn serves(local: SocketAddr, wanted: SocketAddr) -> bool {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     };
-    ip == wanted.ip() || ip.is_unspecified() || local.ip().is_unspecified()
+    // `::` stays IPv6 (it is not v4-mapped) and is unspecified as it is.
+    ip == wanted.ip() || ip.is_unspecified()
 }

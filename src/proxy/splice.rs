@@ -119,10 +119,15 @@ impl Pipe {
         }
         // The rule of [`ONE_AT_A_TIME`], checked where it matters: a test that grows a pipe
         // without holding the lock can make another's count of big pipes wrong. (Caught when
-        // nobody holds it; a test that forgot it while another holds it goes unseen that run.)
+        // nobody holds it; a test that forgot it while another holds it goes unseen that run.
+        // Only `WouldBlock` means held: a lock poisoned by an earlier failing test and free
+        // now answers `Poisoned`.)
         #[cfg(test)]
         assert!(
-            ONE_AT_A_TIME.try_lock().is_err(),
+            matches!(
+                ONE_AT_A_TIME.try_lock(),
+                Err(std::sync::TryLockError::WouldBlock)
+            ),
             "a test grew a pipe without holding splice::one_at_a_time() (see ONE_AT_A_TIME)"
         );
         let max = max_big();
